@@ -13,6 +13,3 @@ def fixture_path(*parts):
     return p
 
 
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: takes more than a few seconds')
-    config.addinivalue_line('markers', 'browser: drives JupyterLab in headless Chromium (needs chromium + playwright)')
