@@ -13,7 +13,6 @@ STAMP      = $(VENV)/.evl-nb-installed
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC) 2>&1 | grep -v 'is ignored' || true
 	$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v 'is ignored' || true
 	$(BIN)/python -c "import torch, evl_nb, nbdev, papermill, decord, av, open_clip"

@@ -17,9 +17,10 @@ dev_requirements = [
 ]
 
 setup(
-    name=cfg['repo'], version=cfg['version'], description=cfg['description'],
+    name=cfg['lib_name'], version=cfg['version'], description=cfg['description'], keywords=cfg['keywords'].split(),
     long_description=(Path(__file__).parent / 'README.md').read_text(), long_description_content_type='text/markdown',
-    author=cfg['author'], license='Apache-2.0', url=cfg['git_url'],
+    author=cfg['author'], author_email=cfg['author_email'], license='Apache-2.0', url=cfg['git_url'],
+    project_urls={'Source': cfg['git_url']},
     packages=find_packages(include=['evl_nb', 'evl_nb.*']), include_package_data=True,
     python_requires='>=' + cfg['min_python'], install_requires=requirements,
     extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard']},
