@@ -30,7 +30,7 @@ def relative_offset_index(h: int, w: int) -> torch.Tensor:
 
 def temporal_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     "`A[..., p, r]`: softmax over r of <q[p], k[r]>/sqrt(d), averaged over heads; q, k are (..., hw, heads, d)."
-    attn = torch.einsum('...phd,...rhd->...hpr', q.float(), k.float()) / math.sqrt(q.shape[-1])
+    attn = torch.einsum('...phd,...rhd->...hpr', q.float() / math.sqrt(q.shape[-1]), k.float())
     return attn.softmax(-1).mean(-3)
 
 # %% ../nbs/05_model.ipynb #df942289
@@ -88,16 +88,32 @@ class CrossAttention(nn.Module):
 
     def forward(self, q, k, v, return_weights: bool = False):
         N, Lq, Lk, H = q.shape[0], q.shape[1], k.shape[1], self.num_heads
-        q = self.q_proj(q).view(N, Lq, H, -1).transpose(1, 2)
-        k = self.k_proj(k).view(N, Lk, H, -1).transpose(1, 2)
-        v = self.v_proj(v).view(N, Lk, H, -1).transpose(1, 2)
-        if return_weights:
-            attn = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # N, H, Lq, Lk
-            o = attn @ v
+        q = self.q_proj(q).view(N, Lq, H, -1)
+        if Lq * H < k.shape[-1]: o, attn = self._folded(q, k, v)
         else:
-            attn, o = None, F.scaled_dot_product_attention(q, k, v)
-        o = self.out_proj(o.transpose(1, 2).reshape(N, Lq, -1))
+            q = q.transpose(1, 2)
+            k = self.k_proj(k).view(N, Lk, H, -1).transpose(1, 2)
+            v = self.v_proj(v).view(N, Lk, H, -1).transpose(1, 2)
+            if return_weights:
+                attn = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)  # N, H, Lq, Lk
+                o = attn @ v
+            else:
+                attn, o = None, F.scaled_dot_product_attention(q, k, v)
+            o = o.transpose(1, 2)
+        o = self.out_proj(o.reshape(N, Lq, -1))
         return (o, attn) if return_weights else o
+
+    def _folded(self, q, k, v):
+        "Attention of few queries without projecting the keys/values: scores (q Wk) k^T + q.bk, output (a v) Wv^T + bv."
+        N, Lq, H, d = q.shape
+        q = q / math.sqrt(d)
+        wk, wv = self.k_proj.weight.view(H, d, -1), self.v_proj.weight.view(H, d, -1)
+        qk = torch.einsum('nlhd,hdc->nhlc', q, wk).flatten(1, 2)                       # N, H*Lq, C_kv
+        qb = (q * self.k_proj.bias.view(H, d)).sum(-1).transpose(1, 2).reshape(N, H * Lq, 1)
+        attn = torch.baddbmm(qb, qk, k.transpose(1, 2)).softmax(-1)                    # N, H*Lq, Lk
+        z = (attn @ v).view(N, H, Lq, -1)                                               # N, H, Lq, C_kv
+        o = torch.einsum('nhlc,hdc->nlhd', z, wv) + self.v_proj.bias.view(H, d)
+        return o, attn.view(N, H, Lq, -1)
 
 class MLP(nn.Module):
     "fc1 -> QuickGELU -> Dropout -> fc2, fc biases initialised N(0, 1e-6) as in the official code."
