@@ -194,9 +194,17 @@ def test_viewer_initial_state(viewer, setup):
     np.testing.assert_array_equal(viewer.pixels, figure_pixels(viewer.fig))
     # top-5 with class names, best first
     top = [n for _, n, _ in m.top_k(5)]
-    assert [t.get_text() for t in viewer.ax_top.get_yticklabels()][::-1] == top
+    texts = [t.get_text() for t in viewer.ax_top.texts]
+    assert texts[0::2] == top and texts[1::2] == [f'{p:.2f}' for _, _, p in m.top_k(5)]
     assert top[0] == NAMES[int(np.argmax(m.logits))]
     assert viewer.w_row.disabled and viewer.w_col.disabled
+
+
+def test_viewer_rerender_is_identical(viewer):
+    first = viewer.pixels
+    viewer.set(frame=4, alpha=0.2)
+    viewer.set(frame=0, alpha=0.6)
+    np.testing.assert_array_equal(viewer.pixels, first)
 
 
 def test_viewer_frame_slider(viewer, setup):
