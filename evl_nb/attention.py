@@ -255,7 +255,7 @@ def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_
                          grid=(h, w), block_indices=list(model.backbone.block_indices),
                          class_names=load_class_names(class_names, model.config.num_classes))
 
-# %% ../nbs/08_attention.ipynb #0008b022
+# %% ../nbs/08_attention.ipynb #b2d0a062
 class OverlayPanel:
     "An axes showing a frame with a map overlaid; `show(view, frames, alpha)` updates it in place."
     def __init__(self, ax, frames: np.ndarray, grid: tuple[int, int], interpolation: str = 'nearest', fontsize: float = 8):
@@ -292,7 +292,7 @@ def figure_png(fig: Figure, pixels: np.ndarray | None = None, colors: int | None
     "PNG bytes of `fig` (or of already drawn `pixels`); `colors` quantises to a palette (3-4x smaller files for docs)."
     from PIL import Image
     im = Image.fromarray(figure_pixels(fig) if pixels is None else pixels)
-    if colors: im = im.convert('RGB').quantize(colors)
+    if colors: im = im.convert('RGB').quantize(colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     buf = io.BytesIO()
     im.save(buf, format='png', optimize=True)
     return buf.getvalue()
