@@ -26,8 +26,8 @@ __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'DEFAULT_MODEL', 'ANN_NAMES', 'METRIC_C
            'build_datasets', 'cache_dataset', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
            'PositionSeeded', 'init_distributed', 'atomic_save', 'list_checkpoints', 'latest_checkpoint',
            'prune_checkpoints', 'rng_state', 'set_rng_state', 'MetricsLog', 'read_metrics', 'NonFiniteLossError',
-           'build_model', 'check_classes', 'train', 'TensorClips', 'random_clips', 'run', 'build_parser', 'main',
-           'cli_args', 'torchrun_command', 'launch']
+           'build_model', 'check_data', 'check_classes', 'train', 'TensorClips', 'random_clips', 'run', 'build_parser',
+           'main', 'cli_args', 'torchrun_command', 'launch']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -338,7 +338,7 @@ def read_metrics(path) -> list[dict]:
             out.append(d)
     return out
 
-# %% ../nbs/06_train.ipynb #84792837
+# %% ../nbs/06_train.ipynb #94e58bf0
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN/inf; the run stopped and kept its last good checkpoint."
 
@@ -358,6 +358,15 @@ def build_model(cfg: TrainConfig, num_classes: int | None = None) -> EVL:
     if nc: ov['num_classes'] = nc
     ov.setdefault('backbone_precision', cfg.precision)
     return build_evl(cfg.model, pretrained=cfg.pretrained, **ov)
+
+def check_data(cfg: TrainConfig):
+    "Read the annotations (no decoding) and check them against the config; returns the (train, val) datasets."
+    from dataclasses import replace
+    tr, va = build_datasets(replace(cfg.resolve(), in_memory=False))
+    check_classes(cfg.resolve(), tr.num_classes)
+    if va.num_classes != tr.num_classes:
+        raise ValueError(f'val_ann has {va.num_classes} classes but train_ann has {tr.num_classes}')
+    return tr, va
 
 def check_classes(cfg: TrainConfig, data_classes: int):
     "The preset's class count (or num_classes) must match the data; the error names the parameter."
