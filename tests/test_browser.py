@@ -43,7 +43,7 @@ class JupyterLab:
         exe = Path(sys.executable).parent / 'jupyter-lab'
         exe = str(exe) if exe.exists() else shutil.which('jupyter-lab')
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]).rstrip(os.pathsep),
-                   JUPYTER_CONFIG_DIR=str(home / 'config'), JUPYTER_RUNTIME_DIR=str(home / 'runtime'),
+                   JUPYTER_CONFIG_DIR=str(home / 'config'), JUPYTER_RUNTIME_DIR=str(home / 'runtime'), JUPYTER_DATA_DIR=str(home / 'data'),
                    JUPYTERLAB_SETTINGS_DIR=str(home / 'settings'), JUPYTERLAB_WORKSPACES_DIR=str(home / 'workspaces'),
                    MPLBACKEND='agg', PYDEVD_DISABLE_FILE_VALIDATION='1')
         self.log = open(home / 'jupyter.log', 'wb')
