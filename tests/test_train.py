@@ -1,0 +1,150 @@
+"""Training library: exact resume, non-finite loss, recipe defaults, CLI, and two gloo processes under torchrun."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evl_nb.train import (NonFiniteLossError, StepSampler, TensorClips, TrainConfig, cosine_factor, latest_checkpoint,
+                          list_checkpoints, random_clips, read_metrics, recipe, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(out, **kw):
+    base = dict(dataset='synthetic', model='evl-tiny', num_classes=4, batch_size=4, max_steps=6, ckpt_every=3,
+                eval_every=0, num_workers=0, output_dir=str(out), progress=False, lr=2e-3, warmup_steps=2,
+                model_overrides=dict(decoder_num_layers=2))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope='module')
+def clips():
+    v, l = random_clips(12, 4, T=8, size=120, seed=1)
+    return TensorClips(v, l, crop=112, train=True), TensorClips(v[:5, ..., 4:116, 4:116], l[:5], train=False)
+
+
+def _weights(out, step):
+    return torch.load(Path(out) / 'checkpoints' / f'step_{step:07d}.pt', weights_only=False)
+
+
+def test_recipe_defaults():
+    r = recipe('evl-b16-8f')
+    assert (r['lr'], r['weight_decay'], r['betas'], r['max_steps'], r['batch_size'], r['warmup_steps']) == \
+        (4e-4, 0.05, (0.9, 0.999), 50_000, 256, 0)
+    c = TrainConfig(dataset='k400', data_root=str(ROOT)).resolve()
+    assert c.model == 'evl-b16-8f' and c.lr == 4e-4 and c.precision in ('fp16', 'fp32')
+    assert TrainConfig(dataset='ssv2', data_root=str(ROOT)).resolve().model == 'evl-b16-8f-ssv2'
+    assert cosine_factor(25_000, 50_000) == pytest.approx(0.5)
+
+
+def test_sampler_distributed_partition_and_resume():
+    a = [list(StepSampler(7, 2, 5, rank=r, world=3, seed=4)) for r in range(3)]
+    pos = sorted(p for s in a for p, _ in s)
+    assert pos == list(range(30))                      # every position once, nothing padded or dropped
+    assert list(StepSampler(7, 2, 5, start_step=3, rank=2, world=3, seed=4)) == a[2][6:]
+
+
+def test_resume_is_bit_exact(tmp_path, clips):
+    tr, va = clips
+    full = train(_cfg(tmp_path / 'full', resume=False), tr, va)
+    # interrupted run: stops after step 5; the step-5 checkpoint is deleted as if it was killed before writing it
+    part = tmp_path / 'part'
+    s1 = train(_cfg(part, stop_at_step=5), tr, va)
+    assert s1['stopped_early'] and s1['steps'] == 5
+    (part / 'checkpoints' / 'step_0000005.pt').unlink()
+    assert latest_checkpoint(part / 'checkpoints').name == 'step_0000003.pt'
+    s2 = train(_cfg(part), tr, va)                     # resume='auto' picks step 3
+    assert s2['start_step'] == 3 and s2['steps'] == 6 and s2['resumed_from'].endswith('step_0000003.pt')
+    a, b = _weights(tmp_path / 'full', 6), _weights(part, 6)
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    for x, y in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert torch.equal(x['exp_avg'], y['exp_avg'])
+    ra = [r for r in read_metrics(tmp_path / 'full' / 'metrics.csv') if r['kind'] == 'train']
+    rb = [r for r in read_metrics(part / 'metrics.csv') if r['kind'] == 'train']
+    assert [r['step'] for r in rb] == list(range(1, 7))   # rows of the lost steps 4-5 were replaced
+    assert [r['loss'] for r in ra] == [r['loss'] for r in rb]
+    assert full['val']['top1'] == s2['val']['top1']
+    # checkpoint contents
+    ck = _weights(part, 6)
+    for key in ('model', 'optimizer', 'scheduler', 'scaler', 'step', 'sampler', 'rng', 'config', 'model_config', 'classes'):
+        assert key in ck, key
+    assert not any(k.startswith('backbone.') for k in ck['model'])
+    assert [p.name for p in list_checkpoints(part / 'checkpoints')] == ['step_0000003.pt', 'step_0000006.pt']  # keep_last=2
+    summary = json.loads((part / 'summary.json').read_text())
+    for key in ('wall_time_s', 'gpu_hours', 'peak_memory_gb', 'clips_per_s'): assert key in summary
+
+
+def test_resume_with_a_different_seed_differs(tmp_path, clips):
+    "The exactness test above can fail: a run with another seed gives other weights."
+    tr, va = clips
+    train(_cfg(tmp_path / 'a', max_steps=3, resume=False), tr, None)
+    train(_cfg(tmp_path / 'b', max_steps=3, resume=False, seed=1), tr, None)
+    a, b = _weights(tmp_path / 'a', 3)['model'], _weights(tmp_path / 'b', 3)['model']
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+class _NaNAfter(torch.utils.data.Dataset):
+    def __init__(self, ds): self.ds = ds
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i):
+        it = dict(self.ds[i]); it['video'] = torch.full(it['video'].shape, float('nan')); return it
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, clips):
+    tr, va = clips
+    train(_cfg(tmp_path, stop_at_step=3), tr, None)
+    good = _weights(tmp_path, 3)
+    with pytest.raises(NonFiniteLossError, match=r'not finite at step 4.*step_0000003\.pt'):
+        train(_cfg(tmp_path), _NaNAfter(tr), None)
+    assert latest_checkpoint(tmp_path / 'checkpoints').name == 'step_0000003.pt'
+    again = _weights(tmp_path, 3)
+    for k in good['model']: assert torch.equal(good['model'][k], again['model'][k])
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, clips):
+    "accum_steps=2 with half batches gives the gradient of one full batch (no dropout, fp32): compare Adam's first moment."
+    tr, _ = clips
+    ov = dict(decoder_num_layers=1, decoder_mlp_dropout=0.0, cls_dropout=0.0)
+    train(_cfg(tmp_path / 'a', max_steps=1, ckpt_every=0, model_overrides=ov, resume=False), tr, None)
+    train(_cfg(tmp_path / 'b', max_steps=1, ckpt_every=0, accum_steps=2, model_overrides=ov, resume=False), tr, None)
+    train(_cfg(tmp_path / 'c', max_steps=1, ckpt_every=0, model_overrides=ov, resume=False, seed=3), tr, None)
+    m = [[s['exp_avg'] for s in _weights(tmp_path / d, 1)['optimizer']['state'].values()] for d in 'abc']
+    scale = max(g.abs().max().item() for g in m[0])
+    for x, y in zip(m[0], m[1]): torch.testing.assert_close(x, y, atol=1e-4 * scale, rtol=1e-3)
+    assert max((x - z).abs().max().item() for x, z in zip(m[0], m[2])) > 1e-2 * scale   # other samples: other gradient
+
+
+def test_bad_batch_split(tmp_path, clips):
+    with pytest.raises(ValueError, match='batch_size=5'):
+        train(_cfg(tmp_path, batch_size=5, accum_steps=2), clips[0], None)
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, '-m', 'evl_nb.train', '--help'], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and '--data-root' in r.stdout and '--eval-views' in r.stdout
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_and_evaluate(tmp_path):
+    from evl_nb.synthetic import make_synthetic_dataset
+    root = tmp_path / 'syn'
+    make_synthetic_dataset(root, num_classes=3, train_per_class=3, val_per_class=3, num_frames=(8, 8), ssv2=False)
+    n_val = 9   # odd on purpose: a padding sampler would count a video twice
+    summ = tmp_path / 'summary.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'evl_nb.train',
+           '--dataset', 'synthetic', '--data-root', str(root), '--model', 'evl-tiny', '--num-classes', '3',
+           '--batch-size', '4', '--max-steps', '2', '--num-workers', '0', '--eval-every', '1', '--ckpt-every', '1',
+           '--output-dir', str(tmp_path / 'run'), '--no-progress', '--device', 'cpu', '--summary-json', str(summ),
+           '--model-overrides', '{"decoder_num_layers": 1}']
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads(summ.read_text())
+    assert s['world_size'] == 2 and s['steps'] == 2 and s['micro_batch'] == 2
+    assert s['val']['num_samples'] == n_val and s['val']['num_dataset'] == n_val and s['val']['num_skipped'] == 0
+    val_rows = [x for x in read_metrics(tmp_path / 'run' / 'metrics.csv') if x['kind'] == 'val']
+    assert [x['num_samples'] for x in val_rows] == [n_val, n_val]
+    assert (tmp_path / 'run' / 'checkpoints' / 'step_0000002.pt').exists()
