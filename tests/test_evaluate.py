@@ -1,0 +1,71 @@
+"""Evaluation: metrics, multi-view averaging, class-list mapping, official-layout checkpoints."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evl_nb.evaluate import classification_metrics, evaluate, label_mapping, load_class_list, parse_views, save_results
+from evl_nb.model import build_evl, load_checkpoint
+from evl_nb.train import TensorClips, random_clips
+
+
+def test_metrics_by_hand():
+    probs = torch.tensor([[.5, .3, .2], [.1, .2, .7], [.25, .4, .35], [.6, .1, .3], [.2, .5, .3]])
+    labels = torch.tensor([0, 2, 2, 1, 1])
+    m = classification_metrics(probs, labels, ['a', 'b', 'c'], topk=2)
+    assert m['top1'] == pytest.approx(3 / 5)
+    assert m['top5'] == pytest.approx(4 / 5)                 # top-2 here (k is capped at the class count / topk)
+    assert m['mean_class_accuracy'] == pytest.approx((1 + .5 + .5) / 3)
+    assert m['confusion_matrix'] == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert {(c['true'], c['predicted']) for c in m['worst_confusions']} == {('b', 'a'), ('c', 'b')}
+    assert [c['n'] for c in m['per_class']] == [1, 2, 2]
+
+
+def test_probabilities_are_averaged_not_logits():
+    "Two views whose logit mean and probability mean disagree: the probability mean decides."
+    class M(torch.nn.Module):
+        def __init__(self): super().__init__(); self.w = torch.nn.Parameter(torch.zeros(1))
+        def forward(self, x):
+            first = x[:, 0, 0, 0, 0] > 0   # view 0 vs view 1 by content
+            out = torch.where(first[:, None], torch.tensor([[0., 20.]]), torch.tensor([[2., 0.]]))
+            return out
+    v = torch.zeros(3, 3, 1, 2, 2, dtype=torch.uint8); v[0] = 255                # (V=3, 3, T, H, W)
+    ds = TensorClips(v[None].expand(3, *v.shape).clone(), [0, 0, 0], ['a', 'b'], train=False)
+    m = evaluate(M(), ds, batch_size=2)
+    # mean logits favour class 1 ([1.33, 6.67]); mean probabilities favour class 0 (~0.59 vs ~0.41)
+    p = (F.softmax(torch.tensor([0., 20.]), 0) + 2 * F.softmax(torch.tensor([2., 0.]), 0)) / 3
+    assert p[0] > p[1] and m['top1'] == 1.0
+
+
+def test_label_mapping_and_class_lists(tmp_path):
+    (tmp_path / 'c.json').write_text(json.dumps(['riding a bike', 'abseiling']))
+    assert load_class_list(tmp_path / 'c.json') == ['riding a bike', 'abseiling']
+    assert label_mapping(['abseiling', 'riding_a_bike'], load_class_list(tmp_path / 'c.json')).tolist() == [1, 0]
+    with pytest.raises(ValueError, match='juggling'): label_mapping(['juggling'], ['abseiling'])
+    with pytest.raises(ValueError, match='eval_views'): parse_views('three')
+
+
+def test_official_checkpoint_with_its_class_order(tmp_path):
+    "An official-layout release ('module.' keys) whose outputs are in reverse order: mapping by the class list fixes it."
+    torch.manual_seed(0)
+    net = build_evl('evl-tiny', num_classes=4, decoder_num_layers=1).eval()
+    v, l = random_clips(8, 4, T=8, size=112, seed=2)
+    ds = TensorClips(v, l, ['w', 'x', 'y', 'z'], train=False)
+    # permute the head so the release's output j means dataset class 3-j
+    sd = {k: val.clone() for k, val in net.state_dict().items()}
+    for k in ('proj.2.weight', 'proj.2.bias'): sd[k] = sd[k].flip(0)
+    torch.save({'model': {'module.' + k: val for k, val in sd.items()}}, tmp_path / 'release.pth')
+    (tmp_path / 'classes.json').write_text(json.dumps(['z', 'y', 'x', 'w']))
+    other = build_evl('evl-tiny', num_classes=4, decoder_num_layers=1)
+    other.backbone.load_state_dict(net.backbone.state_dict())
+    load_checkpoint(other, tmp_path / 'release.pth')
+    a = evaluate(net, ds, batch_size=4)
+    b = evaluate(other, ds, batch_size=4, classes=load_class_list(tmp_path / 'classes.json'),
+                 label_map=label_mapping(ds.classes, load_class_list(tmp_path / 'classes.json')))
+    assert a['num_samples'] == b['num_samples'] == 8
+    assert a['top1'] == pytest.approx(b['top1']) and a['top5'] == pytest.approx(b['top5'])
+    wrong = evaluate(other, ds, batch_size=4)             # without the mapping the labels are scrambled
+    assert wrong['confusion_matrix'] != a['confusion_matrix']
+    out = save_results(b, tmp_path / 'r.json')
+    assert json.loads(out.read_text())['num_samples'] == 8
