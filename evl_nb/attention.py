@@ -18,17 +18,16 @@ from matplotlib.patches import Rectangle
 
 from .core import get_logger
 from .model import EVL, temporal_attention
+from .data import CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, resize_short, uniform_indices
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'KINDS', 'even_indices', 'prepare_clip', 'moving_square_clip', 'read_video_clip',
-           'load_class_names', 'randomize_decoder_', 'MapView', 'AttentionMaps', 'extract_attention', 'OverlayPanel',
-           'figure_pixels', 'figure_png', 'AttentionViewer', 'snapshot_grid', 'export_animation']
+__all__ = ['KINDS', 'even_indices', 'prepare_clip', 'moving_square_clip', 'read_video_clip', 'load_class_names',
+           'randomize_decoder_', 'MapView', 'AttentionMaps', 'extract_attention', 'OverlayPanel', 'figure_pixels',
+           'figure_png', 'AttentionViewer', 'snapshot_grid', 'export_animation']
 
 # %% ../nbs/08_attention.ipynb #6c649daf
 _log = get_logger('evl_nb.attention')
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def _to_cthw(video, name: str = 'video') -> torch.Tensor:
     v = video if torch.is_tensor(video) else torch.from_numpy(np.ascontiguousarray(video))
@@ -38,9 +37,9 @@ def _to_cthw(video, name: str = 'video') -> torch.Tensor:
     return v.permute(3, 0, 1, 2) if v.shape[-1] == 3 else v
 
 def even_indices(n: int, k: int) -> list[int]:
-    "`k` frame indices spread evenly over `n` frames (centres of `k` equal segments)."
+    "`k` frame indices spread evenly over `n` frames: the segment centres of `evl_nb.data.uniform_indices`."
     if n < 1 or k < 1: raise ValueError(f'even_indices: need n >= 1 and k >= 1, got n={n}, k={k}')
-    return [min(n - 1, int((i + 0.5) * n / k)) for i in range(k)]
+    return uniform_indices(n, k, test_mode=True)[0].tolist()
 
 def prepare_clip(video, size: int, num_frames: int | None = None, mean=CLIP_MEAN, std=CLIP_STD):
     "uint8 clip `(T,H,W,3)` or `(3,T,H,W)` -> (normalised `(1,3,T,size,size)` float, display frames `(T,size,size,3)` uint8)."
@@ -49,17 +48,9 @@ def prepare_clip(video, size: int, num_frames: int | None = None, mean=CLIP_MEAN
     if num_frames is not None and T != num_frames:
         _log.info(f'prepare_clip: clip has {T} frames, the model reads {num_frames}; picking them evenly')
         v = v[:, even_indices(T, num_frames)]
-    x = v.permute(1, 0, 2, 3).float()                                  # T, 3, H, W
-    H, W = x.shape[-2:]
-    s = size / min(H, W)
-    nh, nw = max(size, round(H * s)), max(size, round(W * s))
-    if (nh, nw) != (H, W): x = F.interpolate(x, size=(nh, nw), mode='bilinear', antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top:top + size, left:left + size].clamp(0, 255).round()
-    frames = x.permute(0, 2, 3, 1).to(torch.uint8).numpy()
-    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    x = ((x / 255 - m) / sd).permute(1, 0, 2, 3)[None]
-    return x.contiguous(), frames
+    v = center_crop(resize_short(v, size), size)            # the evaluation transform of evl_nb.data
+    frames = v.permute(1, 2, 3, 0).numpy()
+    return normalize_clip(v, mean=mean, std=std)[None].contiguous(), frames
 
 def moving_square_clip(num_frames: int = 8, size: int = 112, square: int | None = None, seed: int = 0) -> np.ndarray:
     "A synthetic uint8 `(T, size, size, 3)` clip: a coloured square crossing a noisy gradient diagonally."
