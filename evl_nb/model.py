@@ -17,8 +17,8 @@ from .core import get_logger
 
 # %% auto #0
 __all__ = ['TINY_TOWER', 'PRESETS', 'relative_offset_index', 'temporal_attention', 'TemporalCrossAttention', 'tca_gather',
-           'QuickGELU', 'CrossAttention', 'MLP', 'DecoderLayer', 'EVLConfig', 'get_config', 'EVLDecoder', 'EVL',
-           'build_evl', 'reference_model', 'read_checkpoint', 'evl_state_dict', 'load_checkpoint',
+           'QuickGELU', 'CrossAttention', 'MLP', 'DecoderLayer', 'EVLConfig', 'get_config', 'TemporalConv',
+           'EVLDecoder', 'EVL', 'build_evl', 'reference_model', 'read_checkpoint', 'evl_state_dict', 'load_checkpoint',
            'official_formulation']
 
 # %% ../nbs/05_model.ipynb #f63b8b81
@@ -199,6 +199,19 @@ def get_config(preset: str | EVLConfig, **overrides) -> EVLConfig:
     return replace(cfg, **overrides)
 
 # %% ../nbs/05_model.ipynb #7c7e6912
+class TemporalConv(nn.Conv1d):
+    "The depthwise kernel-3 Conv1d over time (official parameters), applied to (B, T, L, C) as three shifted multiply-adds."
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x):
+        w = self.weight[:, 0]                     # C, 3: taps on frames t-1, t, t+1 (zero beyond the clip)
+        y = torch.addcmul(self.bias, x, w[:, 1])
+        if x.shape[1] > 1:
+            y[:, 1:].addcmul_(x[:, :-1], w[:, 0])
+            y[:, :-1].addcmul_(x[:, 1:], w[:, 2])
+        return y
+
 class EVLDecoder(nn.Module):
     def __init__(self, cfg: EVLConfig, width: int, grid: tuple[int, int]):
         super().__init__()
@@ -207,7 +220,7 @@ class EVLDecoder(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(width, cfg.decoder_qkv_dim, cfg.decoder_num_heads,
                                                          cfg.decoder_mlp_factor, cfg.decoder_mlp_dropout) for _ in range(n))
         if cfg.enable_temporal_conv:
-            self.temporal_conv = nn.ModuleList(nn.Conv1d(width, width, 3, padding=1, groups=width) for _ in range(n))
+            self.temporal_conv = nn.ModuleList(TemporalConv(width) for _ in range(n))
         if cfg.enable_temporal_pos_embed:
             self.temporal_pos_embed = nn.ParameterList(nn.Parameter(torch.zeros(T, width)) for _ in range(n))
         if cfg.enable_temporal_cross_attention:
@@ -222,8 +235,7 @@ class EVLDecoder(nn.Module):
             out = out.to(self.cls_token.dtype)
             y = out
             if hasattr(self, 'temporal_conv'):
-                tc = self.temporal_conv[i](out.permute(0, 2, 3, 1).reshape(B * L, C, T))
-                tc = tc.view(B, L, C, T).permute(0, 3, 1, 2)
+                tc = self.temporal_conv[i](out)
                 y = y + tc; rec['temporal_conv_out'].append(tc)
             if hasattr(self, 'temporal_pos_embed'):
                 if self.temporal_pos_embed[i].shape[0] != T:
@@ -400,6 +412,12 @@ def _official_block(self, blk, x):
     x = x + blk.ls_2(blk.mlp(_ln32(blk.ln_2, x)))
     return x, q, k
 
+def _official_temporal_conv(self, x):
+    "The temporal conv as the official code runs it: permute (B, T, L, C) to (B*L, C, T), Conv1d, permute back."
+    B, T, L, C = x.shape
+    y = F.conv1d(x.permute(0, 2, 3, 1).reshape(B * L, C, T), self.weight, self.bias, padding=1, groups=C)
+    return y.view(B, L, C, T).permute(0, 3, 1, 2)
+
 def _official_cross_attention(self, q, k, v, return_weights: bool = False):
     N, Lq, Lk, H = q.shape[0], q.shape[1], k.shape[1], self.num_heads
     o, aff = _official_attention(self.q_proj(q).view(N, Lq, H, -1), self.k_proj(k).view(N, Lk, H, -1),
@@ -417,5 +435,6 @@ def official_formulation(model: EVL, backbone_precision: str | None = None) -> E
     for m in ref.modules():
         if isinstance(m, CrossAttention): m.forward = types.MethodType(_official_cross_attention, m)
         elif isinstance(m, TemporalCrossAttention): m.forward = functools.partial(tca_gather, m)
+        elif isinstance(m, TemporalConv): m.forward = types.MethodType(_official_temporal_conv, m)
     ref.formulation = 'official'
     return ref

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fixture_path
-from evl_nb.model import (CrossAttention, TemporalCrossAttention, build_evl, official_formulation, reference_model,
-                          tca_gather)
+from evl_nb.model import (CrossAttention, TemporalConv, TemporalCrossAttention, build_evl, official_formulation,
+                          reference_model, tca_gather)
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ('block_out', 'block_q', 'block_k', 'temporal_conv_out', 'tca_out', 'decoder_query')
@@ -73,6 +73,10 @@ def test_plain_path_uses_the_official_formulation():
     x = torch.randn(1, 3, 8, 112, 112)
     tcas = [m for m in plain.modules() if isinstance(m, TemporalCrossAttention)]
     assert tcas and all(isinstance(m.forward, functools.partial) and m.forward.func is tca_gather for m in tcas)
+    for m in (fast, plain):  # the plain copy swaps forward functions per instance; the optimised model has none
+        swapped = [type(u).__name__ for u in m.modules() if 'forward' in u.__dict__]
+        want = {'TemporalConv', 'TemporalCrossAttention', 'CrossAttention'} if m is plain else set()
+        assert set(swapped) == want, swapped
     with mock.patch.object(F, 'scaled_dot_product_attention', side_effect=AssertionError('fused attention called')):
         with torch.no_grad(): plain(x)  # no fused attention anywhere in the plain path
         with pytest.raises(AssertionError, match='fused attention'):
@@ -125,3 +129,13 @@ def test_benchmark_quick_runs(capsys):
     text = capsys.readouterr().out
     assert {r['mode'] for r in out['rows']} == {'train', 'infer'} and 'plain clips/s' in text
     assert all(r['optimised_clips_s'] > 0 and r['plain_clips_s'] > 0 for r in out['rows'])
+
+
+@pytest.mark.parametrize('T', [1, 2, 8])
+def test_temporal_conv_shifted_sums_equal_conv1d(T):
+    torch.manual_seed(0)
+    tc = TemporalConv(16)
+    x = torch.randn(2, T, 5, 16)
+    want = F.conv1d(x.permute(0, 2, 3, 1).reshape(10, 16, T), tc.weight, tc.bias, padding=1, groups=16)
+    want = want.view(2, 5, 16, T).permute(0, 3, 1, 2)
+    assert _maxdiff(tc(x), want) <= 1e-6
