@@ -17,10 +17,10 @@ _log = get_logger('evl_nb.demo')
 # %% auto #0
 __all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'demo', 'report', 'main']
 
-# %% ../nbs/09_demo.ipynb #b3629974
-DEMO_DATA = dict(num_classes=10, train_per_class=80, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
-DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=450, lr=3e-3, warmup_steps=30, weight_decay=0.05,
-                  precision='fp32', eval_views='1x1', ckpt_every=0, in_memory=True, num_workers=2)
+# %% ../nbs/09_demo.ipynb #5f6ca0b1
+DEMO_DATA = dict(num_classes=10, train_per_class=100, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
+DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=600, lr=6e-3, warmup_steps=30, weight_decay=0.05,
+                  precision='fp32', eval_views='1x1', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True))
 DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0)   # a 0.36M-parameter decoder on 800 clips learns faster without dropout
 TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False, enable_temporal_cross_attention=False)
 

@@ -104,7 +104,7 @@ class TrainConfig:
             raise FileNotFoundError(f'data_root={c.data_root!r} does not exist')
         return c
 
-# %% ../nbs/06_train.ipynb #be8a433b
+# %% ../nbs/06_train.ipynb #d3d0e38a
 ANN_NAMES = {'k400': {'train': ['train.csv', 'kinetics400_train.csv', 'k400_train.csv'],
                       'val': ['validate.csv', 'val.csv', 'kinetics400_val.csv', 'k400_val.csv']},
              'ssv2': {'train': ['something-something-v2-train.json', 'train.json'],
@@ -135,20 +135,23 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                                         f"{ANN_NAMES[cfg.dataset][split]} found under data_root={cfg.data_root!r}")
             if not Path(ann).is_file(): raise FileNotFoundError(f'{ann_param}={str(ann)!r} does not exist')
         kw = dict(num_frames=mcfg.num_frames, input_size=size, views='1x1' if split == 'train' else cfg.eval_views)
-        if cfg.in_memory and split == 'train': kw.update(train=False, input_size=size + size // 7)   # cached once, cropped randomly
+        aug = dict(cfg.train_aug) if split == 'train' else {}
+        if cfg.in_memory and split == 'train':       # decoded once in test mode, then cropped (and flipped) at random
+            kw.update(train=False, input_size=size + size // 7); flip = bool(aug.pop('flip', False)); aug = {}
         if cfg.dataset != 'ssv2': kw.update(sampling=mcfg.sampling if cfg.dataset != 'synthetic' else None,
                                             frame_interval=mcfg.frame_interval)
-        if split == 'train': kw.update(cfg.train_aug)
+        kw.update(aug)
         try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, **kw)
         except (ValueError, FileNotFoundError) as e: raise type(e)(f'{ann_param} / data_root: {e}') from e
         if cfg.in_memory:
-            ds = cache_dataset(ds, crop=size if split == 'train' else None, num_workers=cfg.num_workers,
+            ds = cache_dataset(ds, crop=size if split == 'train' else None, num_workers=cfg.num_workers, flip=split == 'train' and flip,
                                cache_dir=Path(cfg.data_root or '.') / '.evl_cache', key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw["views"]}')
         sets.append(ds)
     return tuple(sets)
 
-def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=None, key: str | None = None) -> 'TensorClips':
-    "Decode every clip of `ds` once into a `TensorClips` (random `crop` for training); cached in `cache_dir/key.pt`."
+def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=None, key: str | None = None,
+                  flip: bool = False) -> 'TensorClips':
+    "Decode every clip of `ds` once into a `TensorClips` (random `crop` for training, `flip` swapping left/right labels); cached in `cache_dir/key.pt`."
     cf = Path(cache_dir) / f'{key}_{len(ds)}.pt' if cache_dir is not None and key else None
     if cf is not None and cf.is_file():
         videos, labels, classes = torch.load(cf, weights_only=False)
@@ -163,7 +166,11 @@ def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=N
         if n_skip: _log.warning(f'{n_skip} clips of {getattr(ds, "name", "the dataset")} could not be read and were left out')
         videos, labels, classes = torch.cat(vs), torch.cat(ls), list(ds.classes)
         if cf is not None: atomic_save((videos, labels, classes), cf)
-    return TensorClips(videos, labels.tolist(), classes, crop=crop, train=crop is not None)
+    pairs, never = (None, ())
+    if flip:
+        from evl_nb.data import lr_flip_pairs
+        pairs, never = lr_flip_pairs(classes)
+    return TensorClips(videos, labels.tolist(), classes, crop=crop, train=crop is not None, flip_pairs=pairs, never_flip=never)
 
 def _input_size(mcfg) -> int:
     b = mcfg.backbone
@@ -541,26 +548,30 @@ def _gather_objects(obj) -> list:
     from evl_nb.evaluate import all_gather_objects
     return all_gather_objects(obj)
 
-# %% ../nbs/06_train.ipynb #c138e9cf
+# %% ../nbs/06_train.ipynb #5a7bd965
 class TensorClips(Dataset):
-    "An in-memory clip dataset: uint8 `videos (N,3,T,H,W)` and `labels`; train mode takes a random `crop`, eval the centre."
-    def __init__(self, videos: torch.Tensor, labels, classes=None, crop: int | None = None, train: bool = True, views: int = 1):
+    "In-memory uint8 clips `videos (N,3,T,H,W)` + `labels`; train mode: random `crop` and, with `flip_pairs`, a mirror that swaps paired labels."
+    def __init__(self, videos: torch.Tensor, labels, classes=None, crop: int | None = None, train: bool = True, views: int = 1,
+                 flip_pairs: dict | None = None, never_flip=()):
         self.videos, self.labels = videos, [int(l) for l in labels]
         self.classes = list(classes) if classes is not None else [str(i) for i in range(max(self.labels) + 1)]
         self.crop, self.train, self.views = crop, train, views
+        self.flip_pairs, self.never_flip = (dict(flip_pairs) if flip_pairs is not None else None), set(never_flip)
     @property
     def num_classes(self): return len(self.classes)
     def __len__(self): return len(self.labels)
     def __getitem__(self, i):
-        v = self.videos[i]
+        v, label = self.videos[i], self.labels[i]
         if self.crop and self.crop < v.shape[-1]:
             H, W = v.shape[-2:]; c = self.crop
             if self.train:
                 t, l = int(torch.randint(0, H - c + 1, ())), int(torch.randint(0, W - c + 1, ()))
                 v = v[..., t:t + c, l:l + c]
             else: v = v[..., (H - c) // 2:(H - c) // 2 + c, (W - c) // 2:(W - c) // 2 + c]
+        if self.train and self.flip_pairs is not None and label not in self.never_flip and float(torch.rand(())) < 0.5:
+            v, label = v.flip(-1), self.flip_pairs.get(label, label)
         if self.views > 1: v = v.expand(self.views, *v.shape)
-        return {'video': v.contiguous(), 'label': self.labels[i], 'index': i}
+        return {'video': v.contiguous(), 'label': label, 'index': i}
 
 def random_clips(n: int, num_classes: int = 4, T: int = 8, size: int = 112, seed: int = 0) -> torch.Tensor:
     "A learnable toy set: class k = a bright square moving in direction k (uint8 (n,3,T,H,W)) and the labels."

@@ -148,3 +148,15 @@ def test_two_gloo_processes_train_and_evaluate(tmp_path):
     val_rows = [x for x in read_metrics(tmp_path / 'run' / 'metrics.csv') if x['kind'] == 'val']
     assert [x['num_samples'] for x in val_rows] == [n_val, n_val]
     assert (tmp_path / 'run' / 'checkpoints' / 'step_0000002.pt').exists()
+
+
+def test_in_memory_flip_swaps_paired_labels():
+    v = torch.zeros(1, 3, 2, 4, 4, dtype=torch.uint8); v[..., 0] = 255          # bright left column
+    ds = TensorClips(v.expand(2, *v.shape[1:]).clone(), [0, 2], ['left to right', 'right to left', 'up'], flip_pairs={0: 1, 1: 0})
+    seen = set()
+    for s in range(40):
+        torch.manual_seed(s)
+        for i in range(2):
+            it = ds[i]; flipped = bool(it['video'][..., -1].all())
+            seen.add((i, flipped, it['label']))
+    assert seen == {(0, False, 0), (0, True, 1), (1, False, 2), (1, True, 2)}
