@@ -383,7 +383,7 @@ def check_classes(cfg: TrainConfig, data_classes: int):
         raise ValueError(f'{which} does not match the data: dataset={cfg.dataset!r} has {data_classes} classes; '
                          f'choose a preset with {data_classes} classes or set num_classes={data_classes}')
 
-# %% ../nbs/06_train.ipynb #b5684ffc
+# %% ../nbs/06_train.ipynb #df883707
 def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -> dict:
     "Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun."
     cfg = cfg.resolve()
@@ -432,9 +432,10 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
     elif metrics is not None and not start_step: metrics.truncate(0)
 
     sampler = StepSampler(len(train_set), micro * cfg.accum_steps, cfg.max_steps, start_step, rank, world, cfg.seed)
-    loader = DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
+    nw = 0 if isinstance(train_set, TensorClips) else cfg.num_workers     # in-memory clips need no loader processes
+    loader = DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=micro, sampler=sampler, num_workers=nw,
                         collate_fn=collate_clips, pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=False, **({'prefetch_factor': 4} if cfg.num_workers else {}))
+                        persistent_workers=False, **({'prefetch_factor': 4} if nw else {}))
     classes = list(getattr(train_set, 'classes', []) or [])
     ev_bs = cfg.eval_batch_size or max(1, micro)
 
@@ -451,7 +452,7 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
     def run_eval(step):
         nonlocal best
         if val_set is None: return None
-        m = evaluate(model, val_set, batch_size=ev_bs, num_workers=min(cfg.num_workers, 4), device=device,
+        m = evaluate(model, val_set, batch_size=ev_bs, num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4), device=device,
                      precision=cfg.precision, classes=classes or None, progress=cfg.progress)
         if rank == 0:
             metrics.log(kind='val', step=step, top1=m['top1'], top5=m['top5'], mean_class_accuracy=m['mean_class_accuracy'],
