@@ -177,9 +177,12 @@ def run_models(args, device) -> list[dict]:
         t0 = time.perf_counter()
         o, p = make_paths(preset, args, device)
         steps = {path.name: make_steps(path, args, device, cfg) for path in (o, p)}
+        # every (mode, path) pair interleaved in each repeat: a load change on a shared machine hits all alike
+        sec_all = time_paths({(m, k): v[m] for m in args.modes for k, v in steps.items()}, device,
+                             args.iters, args.warmup, args.repeats)
         for mode in args.modes:
             fns = {k: v[mode] for k, v in steps.items()}
-            sec = time_paths(fns, device, args.iters, args.warmup, args.repeats)
+            sec = {k: sec_all[(mode, k)] for k in fns}
             mem = {k: peak_memory(fn, device) for k, fn in fns.items()} if not args.no_memory else {}
             flops = count_flops(fns['plain']) if (device.type == 'cuda' or args.flops) else None
             row = dict(model=preset, mode=mode, batch=args.batch_size, device=device_name(device),
@@ -355,7 +358,7 @@ def main(argv=None):
           f'{", torch.compile" if args.compile else ""}')
     print(f'# plain (official formulation): tower {"fp16" if cuda else "fp32 (fp16 matmul is slow/unsupported on CPU)"}, '
           f'unfused attention, TCA by gather{", fp16 autocast + GradScaler, float32 H2D" if cuda else ""}, foreach AdamW')
-    print(f'# medians of {args.repeats} interleaved repeats x {args.iters} steps after {args.warmup} warm-up; '
+    print(f'# medians of {args.repeats} repeats (all paths and modes interleaved in each) x {args.iters} steps after {args.warmup} warm-up; '
           f'memory: {"torch.cuda.max_memory_allocated over one step (weights, optimiser state included)" if cuda else "peak extra bytes allocated during one step (torch profiler memory events)"}'
           f'; MFU: FLOPs of the official formulation (FlopCounterMode) / time / device bf16 peak\n')
     rows = run_models(args, device)
