@@ -41,7 +41,7 @@ def recipe(preset: str) -> dict:
     "The default optimisation recipe of a preset (the official one for every real model)."
     return dict(RECIPES.get(preset, OFFICIAL_RECIPE))
 
-# %% ../nbs/06_train.ipynb #329c2c58
+# %% ../nbs/06_train.ipynb #5e790ca7
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (None = the preset's recipe; see `recipe`)."
@@ -98,8 +98,10 @@ class TrainConfig:
         if c.keep_last < 1: raise ValueError(f'keep_last={c.keep_last}: keep at least one checkpoint')
         if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
         parse_views(c.eval_views, 'eval_views')
-        if c.dataset in ('k400', 'ssv2', 'list') and not c.data_root:
+        if c.dataset in ('k400', 'ssv2') and not c.data_root:
             raise ValueError(f'data_root is required for dataset={c.dataset!r} (the folder holding the videos and annotations)')
+        if c.dataset == 'list' and not (c.data_root or c.train_ann):
+            raise ValueError("dataset='list' needs train_ann (and val_ann) list files, or a data_root holding train_list.txt / val_list.txt")
         if c.data_root and c.dataset != 'synthetic' and not Path(c.data_root).is_dir():
             raise FileNotFoundError(f'data_root={c.data_root!r} does not exist')
         return c
