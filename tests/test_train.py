@@ -160,3 +160,22 @@ def test_in_memory_flip_swaps_paired_labels():
             it = ds[i]; flipped = bool(it['video'][..., -1].all())
             seen.add((i, flipped, it['label']))
     assert seen == {(0, False, 0), (0, True, 1), (1, False, 2), (1, True, 2)}
+
+
+@pytest.mark.slow
+def test_demo_acceptance(tmp_path):
+    "`make demo` (python -m evl_nb.demo): < 10 min on 2 cores incl. data; top-1 >= 3x chance and >= 1.5x the temporal-off control."
+    from evl_nb.core import in_ci
+    if not (in_ci() or os.environ.get('EVL_NB_RUN_DEMO')): pytest.skip('runs the full demo (minutes): set EVL_NB_RUN_DEMO=1 (always on under CI)')
+    import time
+    t = time.time()
+    r = subprocess.run([sys.executable, '-m', 'evl_nb.demo', '--output-dir', str(tmp_path), '--no-progress'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+    wall = time.time() - t
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / 'demo_results.json').read_text())
+    evl, off = res['results']['evl']['top1'], res['results']['temporal_off']['top1']
+    print(r.stdout)
+    assert wall < 600, f'demo took {wall:.0f}s'
+    assert evl >= 3 * res['chance'], (evl, res['chance'])
+    assert evl >= 1.5 * off, (evl, off)
