@@ -50,6 +50,19 @@ def test_train_notebook_tiny_run(syn):
                for c in nb['cells'] for o in c.get('outputs', [])), 'no plots in the executed notebook'
 
 
+@pytest.mark.slow
+def test_train_notebook_launches_torchrun_for_two_processes(syn):
+    "gpus=2 on a CPU machine: the notebook runs torchrun (gloo), streams its output and reads the summary."
+    out = syn / 'run2'
+    _run(TRAIN_NB, syn / 'train2_out.ipynb', data_root=str(syn / 'syn4'), num_classes=4, max_steps=2, batch_size=4,
+         num_workers=0, output_dir=str(out), gpus=2)
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['world_size'] == 2 and s['steps'] == 2 and s['val']['num_samples'] == 8
+    nb = json.loads((syn / 'train2_out.ipynb').read_text())
+    text = ''.join(''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
+    assert 'torch.distributed.run' in text and 'SUMMARY' in text
+
+
 @pytest.mark.parametrize('params,match', [
     (dict(dataset='ssv2'), 'data_root'),
     (dict(dataset='hmdb51'), 'dataset='),
