@@ -53,6 +53,19 @@ PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100', 989.4e12), ('H200', 989.4e12), ('G
 
 
 # ----------------------------------------------------------------------------------------------- measuring
+def tune_glibc_malloc() -> bool:
+    """Keep freed memory in the heap (glibc: no mmap per large tensor, no trimming).
+
+    By default glibc serves large blocks with mmap and returns them on free, so every large tensor page-faults
+    afresh, and its adaptive threshold makes the cost depend on what ran before (the same step measured 0.44 s
+    or 6.3 s in one process). The same setting applies to both paths."""
+    import ctypes, ctypes.util
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**40))
+
+
 def sync(device):
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
@@ -331,6 +344,7 @@ def main(argv=None):
     ap.add_argument('--no-ablations', action='store_true', help='skip the per-optimisation ablations and TCA memory')
     ap.add_argument('--ablate-model', default=None, help='preset for the ablations (default: first of --models)')
     ap.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    ap.add_argument('--no-malloc-tune', action='store_true', help='CPU: leave glibc malloc at its defaults')
     ap.add_argument('--quick', action='store_true', help='evl-tiny only, few iterations: seconds')
     ap.add_argument('--json', default=None, help='also write the results here')
     args = ap.parse_args(argv)
@@ -339,6 +353,7 @@ def main(argv=None):
         ap.error('--device cuda: no CUDA device is available')
     cuda = device.type == 'cuda'
     if args.threads: torch.set_num_threads(args.threads)
+    malloc = (not cuda and not args.no_malloc_tune and sys.platform.startswith('linux') and tune_glibc_malloc())
     args.precision = args.precision or ('bf16' if cuda else 'fp32')
     args.batch_size = args.batch_size or (32 if cuda else 1)
     if args.quick:
@@ -352,7 +367,8 @@ def main(argv=None):
     if args.batch_size < 1: ap.error(f'--batch-size={args.batch_size}: must be at least 1')
     if cuda: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    print(f'# EVL model throughput on {device_name(device)}, torch {torch.__version__}')
+    print(f'# EVL model throughput on {device_name(device)}, torch {torch.__version__}'
+          f'{"; glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, no trim; --no-malloc-tune to disable)" if malloc else ""}')
     print(f'# optimised: tower {args.precision} + fused SDPA, TCA by relative offsets, folded decoder attention, '
           f'{"uint8 H2D + GPU normalise, " if cuda else ""}fused AdamW, inference_mode'
           f'{", torch.compile" if args.compile else ""}')
