@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .core import as_dtype, get_logger, seed_everything
-from .data import collate_clips, normalize_clip
-from .evaluate import dist_info, evaluate, format_report, parse_views, save_results, to_input
+from .data import collate_clips, normalize_clip, parse_views
+from .evaluate import dist_info, evaluate, format_report, save_results
 from .model import EVL, PRESETS, build_evl, get_config
 
 _log = get_logger('evl_nb.train')
@@ -484,7 +484,7 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
                 x = b['video']; y = b['label'].to(device)
                 empty = x is None
                 if empty: x = torch.zeros(1, 3, model.config.num_frames, *2 * [_input_size(model.config)], dtype=torch.uint8); y = torch.zeros(1, dtype=torch.long, device=device)
-                x = to_input(x, device)
+                x = normalize_clip(x, device)
                 sync = a == cfg.accum_steps - 1
                 ctx = ddp.no_sync() if (world > 1 and not sync) else _nullctx()
                 with ctx:

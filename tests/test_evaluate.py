@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evl_nb.evaluate import classification_metrics, evaluate, label_mapping, load_class_list, parse_views, save_results
+from evl_nb.data import parse_views
+from evl_nb.evaluate import classification_metrics, evaluate, label_mapping, load_class_list, save_results
 from evl_nb.model import build_evl, load_checkpoint
 from evl_nb.train import TensorClips, random_clips
 
@@ -43,7 +44,7 @@ def test_label_mapping_and_class_lists(tmp_path):
     assert load_class_list(tmp_path / 'c.json') == ['riding a bike', 'abseiling']
     assert label_mapping(['abseiling', 'riding_a_bike'], load_class_list(tmp_path / 'c.json')).tolist() == [1, 0]
     with pytest.raises(ValueError, match='juggling'): label_mapping(['juggling'], ['abseiling'])
-    with pytest.raises(ValueError, match='eval_views'): parse_views('three')
+    with pytest.raises(ValueError, match='eval_views'): parse_views('three', 'eval_views')
 
 
 def test_official_checkpoint_with_its_class_order(tmp_path):
