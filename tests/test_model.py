@@ -112,15 +112,12 @@ def test_overrides_switch_temporal_modules_off():
         build_evl('evl-tiny', num_frame=4)
 
 
-def test_tiny_training_step_is_fast():
-    import time
+def test_tiny_training_step_trains_only_the_decoder():
     m = build_evl('evl-tiny').train()
     opt = torch.optim.AdamW(m.param_groups(0.05), lr=1e-3)
     x, y = torch.randn(4, 3, 8, 112, 112), torch.randint(0, 10, (4,))
     before = [p.detach().clone() for p in m.trainable_parameters()]
-    t0 = time.perf_counter()
-    loss = nn.functional.cross_entropy(m(x), y); loss.backward(); opt.step()
-    assert time.perf_counter() - t0 < 5  # 'well under a second' normally; generous bound on a loaded 2-core CI box
+    loss = nn.functional.cross_entropy(m(x), y); loss.backward(); opt.step()  # its speed: benchmarks/model_throughput.py
     assert any(not torch.equal(a, b) for a, b in zip(before, m.trainable_parameters()))
     assert all(p.grad is None for p in m.backbone.parameters())
 
