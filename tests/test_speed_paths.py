@@ -125,7 +125,7 @@ def test_tca_extra_memory_is_10x_smaller_than_gather():
 
 
 def test_benchmark_quick_runs(capsys):
-    out = _bench().main(['--quick', '--no-ablations', '--repeats', '1', '--iters', '1'])
+    out = _bench().main(['--quick', '--no-ablations', '--no-malloc-tune', '--repeats', '1', '--iters', '1'])
     text = capsys.readouterr().out
     assert {r['mode'] for r in out['rows']} == {'train', 'infer'} and 'plain clips/s' in text
     assert all(r['optimised_clips_s'] > 0 and r['plain_clips_s'] > 0 for r in out['rows'])
