@@ -82,12 +82,34 @@ def cpu_peak_extra_bytes(fn) -> int:
     return peak
 
 
-def peak_memory(fn, device) -> tuple[float, str]:
-    "(bytes, what) for one call of fn: CUDA total peak allocated, or CPU peak extra allocation."
+def tensor_bytes(*objs) -> int:
+    "Bytes of the distinct tensor storages in modules, optimisers, tensors or lists of them."
+    seen, total = set(), 0
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr()); total += t.untyped_storage().nbytes()
+    for o in objs:
+        if isinstance(o, torch.nn.Module):
+            for t in list(o.parameters()) + list(o.buffers()): add(t)
+        elif isinstance(o, torch.optim.Optimizer):
+            for st in o.state.values():
+                for t in st.values(): add(t)
+        elif isinstance(o, (list, tuple)):
+            for t in o: add(t)
+        else: add(o)
+    return total
+
+
+def peak_memory(fn, device, resident=None) -> tuple[float, str]:
+    """(bytes, what) for one call of fn. CUDA: the step's peak above what was allocated before it, plus
+    `resident()` (this path's own weights, buffers and optimiser state), i.e. its footprint as if it ran alone
+    (both paths share the GPU in the benchmark). CPU: peak extra bytes allocated during the call."""
     if device.type == 'cuda':
-        sync(device); torch.cuda.reset_peak_memory_stats(device)
+        sync(device); before = torch.cuda.memory_allocated(device); torch.cuda.reset_peak_memory_stats(device)
         fn(); sync(device)
-        return torch.cuda.max_memory_allocated(device), 'peak allocated'
+        extra = torch.cuda.max_memory_allocated(device) - before
+        return extra + (resident() if resident else 0), 'peak allocated'
     return cpu_peak_extra_bytes(fn), 'peak extra'
 
 
@@ -174,7 +196,7 @@ def make_steps(path: BenchPath, args, device, cfg):
     def infer():
         model.eval()
         with (torch.inference_mode() if path.inference_mode else torch.no_grad()), ac(): return model(prepare())
-    return dict(train=train, infer=infer)
+    return dict(train=train, infer=infer, resident=lambda: tensor_bytes(base, opt))
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -196,7 +218,8 @@ def run_models(args, device) -> list[dict]:
         for mode in args.modes:
             fns = {k: v[mode] for k, v in steps.items()}
             sec = {k: sec_all[(mode, k)] for k in fns}
-            mem = {k: peak_memory(fn, device) for k, fn in fns.items()} if not args.no_memory else {}
+            mem = ({k: peak_memory(fn, device, steps[k]['resident']) for k, fn in fns.items()}
+                   if not args.no_memory else {})
             flops = count_flops(fns['plain']) if (device.type == 'cuda' or args.flops) else None
             row = dict(model=preset, mode=mode, batch=args.batch_size, device=device_name(device),
                        precision=args.precision, notes={'optimised': o.notes, 'plain': p.notes})
@@ -375,7 +398,7 @@ def main(argv=None):
     print(f'# plain (official formulation): tower {"fp16" if cuda else "fp32 (fp16 matmul is slow/unsupported on CPU)"}, '
           f'unfused attention, TCA by gather{", fp16 autocast + GradScaler, float32 H2D" if cuda else ""}, foreach AdamW')
     print(f'# medians of {args.repeats} repeats (all paths and modes interleaved in each) x {args.iters} steps after {args.warmup} warm-up; '
-          f'memory: {"torch.cuda.max_memory_allocated over one step (weights, optimiser state included)" if cuda else "peak extra bytes allocated during one step (torch profiler memory events)"}'
+          f'memory: {"torch.cuda.max_memory_allocated over one step above the start, plus the weights and optimiser state of that path alone" if cuda else "peak extra bytes allocated during one step (torch profiler memory events)"}'
           f'; MFU: FLOPs of the official formulation (FlopCounterMode) / time / device bf16 peak\n')
     rows = run_models(args, device)
     out = dict(device=device_name(device), torch=torch.__version__, args=vars(args), rows=rows)
