@@ -21,11 +21,11 @@ from .core import get_logger, find_fixture
 from .video import (VideoError, VideoInfo, check_video, read_clip, load_manifest, VIDEO_EXTS)
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'RAND_INCREASING_OPS', 'AnnotationError', 'Annotations', 'read_class_list', 'index_videos',
-           'k400_name', 'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels', 'read_ssv2_json', 'read_list_file',
-           'dense_indices', 'uniform_indices', 'parse_views', 'ClipRandAugment', 'resize_short', 'center_crop',
-           'three_crop', 'normalize_clip', 'lr_flip_pairs', 'FlipPolicy', 'VideoClipDataset', 'collate_clips',
-           'ClipLoader', 'build_loader', 'build_dataset']
+__all__ = ['CLIP_MEAN', 'CLIP_STD', 'RAND_INCREASING_OPS', 'AnnotationError', 'Annotations', 'read_class_list', 'class_ids',
+           'pad_classes', 'index_videos', 'k400_name', 'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels',
+           'read_ssv2_json', 'read_list_file', 'dense_indices', 'uniform_indices', 'parse_views', 'ClipRandAugment',
+           'resize_short', 'center_crop', 'three_crop', 'normalize_clip', 'lr_flip_pairs', 'FlipPolicy',
+           'VideoClipDataset', 'collate_clips', 'ClipLoader', 'build_loader', 'build_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -39,34 +39,72 @@ class AnnotationError(ValueError):
 
 @dataclass
 class Annotations:
-    "Samples `(path, label, where)`, class names in index order, and missing videos `(where, path)`."
+    "Samples `(path, class id, where)`, class names indexed by id (`None` for unnamed ids), missing videos `(where, path)`."
     samples: list
     classes: list
     missing: list = field(default_factory=list)
     flip_pairs: dict | None = None   # {label: mirrored label}, when the dataset declares them
+    fixed_ids: bool = False          # the ids come from an explicit list (kept as given, may be sparse)
 
     def __len__(self): return len(self.samples)
 
-def read_class_list(classes) -> list[str]:
-    "Class names in index order from a list, a `.txt` file (one per line) or a `.json` file (a list, or {name: index})."
+def _names_from_pairs(pairs, src) -> list:
+    "`[(index, name)]` -> a list indexed by id with `None` holes; an id given twice is an error naming `src`."
+    seen = {}
+    for i, n in pairs:
+        if i < 0: raise AnnotationError(src, 0, f'class index {i} for {n!r} is negative')
+        if i in seen: raise AnnotationError(src, 0, f'class index {i} is given to both {seen[i]!r} and {n!r}')
+        seen[i] = n
+    names = [None] * (max(seen, default=-1) + 1)
+    for i, n in seen.items(): names[i] = n
+    return names
+
+_IDX_LINE = re.compile(r'\s*(\d+)\s*[\s,:]\s*(\S.*?)\s*')
+
+def read_class_list(classes) -> list | None:
+    """Class names indexed by class id, from a list (`None` holes allowed), a `{name: index}` dict, a `.txt` file (one
+    name per line, or `index name` on every line) or a `.json` file (a list, or a `{name: index}` dict). Ids are kept
+    as given: a sparse dict gives a list with `None` at the ids it does not name."""
     if classes is None: return None
-    if isinstance(classes, (list, tuple)): names = [str(c) for c in classes]
+    src = 'classes'
+    if isinstance(classes, dict): obj = classes
+    elif isinstance(classes, (list, tuple)): obj = list(classes)
     else:
-        p = Path(classes)
+        p = Path(classes); src = p
         if not p.exists(): raise FileNotFoundError(f'class list {p} does not exist')
         if p.suffix == '.json':
-            obj = json.loads(p.read_text())
-            if isinstance(obj, dict):
-                try: pairs = sorted((int(v), k) for k, v in obj.items())
-                except (TypeError, ValueError): raise AnnotationError(p, 0, 'a class dict must map name -> index') from None
-                if [i for i, _ in pairs] != list(range(len(pairs))): raise AnnotationError(p, 0, 'class indices are not 0..N-1')
-                names = [k for _, k in pairs]
-            elif isinstance(obj, list): names = [str(c) for c in obj]
-            else: raise AnnotationError(p, 0, 'expected a JSON list of names or a {name: index} dict')
-        else: names = [l.strip() for l in p.read_text().splitlines() if l.strip()]
-    dup = [c for c, k in Counter(names).items() if k > 1]
-    if dup: raise ValueError(f'class list has duplicate names: {dup[:3]}')
+            try: obj = json.loads(p.read_text())
+            except json.JSONDecodeError as err: raise AnnotationError(p, err.lineno, f'invalid JSON: {err.msg}') from None
+            if not isinstance(obj, (dict, list)): raise AnnotationError(p, 0, 'expected a JSON list of names or a {name: index} dict')
+        else:
+            lines = [(k, l.strip()) for k, l in enumerate(p.read_text().splitlines(), 1) if l.strip()]
+            ms = [_IDX_LINE.fullmatch(l) for _, l in lines]
+            if lines and all(ms): obj = {m.group(2): int(m.group(1)) for m in ms}   # `index name` lines
+            else: obj = [l for _, l in lines]
+    if isinstance(obj, dict):
+        try: pairs = [(int(v), str(k)) for k, v in obj.items()]
+        except (TypeError, ValueError): raise AnnotationError(src, 0, 'a class dict must map name -> index') from None
+        names = _names_from_pairs(pairs, src)
+    else: names = [None if c is None else str(c) for c in obj]
+    dup = [c for c, k in Counter(n for n in names if n is not None).items() if k > 1]
+    if dup: raise ValueError(f'{src}: class list has duplicate names: {dup[:3]}')
     return names
+
+def class_ids(classes) -> list[int]:
+    "The ids that have a name in `classes` (all of them for a dense list)."
+    return [i for i, c in enumerate(classes) if c is not None]
+
+def pad_classes(classes, n: int) -> list:
+    "`classes` extended with `None` to `n` entries (a model head of `n` outputs); an error when an id is `>= n`."
+    classes = list(classes)
+    ids = class_ids(classes)
+    if ids and ids[-1] >= n:
+        raise ValueError(f'class id {ids[-1]} ({classes[ids[-1]]!r}) needs a model with more than {n} outputs')
+    return classes[:n] + [None] * (n - len(classes))
+
+def _class_index(names) -> dict:
+    "name -> id for the named ids."
+    return {c: i for i, c in enumerate(names) if c is not None}
 
 def index_videos(root) -> dict[str, str]:
     "Map file stem -> path for every video under `root` (any depth), so flat and per-class layouts both resolve."
@@ -106,16 +144,17 @@ def read_k400_csv(csv_file, data_root=None, classes=None, index: dict | None = N
             if not yid: raise AnnotationError(csv_file, line, 'empty youtube_id')
             if not lab: raise AnnotationError(csv_file, line, 'empty label')
             rows.append((line, lab, k400_name(yid, t0, t1)))
-    names = read_class_list(classes) or sorted({lab for _, lab, _ in rows})
-    cidx = {c: i for i, c in enumerate(names)}
+    given = read_class_list(classes)
+    names = given or sorted({lab for _, lab, _ in rows})
+    cidx = _class_index(names)
     index = index if index is not None else index_videos(data_root)
     samples, missing = [], []
     for line, lab, stem in rows:
-        if lab not in cidx: raise AnnotationError(csv_file, line, f'label {lab!r} is not in the class list ({len(names)} classes)')
+        if lab not in cidx: raise AnnotationError(csv_file, line, f'label {lab!r} is not in the class list ({len(cidx)} classes)')
         where = f'{csv_file}:{line}'
         if stem in index: samples.append((index[stem], cidx[lab], where))
         else: missing.append((where, str(data_root / f'{stem}.mp4')))
-    return Annotations(samples, names, missing)
+    return Annotations(samples, names, missing, fixed_ids=given is not None)
 
 # %% ../nbs/02_data.ipynb #f45dfefc
 def _json_array_items(path):
@@ -141,8 +180,8 @@ def ssv2_class_name(template: str) -> str:
     "SSv2 class from a template: remove the brackets, `Pushing [something] from left to right` -> `Pushing something from left to right`."
     return template.replace('[', '').replace(']', '').strip()
 
-def read_ssv2_labels(labels_file) -> list[str]:
-    "Class names in index order from `something-something-v2-labels.json` ({template: 'index'})."
+def read_ssv2_labels(labels_file) -> list:
+    "Class names indexed by id from `something-something-v2-labels.json` ({template: 'index'}); a cut keeps its ids (`None` holes)."
     return read_class_list(Path(labels_file))
 
 def read_ssv2_json(ann_file, labels_file, data_root=None, ext: str = '.webm') -> Annotations:
@@ -150,7 +189,7 @@ def read_ssv2_json(ann_file, labels_file, data_root=None, ext: str = '.webm') ->
     ann_file = Path(ann_file)
     if not ann_file.exists(): raise FileNotFoundError(f'annotation file {ann_file} does not exist')
     names = read_ssv2_labels(labels_file)
-    cidx = {c: i for i, c in enumerate(names)}
+    cidx = _class_index(names)
     data_root = Path(data_root) if data_root is not None else ann_file.parent
     samples, missing = [], []
     for line, item in _json_array_items(ann_file):
@@ -162,7 +201,7 @@ def read_ssv2_json(ann_file, labels_file, data_root=None, ext: str = '.webm') ->
         where = f'{ann_file}:{line}'
         if p.exists(): samples.append((str(p), cidx[cls], where))
         else: missing.append((where, str(p)))
-    return Annotations(samples, names, missing)
+    return Annotations(samples, names, missing, fixed_ids=True)
 
 # %% ../nbs/02_data.ipynb #809c5673
 def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
@@ -171,7 +210,7 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
     if not list_file.exists(): raise FileNotFoundError(f'annotation file {list_file} does not exist')
     data_root = Path(data_root) if data_root is not None else list_file.parent
     names = read_class_list(classes)
-    cidx = {c: i for i, c in enumerate(names)} if names else {}
+    cidx = _class_index(names) if names else {}
     rows = []
     for line, raw in enumerate(list_file.read_text().splitlines(), start=1):
         s = raw.strip()
@@ -184,7 +223,9 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
         else: raise AnnotationError(list_file, line, f'label {lab!r} is neither an index nor a known class name')
         if lab < 0 or (names and lab >= len(names)):
             raise AnnotationError(list_file, line, f'label {lab} outside [0, {len(names) if names else "inf"})')
+        if names and names[lab] is None: raise AnnotationError(list_file, line, f'label {lab} has no name in the class list')
         rows.append((line, rel, lab))
+    given = names is not None
     if not names: names = [str(i) for i in range(max((r[2] for r in rows), default=-1) + 1)]
     samples, missing = [], []
     for line, rel, lab in rows:
@@ -192,7 +233,7 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
         where = f'{list_file}:{line}'
         if p.exists(): samples.append((str(p), lab, where))
         else: missing.append((where, str(p)))
-    return Annotations(samples, names, missing)
+    return Annotations(samples, names, missing, fixed_ids=given)
 
 # %% ../nbs/02_data.ipynb #165651d4
 def _as_rng(rng) -> np.random.Generator:
@@ -357,10 +398,10 @@ _LR_SWAP = {'left': 'right', 'right': 'left', 'leftwards': 'rightwards', 'rightw
 
 def lr_flip_pairs(classes: Sequence[str]) -> tuple[dict, set]:
     "({label: mirrored label}, {labels with a direction word but no mirror}) from class names."
-    idx = {c: i for i, c in enumerate(classes)}
+    idx = _class_index(classes)
     pairs, unpaired = {}, set()
     for i, c in enumerate(classes):
-        if not _LR.search(c): continue
+        if c is None or not _LR.search(c): continue
         def sub(m):
             w = _LR_SWAP[m.group(0).lower()]
             return w.capitalize() if m.group(0)[0].isupper() else w
@@ -394,7 +435,7 @@ class VideoClipDataset(Dataset):
                  frame_interval: int = 16, views='1x1', input_size: int = 224, short_side: int | None = None,
                  rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: FlipPolicy | None = None,
                  manifest=None, decode: str = 'auto', min_frames: int = 2, out_of_bound: str = 'clamp',
-                 missing=(), name: str = ''):
+                 missing=(), name: str = '', fixed_class_ids: bool = False):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
         if sampling not in ('dense', 'uniform'): raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
@@ -412,13 +453,24 @@ class VideoClipDataset(Dataset):
         self.missing = list(missing)
         self.skipped = {}      # path -> reason, filled by ClipLoader in the main process
         self.skip_events = 0
+        self.fixed_class_ids = bool(fixed_class_ids)
         bad = [s for s in self.samples if not 0 <= s[1] < len(self.classes)]
         if bad: raise ValueError(f'{bad[0][2] or bad[0][0]}: label {bad[0][1]} outside [0, {len(self.classes)})')
+        bad = [s for s in self.samples if self.classes[s[1]] is None]
+        if bad: raise ValueError(f'{bad[0][2] or bad[0][0]}: label {bad[0][1]} has no name in the class list')
+        empty = set(class_ids(self.classes)) - {s[1] for s in self.samples}
+        if empty and self.samples:
+            _log.info(f'{name or "dataset"}: {len(empty)} of {len(class_ids(self.classes))} classes have no samples here '
+                      f'(fine: class ids stay as given), e.g. {min(empty)} {self.classes[min(empty)]!r}')
         if self.missing:
             _log.warning(f'{name or "dataset"}: {len(self.missing)} annotated videos are missing, e.g. {self.missing[0][0]} -> {self.missing[0][1]}')
 
     @property
-    def num_classes(self) -> int: return len(self.classes)
+    def num_classes(self) -> int:
+        "Largest class id + 1: the smallest model head that covers every id (ids are kept as given, see above)."
+        return len(self.classes)
+    @property
+    def class_ids(self) -> list[int]: return class_ids(self.classes)
     @property
     def num_views(self) -> int: return self.views[0] * self.views[1]
     def __len__(self): return len(self.samples)
@@ -595,9 +647,10 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
         ann = read_ssv2_json(ann_file, labels_file, data_root)
         if classes is not None:
             names = read_class_list(classes)
-            if sorted(names) != sorted(ann.classes): raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
-            remap = {i: names.index(c) for i, c in enumerate(ann.classes)}
-            ann = Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing)
+            if sorted(c for c in names if c is not None) != sorted(c for c in ann.classes if c is not None):
+                raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
+            remap = {i: names.index(c) for i, c in enumerate(ann.classes) if c is not None}
+            ann = Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing, fixed_ids=True)
         sampling = sampling or 'uniform'
         if sampling != 'uniform': raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
         pairs, never = lr_flip_pairs(ann.classes)
@@ -615,4 +668,5 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                             frame_interval=frame_interval or _dense_interval(num_frames), views=views,
                             input_size=input_size, short_side=short_side, rand_augment=ra if train else None,
                             crop_scale=crop_scale or scale_default, flip=policy, manifest=manifest, decode=decode,
-                            min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing, name=f'{dataset}/{split}')
+                            min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing, name=f'{dataset}/{split}',
+                            fixed_class_ids=ann.fixed_ids)

@@ -351,3 +351,55 @@ def test_broken_files_skipped_and_counted_with_workers(tmp_path):
     assert s['skipped_files'] == 5 and s['skip_events'] == 10
     assert s['by_reason'] == {'empty': 1, 'unreadable': 1, 'truncated': 1, 'no_video_stream': 1, 'too_short': 1, 'missing': 1}
     assert s['missing'] == [f'{tmp_path}/absent.mp4']
+
+
+# ---------------------------------------------------------------- sparse class ids (issue 9, point 3)
+SSV2_CUT = {'Holding something': '0', 'Tearing something into two pieces': '32',
+            'Pushing something from left to right': '93', 'Pushing something from right to left': '94',
+            'Uncovering something': '135'}
+
+
+def test_ssv2_labels_cut_keeps_official_ids(tmp_path):
+    "A labels JSON cut from the official one keeps its indices: they are the 174-way checkpoints' class ids."
+    from evl_nb.data import class_ids, pad_classes
+    (tmp_path / 'something-something-v2-labels.json').write_text(json.dumps(SSV2_CUT, indent=4))
+    tmpl = {'0': 'Holding [something]', '32': 'Tearing [something] into two pieces', '93': 'Pushing [something] from left to right',
+            '94': 'Pushing [something] from right to left'}      # 135 has no sample: fine
+    items = [{'id': str(100 + k), 'label': 'x', 'template': t, 'placeholders': ['x']} for k, t in enumerate(tmpl.values())]
+    (tmp_path / 'something-something-v2-train.json').write_text(json.dumps(items, indent=4))
+    (tmp_path / 'v').mkdir()
+    for it in items: (tmp_path / 'v' / f'{it["id"]}.webm').touch()
+    ds = build_dataset('ssv2', 'train', data_root=tmp_path / 'v', ann_file=tmp_path / 'something-something-v2-train.json')
+    assert [l for _, l, _ in ds.samples] == [0, 32, 93, 94]
+    assert ds.num_classes == 136 and ds.class_ids == [0, 32, 93, 94, 135] and ds.fixed_class_ids
+    assert ds.classes[93] == 'Pushing something from left to right' and ds.classes[1] is None
+    assert ds.flip.mode == 'off'
+    assert build_dataset('ssv2', 'train', data_root=tmp_path / 'v', ann_file=tmp_path / 'something-something-v2-train.json',
+                         flip=True).flip.pairs == {93: 94, 94: 93}
+    head = pad_classes(ds.classes, 174)
+    assert len(head) == 174 and class_ids(head) == [0, 32, 93, 94, 135]
+    with pytest.raises(ValueError, match='class id 135'): pad_classes(ds.classes, 100)
+
+
+@pytest.mark.parametrize('fmt', ['json_dict', 'json_list', 'txt_indexed'])
+def test_k400_explicit_sparse_class_list_keeps_ids(tmp_path, fmt):
+    _k400_tree(tmp_path, 'flat')
+    (tmp_path / 'train.csv').write_text('label,youtube_id,time_start,time_end,split\n'
+                                        'abseiling,aaaaaaaaaaa,10,20,train\nzumba,-ccccccc_cc,123,133,train\n')
+    ids = {'abseiling': 0, 'zumba': 399, 'yoga': 398}
+    f = tmp_path / ('classes.txt' if fmt == 'txt_indexed' else 'classes.json')
+    if fmt == 'json_dict': f.write_text(json.dumps(ids))
+    elif fmt == 'json_list': f.write_text(json.dumps(['abseiling'] + [None] * 397 + ['yoga', 'zumba']))
+    else: f.write_text(''.join(f'{i} {n}\n' for n, i in ids.items()))
+    ds = build_dataset('k400', 'train', data_root=tmp_path / 'train', ann_file=tmp_path / 'train.csv', classes=f)
+    assert [l for _, l, _ in ds.samples] == [0, 399] and ds.num_classes == 400 and ds.class_ids == [0, 398, 399]
+    assert ds.fixed_class_ids and ds.classes[399] == 'zumba' and ds.classes[5] is None
+
+
+def test_class_list_errors_name_the_file(tmp_path):
+    (tmp_path / 'c.json').write_text(json.dumps({'a': 3, 'b': 3}))
+    with pytest.raises(AnnotationError, match=r'c\.json: class index 3'): read_class_list(tmp_path / 'c.json')
+    (tmp_path / 'l.txt').write_text('x.mp4 1\n'); (tmp_path / 'x.mp4').touch()
+    with pytest.raises(AnnotationError, match=r'l\.txt:1: label 1 has no name'):
+        read_list_file(tmp_path / 'l.txt', classes=['a', None, 'c'])
+    with pytest.raises(ValueError, match='has no name'): VideoClipDataset([('x.mp4', 1)], ['a', None])
