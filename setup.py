@@ -23,7 +23,8 @@ setup(
     project_urls={'Source': cfg['git_url']},
     packages=find_packages(include=['evl_nb', 'evl_nb.*']), include_package_data=True,
     python_requires='>=' + cfg['min_python'], install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard']},
-    entry_points={'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    extras_require={'dev': dev_requirements, 'tensorboard': ['tensorboard'], 'slurm': ['submitit>=1.5']},
+    entry_points={'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+                  'console_scripts': ['evl-nb=evl_nb.cli:main']},
     classifiers=['Programming Language :: Python :: 3', 'Topic :: Scientific/Engineering :: Artificial Intelligence'],
 )
