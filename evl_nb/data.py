@@ -434,7 +434,7 @@ class VideoClipDataset(Dataset):
     def __init__(self, samples, classes, train: bool = True, sampling: str = 'dense', num_frames: int = 8,
                  frame_interval: int = 16, views='1x1', input_size: int = 224, short_side: int | None = None,
                  rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: FlipPolicy | None = None,
-                 manifest=None, decode: str = 'auto', min_frames: int = 2, out_of_bound: str = 'clamp',
+                 manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str = 'clamp',
                  missing=(), name: str = '', fixed_class_ids: bool = False):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
@@ -473,6 +473,10 @@ class VideoClipDataset(Dataset):
     def class_ids(self) -> list[int]: return class_ids(self.classes)
     @property
     def num_views(self) -> int: return self.views[0] * self.views[1]
+    @property
+    def frames_needed(self) -> int:
+        "Frames a video needs so that no index repeats: the dense span `(T-1)*r+1`, or `T` uniform segments."
+        return (self.num_frames - 1) * self.frame_interval + 1 if self.sampling == 'dense' else self.num_frames
     def __len__(self): return len(self.samples)
     def __repr__(self):
         return (f'{type(self).__name__}({self.name!r}, {len(self)} clips, {self.num_classes} classes, '
@@ -513,6 +517,7 @@ class VideoClipDataset(Dataset):
         if info.error: raise _err_from(info)
         if info.frames < self.min_frames: raise VideoError(path, f'{info.frames} frames < min_frames={self.min_frames}')
         inds = self.indices(info.frames)
+        if info.frames < self.frames_needed: _note_short(path, info.frames, self.frames_needed)
         uniq, inv = np.unique(inds.reshape(-1), return_inverse=True)
         frames = read_clip(path, uniq.tolist(), info, backend='pyav' if self.decode == 'pyav' else 'auto')
         return inds, frames[inv.reshape(-1)]
@@ -556,6 +561,14 @@ class VideoClipDataset(Dataset):
         by = Counter(self.skipped.values()); by.update({'missing': len(self.missing)} if self.missing else {})
         return {'skipped_files': len(self.skipped), 'missing_files': len(self.missing), 'by_reason': dict(by),
                 'files': dict(self.skipped), 'missing': [p for _, p in self.missing], 'skip_events': self.skip_events}
+
+_short_noted = set()   # files already noted as short, per process
+
+def _note_short(path, n: int, need: int):
+    "A debug-level note, once per file per process: a short video loads with repeated frames."
+    if path in _short_noted: return
+    _short_noted.add(path)
+    _log.debug(f'{path}: {n} frame(s) decode, a clip spans {need}; indices are clamped/repeated')
 
 def _err_from(info: VideoInfo) -> VideoError:
     from evl_nb import video as V
@@ -615,7 +628,7 @@ def _dense_interval(num_frames: int) -> int: return 8 if num_frames >= 32 else 1
 def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_frames: int = 8,
                   frame_interval: int | None = None, sampling: str | None = None, views='1x1', input_size: int = 224,
                   short_side: int | None = None, classes=None, flip: bool | str | None = None, rand_augment='default',
-                  crop_scale=None, manifest=None, decode: str = 'auto', min_frames: int = 2,
+                  crop_scale=None, manifest=None, decode: str = 'auto', min_frames: int = 1,
                   out_of_bound: str = 'clamp', labels_file=None, train: bool | None = None) -> VideoClipDataset:
     "A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above)."
     dataset, split = dataset.lower(), {'validation': 'val'}.get(split.lower(), split.lower())

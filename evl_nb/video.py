@@ -146,9 +146,10 @@ def is_risky_format(path, codec: str) -> bool:
     "True for codecs/containers where decord's seek is known to be unreliable."
     return codec in RISKY_CODECS or Path(path).suffix.lower() in RISKY_EXTS
 
-def check_video(path, num_probes: int = 12, seed: int = 0, tol: float = 0.5, min_frames: int = 2,
+def check_video(path, num_probes: int = 12, seed: int = 0, tol: float = 0.5, min_frames: int = 1,
                 use_decord: bool = True, rounds: int = 3, trust_risky: bool = False) -> VideoInfo:
-    "Decode `path` sequentially (truth), compare decord's seek on probe frames; never raises for a bad file."
+    """Decode `path` sequentially (truth), compare decord's seek on probe frames; never raises for a bad file.
+    A file with no decodable frame is `empty`; fewer than `min_frames` (default 1) is `too_short`."""
     path = Path(path); info = VideoInfo(str(path))
     try:
         c = open_video(path)

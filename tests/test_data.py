@@ -335,6 +335,8 @@ def test_broken_files_skipped_and_counted_with_workers(tmp_path):
         fr, _ = render_clip(i % 2, 20, 48, 64, rng=i)
         good.append(write_video(tmp_path / 'good' / f'g{i}.mp4', fr))
     broken = make_broken_files(tmp_path / 'broken', good_clip=good[0])
+    one, _ = render_clip(1, 1, 48, 64, rng=0)                       # one frame: loads (issue 9, point 4)
+    good.append(write_video(tmp_path / 'good' / 'one_frame.mp4', one))
     lines = [f'{p} {i % 2}' for i, p in enumerate(good + list(broken))] + [f'{tmp_path}/absent.mp4 0']
     (tmp_path / 'list.txt').write_text('\n'.join(lines) + '\n')
     ds = build_dataset('list', 'train', ann_file=tmp_path / 'list.txt', num_frames=4, frame_interval=2, input_size=32)
@@ -345,11 +347,11 @@ def test_broken_files_skipped_and_counted_with_workers(tmp_path):
         for b in loader:
             assert b['video'].shape[1:] == (3, 4, 32, 32)
             seen += b['index'].tolist()
-        assert sorted(seen) == list(range(6))
+        assert sorted(seen) == list(range(7))
         assert {s['path']: s['reason'] for s in loader.epoch_skipped} == {str(p): k for p, k in broken.items()}
     s = ds.skip_summary()
-    assert s['skipped_files'] == 5 and s['skip_events'] == 10
-    assert s['by_reason'] == {'empty': 1, 'unreadable': 1, 'truncated': 1, 'no_video_stream': 1, 'too_short': 1, 'missing': 1}
+    assert s['skipped_files'] == 4 and s['skip_events'] == 8
+    assert s['by_reason'] == {'empty': 1, 'unreadable': 1, 'truncated': 1, 'no_video_stream': 1, 'missing': 1}
     assert s['missing'] == [f'{tmp_path}/absent.mp4']
 
 

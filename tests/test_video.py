@@ -137,8 +137,6 @@ def make_broken_files(d: Path, good_clip: Path | None = None) -> dict:
         for p in s.encode(fr): c.mux(p)
     for p in s.encode(): c.mux(p)
     c.close(); out[d / 'audio_only.m4a'] = 'no_video_stream'
-    one, _ = render_clip(2, 1, 64, 80, rng=0)
-    write_video(d / 'one_frame.mp4', one); out[d / 'one_frame.mp4'] = 'too_short'
     if (d / '_src.mp4').exists(): (d / '_src.mp4').unlink()
     return out
 
@@ -194,3 +192,25 @@ def test_reencode_short_side_and_keyframes(tmp_path):
     with av.open(str(out)) as c:
         keys = [i for i, p in enumerate(c.demux(video=0)) if p.is_keyframe and p.size]
     assert max(np.diff(keys)) <= 8
+
+
+def test_one_frame_mp4_loads(tmp_path, caplog):
+    "A one-frame video is not broken: it loads with its frame repeated (a debug note); min_frames=2 still refuses it."
+    import logging
+    one, _ = render_clip(2, 1, 64, 80, rng=0)
+    p = write_video(tmp_path / 'one_frame.mp4', one)
+    info = check_video(p)
+    assert info.ok and info.frames == 1, info
+    assert check_video(p, min_frames=2).error == 'too_short'
+    (tmp_path / 'l.txt').write_text(f'{p} 0\n')
+    truth = read_frames_pyav(p, [0])[0]
+    for split, kw in (('train', dict(sampling='dense', frame_interval=4)), ('test', dict(sampling='uniform', views='2x3')),
+                      ('test', dict(sampling='dense', frame_interval=16, views='3x1'))):
+        ds = build_dataset('list', split, ann_file=tmp_path / 'l.txt', num_frames=8, input_size=32, **kw)
+        with caplog.at_level(logging.DEBUG, logger='evl_nb'):
+            inds, frames = ds.read_frames(0)
+            it = ds[0]
+        assert (inds == 0).all() and all(np.array_equal(f, truth) for f in frames)
+        assert 'skip' not in it and it['video'].shape[-4:] == (3, 8, 32, 32)
+    notes = [r for r in caplog.records if 'one_frame.mp4' in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.DEBUG and 'repeated' in notes[0].getMessage()
