@@ -25,7 +25,7 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'RAND_INCREASING_OPS', 'AnnotationError', 'A
            'pad_classes', 'index_videos', 'k400_name', 'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels',
            'read_ssv2_json', 'read_list_file', 'dense_indices', 'uniform_indices', 'parse_views', 'ClipRandAugment',
            'resize_short', 'center_crop', 'three_crop', 'normalize_clip', 'lr_flip_pairs', 'FlipPolicy',
-           'VideoClipDataset', 'collate_clips', 'ClipLoader', 'build_loader', 'build_dataset']
+           'VideoClipDataset', 'warn_skip', 'collate_clips', 'ClipLoader', 'build_loader', 'build_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -451,7 +451,8 @@ class VideoClipDataset(Dataset):
         self.infos = {}
         if manifest is not None: self.infos.update(load_manifest(manifest) if not isinstance(manifest, dict) else manifest)
         self.missing = list(missing)
-        self.skipped = {}      # path -> reason, filled by ClipLoader in the main process
+        self.skipped = {}       # path -> reason, filled by `record_skips` in the main process
+        self.skip_records = {}  # path -> {'path', 'where', 'reason', 'message', 'count'}
         self.skip_events = 0
         self.fixed_class_ids = bool(fixed_class_ids)
         bad = [s for s in self.samples if not 0 <= s[1] < len(self.classes)]
@@ -549,18 +550,48 @@ class VideoClipDataset(Dataset):
         except Exception as err:
             reason = getattr(err, 'kind', None) or type(err).__name__
             msg = str(err).splitlines()[0][:300] if str(err) else reason
-            _log.warning(f'skipping {path} ({where}): {msg}')
-            return {'skip': {'index': i, 'path': path, 'reason': reason, 'message': msg}, 'label': label, 'index': i}
+            skip = {'index': i, 'path': path, 'where': where, 'reason': reason, 'message': msg}
+            if torch.utils.data.get_worker_info() is None: warn_skip(skip)   # workers: the main process warns
+            else: _log.debug(f'skipping {path} ({where}): {msg}')
+            return {'skip': skip, 'label': label, 'index': i}
 
     def record_skips(self, skipped: Sequence[dict]):
-        "Count skips reported by batches (ClipLoader calls this in the main process)."
-        for s in skipped: self.skipped[s['path']] = s['reason']; self.skip_events += 1
+        "Count skips reported by batches, every one; warn once per file (ClipLoader calls this in the main process)."
+        for s in skipped:
+            warn_skip(s)
+            r = self.skip_records.setdefault(s['path'], dict(path=s['path'], where=s.get('where', ''), reason=s['reason'],
+                                                              message=s.get('message', ''), count=0))
+            r['count'] += 1; self.skipped[s['path']] = s['reason']; self.skip_events += 1
 
     def skip_summary(self) -> dict:
-        "How many files were skipped while loading (by reason, with paths) and how many annotated files are missing."
+        """Skipped and missing files, named: counts by reason, `files` {path: reason}, `details` (one record per file:
+        `where` is the annotation `file:line`, `count` the draws that hit it), `missing` paths, `skip_events`."""
         by = Counter(self.skipped.values()); by.update({'missing': len(self.missing)} if self.missing else {})
+        details = [dict(r) for r in sorted(self.skip_records.values(), key=lambda r: r['path'])]
+        details += [dict(path=p, where=w, reason='missing', message='no such file', count=0) for w, p in self.missing]
         return {'skipped_files': len(self.skipped), 'missing_files': len(self.missing), 'by_reason': dict(by),
-                'files': dict(self.skipped), 'missing': [p for _, p in self.missing], 'skip_events': self.skip_events}
+                'files': dict(self.skipped), 'missing': [p for _, p in self.missing], 'skip_events': self.skip_events,
+                'details': details}
+
+    def skip_report(self, max_files: int = 20) -> str:
+        "The skip summary as text, one line per file (`file:line path: reason (message), N draws`); '' when none."
+        d = self.skip_summary()['details']
+        if not d: return ''
+        lines = [f"{r['where'] or '?'} {r['path']}: {r['reason']}" + (f" ({r['message']})" if r['message'] else '')
+                 + (f", {r['count']} draw(s)" if r['count'] else '') for r in d[:max_files]]
+        more = f'\n... and {len(d) - max_files} more' if len(d) > max_files else ''
+        return f'{self.name or "dataset"}: {len(d)} file(s) skipped or missing\n' + '\n'.join(lines) + more
+
+_warned_skips = set()  # files already warned about, per process
+
+def warn_skip(skip: dict) -> bool:
+    "Warn about a skipped file once per file per process (every draw is still counted); True when it warned."
+    path = skip['path']
+    if path in _warned_skips: return False
+    _warned_skips.add(path)
+    _log.warning(f"skipping {path} ({skip.get('where') or '?'}): {skip.get('message') or skip.get('reason')} "
+                 '(warned once per file; every draw is counted in skip_summary())')
+    return True
 
 _short_noted = set()   # files already noted as short, per process
 
@@ -579,7 +610,7 @@ def _err_from(info: VideoInfo) -> VideoError:
 
 # %% ../nbs/02_data.ipynb #a282c51c
 def collate_clips(items: Sequence[dict]) -> dict:
-    "Stack good items; `batch['skipped']` lists the skipped ones (`index`, `path`, `reason`, `message`)."
+    "Stack good items; `batch['skipped']` lists the skipped ones (`index`, `path`, `where`, `reason`, `message`)."
     good = [it for it in items if 'skip' not in it]
     batch = {'skipped': [it['skip'] for it in items if 'skip' in it]}
     if good:

@@ -405,3 +405,37 @@ def test_class_list_errors_name_the_file(tmp_path):
     with pytest.raises(AnnotationError, match=r'l\.txt:1: label 1 has no name'):
         read_list_file(tmp_path / 'l.txt', classes=['a', None, 'c'])
     with pytest.raises(ValueError, match='has no name'): VideoClipDataset([('x.mp4', 1)], ['a', None])
+
+
+# ---------------------------------------------------------------- warn once per file (issue 9, point 5)
+@pytest.mark.parametrize('num_workers,plain', [(0, False), (2, False), (2, True)])
+def test_broken_file_drawn_many_times_warned_once_counted_always(tmp_path, num_workers, plain):
+    "A truncated file drawn 12 times (by 2 workers too) is warned about once in all processes, and counted 12 times."
+    import logging
+    from torch.utils.data import DataLoader
+    from evl_nb.data import collate_clips
+    fr, _ = render_clip(0, 20, 48, 64, rng=0)
+    good = write_video(tmp_path / 'good.mp4', fr)
+    bad = tmp_path / 'cut.mp4'; bad.write_bytes(good.read_bytes()[:2000])
+    (tmp_path / 'list.txt').write_text(f'{good} 0\n{bad} 1\n')
+    ds = build_dataset('list', 'train', ann_file=tmp_path / 'list.txt', num_frames=4, frame_interval=2, input_size=32)
+    log_file = tmp_path / 'log.txt'
+    h = logging.FileHandler(log_file); h.setLevel(logging.WARNING)    # forked workers inherit it and append
+    lg = logging.getLogger('evl_nb.data'); lg.addHandler(h)
+    draws = [0, 1] * 12
+    try:
+        if plain:   # a plain DataLoader whose consumer records skips (as the trainer and the evaluator do)
+            for b in DataLoader(ds, batch_size=3, sampler=draws, num_workers=num_workers, collate_fn=collate_clips):
+                ds.record_skips(b['skipped'])
+        else:
+            for _ in build_loader(ds, batch_size=3, sampler=draws, num_workers=num_workers): pass
+    finally:
+        lg.removeHandler(h); h.close()
+    warned = [l for l in log_file.read_text().splitlines() if str(bad) in l]
+    assert len(warned) == 1 and 'list.txt:2' in warned[0], warned
+    s = ds.skip_summary()
+    assert s['skip_events'] == 12 and s['skipped_files'] == 1 and s['files'] == {str(bad): 'truncated'}
+    assert s['details'] == [dict(path=str(bad), where=f'{tmp_path / "list.txt"}:2', reason='truncated',
+                                 message=s['details'][0]['message'], count=12)]
+    rep = ds.skip_report()
+    assert f'{tmp_path / "list.txt"}:2 {bad}: truncated' in rep and '12 draw(s)' in rep
