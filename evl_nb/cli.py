@@ -382,9 +382,12 @@ def main(argv=None) -> int:
     if argv[:1] == ['slurm-task']: slurm_task(argv[1:]); return 0
     a = vars(build_cli().parse_args(argv))
     cmd = a.pop('command')
-    if cmd == 'train': train_command(a); return 0
-    if cmd == 'predict': return 0 if predict_command(a)['predictions'] else 1
-    if cmd == 'prepare': prepare_command(a); return 0
+    try:
+        if cmd == 'train': train_command(a); return 0
+        if cmd == 'predict': return 0 if predict_command(a)['predictions'] else 1
+        if cmd == 'prepare': prepare_command(a); return 0
+    except (ValueError, FileNotFoundError, ImportError) as e:     # bad input: the message names it, no traceback
+        print(f'evl-nb {cmd}: error: {e}', file=sys.stderr); return 2
     raise SystemExit(f'evl-nb: unknown command {cmd!r}')
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())
