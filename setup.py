@@ -8,7 +8,7 @@ cfg.read(Path(__file__).parent / 'settings.ini')
 cfg = cfg['DEFAULT']
 
 requirements = [
-    'torch>=2.1', 'torchvision>=0.16', 'open_clip_torch>=2.24', 'numpy>=1.22',
+    'torch>=2.1', 'torchvision>=0.16', 'open_clip_torch>=2.24,<4', 'numpy>=1.22',
     'decord>=0.6', 'av>=11', 'matplotlib>=3.6', 'ipywidgets>=8', 'papermill>=2.4', 'tqdm>=4.60',
 ]
 dev_requirements = [

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_backbone.ipynb #270d68e3
 from __future__ import annotations
-import zipfile
+import logging, zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import open_clip
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 
 from .core import as_dtype, get_logger
 
 # %% auto #0
-__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'CLIPBackbone',
-           'build_backbone']
+__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'plain_block_problem',
+           'CLIPBackbone', 'build_backbone']
 
 # %% ../nbs/04_backbone.ipynb #83ca74ce
 def _is_openclip_tag(pretrained) -> bool:
@@ -32,6 +32,10 @@ def resolve_quick_gelu(arch, pretrained=None, quick_gelu: bool | None = None) ->
     if pretrained is None or not _is_openclip_tag(pretrained) or pretrained == 'openai': return True
     try: return bool(open_clip.get_pretrained_cfg(arch, pretrained).get('quick_gelu', False))
     except Exception: return False
+
+class _NoRandomInitWarning(logging.Filter):
+    "Drops open_clip's 'initialized randomly' warning while we build a tower whose weights we load next."
+    def filter(self, record): return 'initialized randomly' not in record.getMessage()
 
 def build_clip_tower(arch: str | dict, quick_gelu: bool = True) -> VisionTransformer:
     "A randomly initialised open_clip image tower: an open_clip model name or a dict of `VisionTransformer` settings."
@@ -49,7 +53,9 @@ def build_clip_tower(arch: str | dict, quick_gelu: bool = True) -> VisionTransfo
         raise ValueError(f'backbone={arch!r} is not an open_clip model; ViT towers include {vit[:12]}...')
     vcfg = cfg['vision_cfg']
     if vcfg.get('timm_model_name'): raise ValueError(f'backbone={arch!r} is a timm tower; EVL needs a CLIP VisionTransformer')
-    tower = open_clip.model._build_vision_tower(cfg['embed_dim'], vcfg, quick_gelu=quick_gelu)
+    quiet = _NoRandomInitWarning(); logging.getLogger().addFilter(quiet)
+    try: tower = open_clip.create_model(arch, pretrained=None, quick_gelu=quick_gelu).visual  # text tower dropped
+    finally: logging.getLogger().removeFilter(quiet)
     if not isinstance(tower, VisionTransformer):
         raise ValueError(f'backbone={arch!r} built a {type(tower).__name__}, not a VisionTransformer')
     return tower
@@ -94,15 +100,37 @@ def _ln32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     "LayerNorm computed in fp32, result in x's dtype."
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
 
+_BLOCK_EXTRAS = ('ln_attn',)                                  # open_clip's scale_attn
+_ATTN_EXTRAS = ('ln_q', 'ln_k', 'ln_inner', 'logit_scale', 'head_scale', 'bias_k', 'bias_v')
+
+def plain_block_problem(block: nn.Module) -> str | None:
+    "Why `block` cannot run as a plain CLIP attention block (see above), or None when it can."
+    need = [n for n in ('ln_1', 'attn', 'ls_1', 'ln_2', 'mlp', 'ls_2')
+            if not isinstance(getattr(block, n, None), nn.Module)]
+    if need: return f'it has no {", ".join(need)}'
+    if not isinstance(block.ln_1, nn.LayerNorm) or not isinstance(block.ln_2, nn.LayerNorm):
+        return 'ln_1/ln_2 are not LayerNorms'
+    a = block.attn
+    w, b, heads = getattr(a, 'in_proj_weight', None), getattr(a, 'in_proj_bias', None), getattr(a, 'num_heads', None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[0] != 3 * w.shape[1]:
+        return 'its attention has no fused in_proj_weight of shape (3C, C)'
+    if not isinstance(b, torch.Tensor) or b.shape != (w.shape[0],):
+        return 'its attention has no in_proj_bias of shape (3C,)'
+    if not isinstance(getattr(a, 'out_proj', None), nn.Linear): return 'its attention has no out_proj Linear'
+    if not isinstance(heads, int) or heads < 1 or w.shape[1] % heads: return f'its attention has num_heads={heads!r}'
+    if hasattr(block, 'ln_1_kv'): return 'it is a cross-attention block (ln_1_kv)'
+    extra = [n for owner, names in ((block, _BLOCK_EXTRAS), (a, _ATTN_EXTRAS)) for n in names
+             if getattr(owner, n, None) is not None and not isinstance(getattr(owner, n), nn.Identity)]
+    return f'it changes the attention with {", ".join(extra)}' if extra else None
+
 class CLIPBackbone(nn.Module):
     "A frozen open_clip ViT image tower that returns `(out, q, k)` of the blocks in `block_indices`."
     def __init__(self, tower: VisionTransformer, block_indices: Sequence[int], dtype='fp32'):
         super().__init__()
         blocks = tower.transformer.resblocks
         for j, b in enumerate(blocks):
-            if not isinstance(b, ResidualAttentionBlock) or not isinstance(b.attn, nn.MultiheadAttention) \
-               or b.attn.in_proj_weight is None or hasattr(b, 'ln_1_kv'):
-                raise ValueError(f'block {j} is a {type(b).__name__}: only plain CLIP attention blocks are supported')
+            why = plain_block_problem(b)
+            if why: raise ValueError(f'block {j} ({type(b).__name__}) is not a plain CLIP attention block: {why}')
         n = len(blocks)
         self.block_indices = [j % n for j in block_indices]
         if any(not -n <= j < n for j in block_indices) or sorted(set(self.block_indices)) != self.block_indices:
