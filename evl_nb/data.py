@@ -21,11 +21,13 @@ from .core import get_logger, find_fixture
 from .video import (VideoError, VideoInfo, check_video, read_clip, load_manifest, VIDEO_EXTS)
 
 # %% auto #0
-__all__ = ['CLIP_MEAN', 'CLIP_STD', 'RAND_INCREASING_OPS', 'AnnotationError', 'Annotations', 'read_class_list', 'class_ids',
-           'pad_classes', 'index_videos', 'k400_name', 'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels',
-           'read_ssv2_json', 'read_list_file', 'dense_indices', 'uniform_indices', 'parse_views', 'ClipRandAugment',
-           'resize_short', 'center_crop', 'three_crop', 'normalize_clip', 'lr_flip_pairs', 'FlipPolicy',
-           'VideoClipDataset', 'warn_skip', 'collate_clips', 'ClipLoader', 'build_loader', 'build_dataset']
+__all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING_OPS', 'AnnotationError', 'Annotations',
+           'read_class_list', 'class_ids', 'pad_classes', 'index_videos', 'k400_name', 'read_k400_csv',
+           'ssv2_class_name', 'read_ssv2_labels', 'read_ssv2_json', 'read_list_file', 'resolve_convention',
+           'dense_indices', 'uniform_indices', 'parse_views', 'rand_augment_op', 'ClipRandAugment', 'short_side_size',
+           'resize_short', 'center_crop', 'three_crop', 'ClipResizedCrop', 'normalize_clip', 'lr_flip_pairs',
+           'FlipPolicy', 'VideoClipDataset', 'warn_skip', 'collate_clips', 'ClipLoader', 'build_loader',
+           'build_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -235,14 +237,37 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
         else: missing.append((where, str(p)))
     return Annotations(samples, names, missing, fixed_ids=given)
 
+# %% ../nbs/02_data.ipynb #c0de0a02
+CONVENTIONS = {
+    'official': dict(antialias=False, crop_offset='floor', train_range='official', train_pad='repeat_last',
+                     test_pad='clamp', rand_augment='official'),
+    'mmaction2': dict(antialias=False, crop_offset='floor', train_range='mmaction2', train_pad='loop',
+                      test_pad='loop', rand_augment='torchvision'),
+    'legacy': dict(antialias=True, crop_offset='round', train_range='mmaction2', train_pad='clamp',
+                   test_pad='clamp', rand_augment='torchvision'),
+}
+
+def resolve_convention(convention: str = 'official', **switches) -> dict:
+    "The switches of `convention` ('official', 'mmaction2', 'legacy'), with any switch given (not None) overriding it."
+    if convention not in CONVENTIONS:
+        raise ValueError(f'convention={convention!r}: expected one of {", ".join(map(repr, CONVENTIONS))}')
+    out = dict(CONVENTIONS[convention])
+    bad = set(switches) - set(out)
+    if bad: raise TypeError(f'unknown convention switch(es) {sorted(bad)}; known: {sorted(out)}')
+    out.update({k: v for k, v in switches.items() if v is not None})
+    return out
+
 # %% ../nbs/02_data.ipynb #165651d4
 def _as_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator): return rng
+    if isinstance(rng, np.random.Generator) or hasattr(rng, 'integers'): return rng   # a Generator (or a stand-in)
     return np.random.default_rng(rng)
 
 def dense_indices(num_frames: int, clip_len: int, frame_interval: int = 1, num_clips: int = 1,
-                  test_mode: bool = False, rng=None, out_of_bound: str = 'clamp') -> np.ndarray:
-    "Frame indices `(num_clips, clip_len)` with mmaction2 `SampleFrames` semantics."
+                  test_mode: bool = False, rng=None, out_of_bound: str = 'clamp',
+                  train_range: str = 'mmaction2') -> np.ndarray:
+    """Frame indices `(num_clips, clip_len)`: mmaction2 `SampleFrames` for `clip_len > 1` (with `clip_len=1` it keeps
+    the dense formula, not mmaction2's TSN branch: use `uniform_indices`). `train_range` 'official' draws train starts
+    from `[0, n-(T-1)r-1]` as the official EVL sampler, 'mmaction2' from `[0, n-T r]`."""
     n = int(num_frames)
     if n < 1: raise ValueError(f'num_frames={num_frames}: need at least one frame')
     if clip_len < 1 or frame_interval < 1 or num_clips < 1:
@@ -254,7 +279,9 @@ def dense_indices(num_frames: int, clip_len: int, frame_interval: int = 1, num_c
         else: offsets = np.array([max_offset // 2])
     else:
         rng = _as_rng(rng)
-        span = clip_len * frame_interval
+        if train_range not in ('official', 'mmaction2'):
+            raise ValueError(f"train_range={train_range!r}: expected 'official' or 'mmaction2'")
+        span = clip_len * frame_interval if train_range == 'mmaction2' else (clip_len - 1) * frame_interval + 1
         avg = (n - span + 1) // num_clips
         if avg > 0: offsets = np.arange(num_clips) * avg + rng.integers(avg, size=num_clips)
         elif n > max(num_clips, span): offsets = np.sort(rng.integers(n - span + 1, size=num_clips))
@@ -302,22 +329,23 @@ def parse_views(views, name: str = 'views') -> tuple[int, int]:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _FILL = [round(255 * m) for m in CLIP_MEAN]
+RA_STYLES = ('official', 'torchvision')
 
 def _sign(g): return 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
 
-def _ra_op(name, v, m, g):
-    "Apply one timm-style op at magnitude `m` (0-10) to a uint8 Video."
+def _tv_op(name, v, m, s):
+    "torchvision-style op at magnitude `m` (0-10) and sign `s` on a uint8 Video."
     H, W = v.shape[-2:]
     if name == 'AutoContrast': return TF.autocontrast(v)
     if name == 'Equalize': return TF.equalize(v)
     if name == 'Invert': return TF.invert(v)
-    if name == 'Rotate': return TF.rotate(v, 30.0 * m / 10 * _sign(g), interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
+    if name == 'Rotate': return TF.rotate(v, 30.0 * m / 10 * s, interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
     if name in ('ShearX', 'ShearY'):
-        deg = math.degrees(math.atan(0.3 * m / 10)) * _sign(g)
+        deg = math.degrees(math.atan(0.3 * m / 10)) * s
         shear = [deg, 0.0] if name == 'ShearX' else [0.0, deg]
         return TF.affine(v, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
     if name in ('TranslateXRel', 'TranslateYRel'):
-        f = 0.45 * m / 10 * _sign(g)
+        f = 0.45 * m / 10 * s
         tr = [round(f * W), 0] if name == 'TranslateXRel' else [0, round(f * H)]
         return TF.affine(v, angle=0.0, translate=tr, scale=1.0, shear=[0.0, 0.0], fill=_FILL)
     if name == 'PosterizeIncreasing': return TF.posterize(v, max(1, 4 - int(m / 10 * 4)))
@@ -325,23 +353,72 @@ def _ra_op(name, v, m, g):
     if name == 'SolarizeAdd':
         add = int(m / 10 * 110)
         return tv_tensors.wrap(torch.where(v < 128, (v.to(torch.int16) + add).clamp(max=255).to(torch.uint8), v), like=v)
-    f = 1.0 + (m / 10 * 0.9) * _sign(g)
+    f = 1.0 + (m / 10 * 0.9) * s
     if name == 'ColorIncreasing': return TF.adjust_saturation(v, f)
     if name == 'ContrastIncreasing': return TF.adjust_contrast(v, f)
     if name == 'BrightnessIncreasing': return TF.adjust_brightness(v, f)
     if name == 'SharpnessIncreasing': return TF.adjust_sharpness(v, f)
     raise ValueError(f'unknown RandAugment op {name!r}')
 
+_PIL_GREY = (128, 128, 128)
+
+def _pil_op(name, img, m, s):
+    "The official (timm port) op at magnitude `m` (0-10) and sign `s` on one PIL RGB image."
+    from PIL import Image, ImageEnhance, ImageOps
+    geo = dict(resample=Image.BICUBIC, fillcolor=_PIL_GREY)
+    W, H = img.size
+    if name == 'AutoContrast': return ImageOps.autocontrast(img)
+    if name == 'Equalize': return ImageOps.equalize(img)
+    if name == 'Invert': return ImageOps.invert(img)
+    if name == 'Rotate': return img.rotate((m / 10) * 30.0 * s, **geo)
+    if name in ('ShearX', 'ShearY'):
+        f = (m / 10) * 0.3 * s                 # the official order of operations, bit for bit
+        return img.transform(img.size, Image.AFFINE, (1, f, 0, 0, 1, 0) if name == 'ShearX' else (1, 0, 0, f, 1, 0), **geo)
+    if name in ('TranslateXRel', 'TranslateYRel'):
+        f = (m / 10) * 0.45 * s
+        return img.transform(img.size, Image.AFFINE, (1, 0, f * W, 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, f * H), **geo)
+    if name == 'PosterizeIncreasing':
+        bits = 4 - int(m / 10 * 4)
+        return img if bits >= 8 else ImageOps.posterize(img, bits)
+    if name == 'SolarizeIncreasing': return ImageOps.solarize(img, 256 - int(m / 10 * 256))
+    if name == 'SolarizeAdd':
+        add = int(m / 10 * 110)
+        return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+    f = 1.0 + ((m / 10) * 0.9) * s
+    enh = {'ColorIncreasing': ImageEnhance.Color, 'ContrastIncreasing': ImageEnhance.Contrast,
+           'BrightnessIncreasing': ImageEnhance.Brightness, 'SharpnessIncreasing': ImageEnhance.Sharpness}.get(name)
+    if enh is None: raise ValueError(f'unknown RandAugment op {name!r}')
+    return enh(img).enhance(f)
+
+def _to_pil(v) -> list:
+    from PIL import Image
+    return [Image.fromarray(np.ascontiguousarray(f.permute(1, 2, 0).numpy())) for f in torch.as_tensor(v).as_subclass(torch.Tensor)]
+
+def _from_pil(imgs, like):
+    return tv_tensors.Video(torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1, 2).contiguous())
+
+def rand_augment_op(name: str, video, magnitude: float, sign: float = 1.0, style: str = 'official'):
+    "One RandAugment op on a uint8 clip `(T, 3, H, W)` at `magnitude` (0-10) with `sign` (+1/-1), in `style`."
+    if style not in RA_STYLES: raise ValueError(f'style={style!r}: expected one of {RA_STYLES}')
+    v = video if isinstance(video, tv_tensors.Video) else tv_tensors.Video(video)
+    if style == 'torchvision': return _tv_op(name, v, magnitude, sign)
+    return _from_pil([_pil_op(name, im, magnitude, sign) for im in _to_pil(v)], v)
+
 RAND_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
                        'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
                        'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+_SIGNED = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing', 'ContrastIncreasing',
+           'BrightnessIncreasing', 'SharpnessIncreasing'}
 
 class ClipRandAugment(torch.nn.Module):
-    "timm-style RandAugment (`n` ops, magnitude `m`±`mstd`, each op with prob `p`) with one draw per clip."
-    def __init__(self, n: int = 4, m: float = 7, mstd: float = 0.5, p: float = 0.5, ops: Sequence[str] = RAND_INCREASING_OPS):
+    "timm-style RandAugment (`n` ops, magnitude `m`±`mstd`, each op with prob `p`) with one draw per clip; `style` as above."
+    def __init__(self, n: int = 4, m: float = 7, mstd: float = 0.5, p: float = 0.5, ops: Sequence[str] = RAND_INCREASING_OPS,
+                 style: str = 'official'):
         super().__init__(); self.n, self.m, self.mstd, self.p, self.ops = n, m, mstd, p, tuple(ops)
+        if style not in RA_STYLES: raise ValueError(f'style={style!r}: expected one of {RA_STYLES}')
+        self.style = style
     @classmethod
-    def from_string(cls, spec: str) -> 'ClipRandAugment':
+    def from_string(cls, spec: str, style: str = 'official') -> 'ClipRandAugment':
         "Parse timm's `rand-m7-n4-mstd0.5-inc1` (only the increasing op set is supported: `inc1`)."
         parts = spec.split('-')
         if parts[0] != 'rand': raise ValueError(f'rand_augment={spec!r}: must start with "rand-"')
@@ -353,33 +430,70 @@ class ClipRandAugment(torch.nn.Module):
             if key == 'inc': inc = bool(int(float(val)))
             else: kw[key] = int(val) if key == 'n' else float(val)
         if not inc: raise ValueError(f'rand_augment={spec!r}: only the increasing op set (inc1) is implemented')
-        return cls(**kw)
+        return cls(**kw, style=style)
     def forward(self, video, generator=None):
         v = video if isinstance(video, tv_tensors.Video) else tv_tensors.Video(video)
+        todo = []
         for _ in range(self.n):
             name = self.ops[int(torch.randint(len(self.ops), (), generator=generator))]
             if torch.rand((), generator=generator) >= self.p: continue
             m = self.m if self.mstd <= 0 else float(torch.normal(self.m, self.mstd, (), generator=generator))
-            v = _ra_op(name, v, min(10.0, max(0.0, m)), generator)
-        return v
-    def extra_repr(self): return f'n={self.n}, m={self.m}, mstd={self.mstd}, p={self.p}'
+            todo.append((name, min(10.0, max(0.0, m)), _sign(generator) if name in _SIGNED else 1.0))
+        if not todo: return v
+        if self.style == 'torchvision':
+            for name, m, s in todo: v = _tv_op(name, v, m, s)
+            return v
+        imgs = _to_pil(v)                      # one conversion per clip, every op on every frame
+        for name, m, s in todo: imgs = [_pil_op(name, im, m, s) for im in imgs]
+        return _from_pil(imgs, v)
+    def extra_repr(self): return f'n={self.n}, m={self.m}, mstd={self.mstd}, p={self.p}, style={self.style!r}'
+
 
 # %% ../nbs/02_data.ipynb #04efae6c
-def resize_short(video, size: int):
-    "Resize so the short side is `size` (bilinear, antialiased), keeping the aspect ratio."
-    return TF.resize(video, [size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+def _resize(video, hw, antialias: bool):
+    "Bilinear resize of a uint8 (or float) `(..., H, W)` clip to `hw`; without antialias in float, then rounded back."
+    if antialias: return TF.resize(video, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    x = video.as_subclass(torch.Tensor) if isinstance(video, torch.Tensor) else torch.as_tensor(video)
+    lead = x.shape[:-3]
+    y = torch.nn.functional.interpolate(x.reshape(-1, *x.shape[-3:]).float(), size=tuple(hw), mode='bilinear',
+                                        align_corners=False)
+    if x.dtype == torch.uint8: y = y.round_().clamp_(0, 255).to(torch.uint8)
+    y = y.reshape(*lead, *y.shape[-3:])
+    return tv_tensors.wrap(y, like=video) if isinstance(video, tv_tensors.Video) else y
 
-def center_crop(video, size: int):
-    "Centre crop to `size x size` (pads with zeros if the clip is smaller)."
-    return TF.center_crop(video, [size, size])
+def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    "The official resized size: short side `size`, long side `long * size // short` (landscape when `h < w`)."
+    return (size, w * size // h) if h < w else (h * size // w, size)
 
-def three_crop(video, size: int) -> list:
+def resize_short(video, size: int, antialias: bool = False):
+    "Resize so the short side is `size` (bilinear; antialiased only if asked), keeping the aspect ratio."
+    H, W = video.shape[-2:]
+    return _resize(video, short_side_size(H, W, size), antialias)
+
+def center_crop(video, size: int, offset: str = 'floor'):
+    "Centre crop to `size x size`: offset `(W - size) // 2` ('floor') or torchvision's rounding ('round'); pads if smaller."
+    if offset not in ('floor', 'round'): raise ValueError(f"crop_offset={offset!r}: expected 'floor' or 'round'")
+    H, W = video.shape[-2:]
+    if offset == 'round' or H < size or W < size: return TF.center_crop(video, [size, size])
+    return TF.crop(video, (H - size) // 2, (W - size) // 2, size, size)
+
+def three_crop(video, size: int, antialias: bool = False) -> list:
     "Three `size x size` crops along the long side: left/centre/right (landscape) or top/centre/bottom (portrait)."
     H, W = video.shape[-2:]
-    if min(H, W) < size: video = resize_short(video, size); H, W = video.shape[-2:]
+    if min(H, W) < size: video = resize_short(video, size, antialias); H, W = video.shape[-2:]
     if W >= H: tops, lefts = [(H - size) // 2] * 3, [0, (W - size) // 2, W - size]
     else: tops, lefts = [0, (H - size) // 2, H - size], [(W - size) // 2] * 3
     return [TF.crop(video, t, l, size, size) for t, l in zip(tops, lefts)]
+
+class ClipResizedCrop:
+    "RandomResizedCrop of a clip (one box for every frame, torchvision's box draw) resized to `size` (antialias optional)."
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias: bool = False):
+        self.size, self.scale, self.ratio, self.antialias = int(size), tuple(scale), tuple(ratio), antialias
+    def __call__(self, video):
+        from torchvision.transforms import RandomResizedCrop
+        i, j, h, w = RandomResizedCrop.get_params(video, list(self.scale), list(self.ratio))
+        return _resize(TF.crop(video, i, j, h, w), (self.size, self.size), self.antialias)
+    def __repr__(self): return f'ClipResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio}, antialias={self.antialias})'
 
 def normalize_clip(video, device=None, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32) -> torch.Tensor:
     "uint8 `(..., 3, T, H, W)` -> normalised float (CLIP mean/std), moved to `device` first so the division runs there."
@@ -430,12 +544,16 @@ class FlipPolicy:
 
 # %% ../nbs/02_data.ipynb #9d18dd5e
 class VideoClipDataset(Dataset):
-    "Clips from `(path, label)` samples; items `{'video': uint8 (3,T,H,W) or (V,3,T,H,W), 'label', 'index'}`."
+    """Clips from `(path, label)` samples; items `{'video': uint8 (3,T,H,W) or (V,3,T,H,W), 'label', 'index'}`.
+    `convention` ('official' by default, 'mmaction2', 'legacy') sets the input switches; `antialias`, `crop_offset`,
+    `train_range` and `out_of_bound` override single switches (see the conventions table).
+    Test views are temporal-major: `[t0s0, t0s1, t0s2, t1s0, ...]`."""
     def __init__(self, samples, classes, train: bool = True, sampling: str = 'dense', num_frames: int = 8,
                  frame_interval: int = 16, views='1x1', input_size: int = 224, short_side: int | None = None,
                  rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: FlipPolicy | None = None,
-                 manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str = 'clamp',
-                 missing=(), name: str = '', fixed_class_ids: bool = False):
+                 manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str | None = None,
+                 missing=(), name: str = '', fixed_class_ids: bool = False, convention: str = 'official',
+                 antialias: bool | None = None, crop_offset: str | None = None, train_range: str | None = None):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
         if sampling not in ('dense', 'uniform'): raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
@@ -444,10 +562,16 @@ class VideoClipDataset(Dataset):
         self.views = parse_views(views)
         if train and self.views != (1, 1): raise ValueError(f'views={views!r}: training uses one view (1x1)')
         self.input_size, self.short_side = int(input_size), short_side
-        self.rand_augment = ClipRandAugment.from_string(rand_augment) if isinstance(rand_augment, str) else rand_augment
-        self.crop = v2.RandomResizedCrop(self.input_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True)
+        self.convention = convention
+        self.switches = sw = resolve_convention(convention, antialias=antialias, crop_offset=crop_offset,
+                                                train_range=train_range)
+        if out_of_bound is not None: sw['train_pad'] = sw['test_pad'] = out_of_bound
+        self.rand_augment = (ClipRandAugment.from_string(rand_augment, style=sw['rand_augment'])
+                             if isinstance(rand_augment, str) else rand_augment)
+        self.crop = ClipResizedCrop(self.input_size, crop_scale, crop_ratio, antialias=sw['antialias'])
         self.flip = flip or FlipPolicy('off')
-        self.decode, self.min_frames, self.out_of_bound = decode, min_frames, out_of_bound
+        self.decode, self.min_frames = decode, min_frames
+        self.out_of_bound = sw['train_pad'] if train else sw['test_pad']
         self.infos = {}
         if manifest is not None: self.infos.update(load_manifest(manifest) if not isinstance(manifest, dict) else manifest)
         self.missing = list(missing)
@@ -483,7 +607,7 @@ class VideoClipDataset(Dataset):
         return (f'{type(self).__name__}({self.name!r}, {len(self)} clips, {self.num_classes} classes, '
                 f'{"train" if self.train else "test"}, {self.sampling} {self.num_frames}'
                 f'{"x" + str(self.frame_interval) if self.sampling == "dense" else ""}, views {self.views[0]}x{self.views[1]}, '
-                f'{self.input_size}px, flip {self.flip.mode})')
+                f'{self.input_size}px, flip {self.flip.mode}, convention {self.convention!r})')
 
     def info(self, path) -> VideoInfo:
         "The file's `VideoInfo`: from the manifest, or checked once per process."
@@ -496,20 +620,23 @@ class VideoClipDataset(Dataset):
         "Frame indices `(temporal views, T)` for a video of `n` frames."
         seed = int(torch.randint(0, 2**62, (), generator=generator)) if self.train else None
         if self.sampling == 'dense':
-            return dense_indices(n, self.num_frames, self.frame_interval, self.views[0], not self.train, seed, self.out_of_bound)
+            return dense_indices(n, self.num_frames, self.frame_interval, self.views[0], not self.train, seed, self.out_of_bound,
+                                 self.switches['train_range'])
         return uniform_indices(n, self.num_frames, self.views[0], not self.train, seed)
 
     def transform(self, clip, label: int):
         "uint8 `(T,3,H,W)` -> list of views `(T,3,S,S)`, and the (possibly mirrored) label."
         v = tv_tensors.Video(clip)
+        aa = self.switches['antialias']
         if self.train:
-            if self.short_side: v = resize_short(v, self.short_side)
+            if self.short_side: v = resize_short(v, self.short_side, aa)
             if self.rand_augment is not None: v = self.rand_augment(v)
             v = self.crop(v)
             v, label, _ = self.flip(v, label)
             return [v], label
-        v = resize_short(v, self.short_side or self.input_size)
-        return ([center_crop(v, self.input_size)] if self.views[1] == 1 else three_crop(v, self.input_size)), label
+        v = resize_short(v, self.short_side or self.input_size, aa)
+        if self.views[1] == 1: return [center_crop(v, self.input_size, self.switches['crop_offset'])], label
+        return three_crop(v, self.input_size, aa), label
 
     def read_frames(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         "Sampled indices `(views, T)` and the decoded uint8 frames `(views*T, H, W, 3)` of item `i`, before transforms."
@@ -660,12 +787,17 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                   frame_interval: int | None = None, sampling: str | None = None, views='1x1', input_size: int = 224,
                   short_side: int | None = None, classes=None, flip: bool | str | None = None, rand_augment='default',
                   crop_scale=None, manifest=None, decode: str = 'auto', min_frames: int = 1,
-                  out_of_bound: str = 'clamp', labels_file=None, train: bool | None = None) -> VideoClipDataset:
-    "A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above)."
+                  out_of_bound: str | None = None, labels_file=None, train: bool | None = None,
+                  convention: str = 'official', antialias: bool | None = None, crop_offset: str | None = None,
+                  train_range: str | None = None) -> VideoClipDataset:
+    """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above). `convention`
+    ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches are explained in
+    the conventions table."""
     dataset, split = dataset.lower(), {'validation': 'val'}.get(split.lower(), split.lower())
     if split not in ('train', 'val', 'test'): raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
     train = (split == 'train') if train is None else train
     pairs, never = {}, set()
+    resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)  # fail early
     if dataset == 'synthetic':
         if data_root is None:
             from evl_nb.synthetic import default_synthetic_root
@@ -713,4 +845,5 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                             input_size=input_size, short_side=short_side, rand_augment=ra if train else None,
                             crop_scale=crop_scale or scale_default, flip=policy, manifest=manifest, decode=decode,
                             min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing, name=f'{dataset}/{split}',
-                            fixed_class_ids=ann.fixed_ids)
+                            fixed_class_ids=ann.fixed_ids, convention=convention, antialias=antialias,
+                            crop_offset=crop_offset, train_range=train_range)
