@@ -6,7 +6,7 @@
 from __future__ import annotations
 import logging, zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from .core import as_dtype, get_logger
 
 # %% auto #0
-__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'plain_block_problem',
-           'CLIPBackbone', 'build_backbone']
+__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'BlockFeatures',
+           'plain_block_problem', 'CLIPBackbone', 'build_backbone']
 
 # %% ../nbs/04_backbone.ipynb #83ca74ce
 def _is_openclip_tag(pretrained) -> bool:
@@ -100,6 +100,12 @@ def _ln32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     "LayerNorm computed in fp32, result in x's dtype."
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
 
+class BlockFeatures(NamedTuple):
+    "What one backbone block hands the decoder: the residual stream after the block and its attention q, k."
+    out: torch.Tensor  # (N, L, C)
+    q: torch.Tensor    # (N, L, heads, head_dim), bias included, not scaled
+    k: torch.Tensor    # (N, L, heads, head_dim)
+
 _BLOCK_EXTRAS = ('ln_attn',)                                  # open_clip's scale_attn
 _ATTN_EXTRAS = ('ln_q', 'ln_k', 'ln_inner', 'logit_scale', 'head_scale', 'bias_k', 'bias_v')
 
@@ -124,7 +130,7 @@ def plain_block_problem(block: nn.Module) -> str | None:
     return f'it changes the attention with {", ".join(extra)}' if extra else None
 
 class CLIPBackbone(nn.Module):
-    "A frozen open_clip ViT image tower that returns `(out, q, k)` of the blocks in `block_indices`."
+    "A frozen open_clip ViT image tower that returns the `BlockFeatures` of the blocks in `block_indices`."
     def __init__(self, tower: VisionTransformer, block_indices: Sequence[int], dtype='fp32'):
         super().__init__()
         blocks = tower.transformer.resblocks
@@ -170,15 +176,16 @@ class CLIPBackbone(nn.Module):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + blk.ls_1(blk.attn.out_proj(o.transpose(1, 2).reshape(N, L, C)))
         x = x + blk.ls_2(blk.mlp(_ln32(blk.ln_2, x)))
-        return x, q, k
+        return BlockFeatures(x, q, k)
 
-    def forward(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> list[BlockFeatures]:
         feats, last = [], self.block_indices[-1]
         with torch.no_grad():
             x = self._embed(x)
             for j, blk in enumerate(self.tower.transformer.resblocks[:last + 1]):
-                x, q, k = self._block(blk, x)
-                if j in self.block_indices: feats.append((x, q, k))
+                f = self._block(blk, x)
+                x = f.out
+                if j in self.block_indices: feats.append(f)
         return feats
 
 # %% ../nbs/04_backbone.ipynb #a67a65ee

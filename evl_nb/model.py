@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import CLIPBackbone, build_backbone
+from .backbone import BlockFeatures, CLIPBackbone, build_backbone
 from .core import get_logger
 
 # %% auto #0
-__all__ = ['TINY_TOWER', 'PRESETS', 'relative_offset_index', 'temporal_attention', 'TemporalCrossAttention', 'tca_gather',
-           'QuickGELU', 'CrossAttention', 'MLP', 'DecoderLayer', 'EVLConfig', 'get_config', 'TemporalConv',
-           'EVLDecoder', 'EVL', 'build_evl', 'reference_model', 'read_checkpoint', 'evl_state_dict', 'load_checkpoint',
-           'official_formulation']
+__all__ = ['CrossAttention', 'TINY_TOWER', 'PRESETS', 'relative_offset_index', 'temporal_attention', 'TemporalCrossAttention',
+           'tca_gather', 'QuickGELU', 'DecoderAttention', 'MLP', 'DecoderLayer', 'EVLConfig', 'get_config',
+           'TemporalConv', 'EVLDecoder', 'EVL', 'build_evl', 'reference_model', 'read_checkpoint', 'evl_state_dict',
+           'load_checkpoint', 'official_formulation']
 
 # %% ../nbs/05_model.ipynb #f63b8b81
 def relative_offset_index(h: int, w: int) -> torch.Tensor:
@@ -75,8 +75,8 @@ def tca_gather(tca: TemporalCrossAttention, q, k):
 class QuickGELU(nn.Module):
     def forward(self, x): return x * torch.sigmoid(1.702 * x)
 
-class CrossAttention(nn.Module):
-    "Multi-head attention with separate q/k/v/out projections (official names `q_proj`, `k_proj`, `v_proj`, `out_proj`)."
+class DecoderAttention(nn.Module):
+    "The decoder's multi-head attention, separate q/k/v/out projections (official `q_proj`, `k_proj`, `v_proj`, `out_proj`)."
     def __init__(self, q_dim: int, kv_dim: int, qkv_dim: int, num_heads: int):
         super().__init__()
         if qkv_dim % num_heads: raise ValueError(f'decoder_qkv_dim={qkv_dim} is not divisible by decoder_num_heads={num_heads}')
@@ -115,6 +115,8 @@ class CrossAttention(nn.Module):
         o = torch.einsum('nhlc,hdc->nlhd', z, wv) + self.v_proj.bias.view(H, d)
         return o, attn.view(N, H, Lq, -1)
 
+CrossAttention = DecoderAttention  # the name before issue 11; kept so old imports keep working
+
 class MLP(nn.Module):
     "fc1 -> QuickGELU -> Dropout -> fc2, fc biases initialised N(0, 1e-6) as in the official code."
     def __init__(self, dim: int, hidden: int, dropout: float = 0.5):
@@ -126,10 +128,10 @@ class MLP(nn.Module):
     def forward(self, x): return self.fc2(self.dropout(self.gelu(self.fc1(x))))
 
 class DecoderLayer(nn.Module):
-    "One EVL decoder layer: `x + CrossAttn(norm1(x), norm3(Y), norm3(Y))`, then `x + MLP(norm2(x))`."
+    "One EVL decoder layer: `x + DecoderAttention(norm1(x), norm3(Y), norm3(Y))`, then `x + MLP(norm2(x))`."
     def __init__(self, dim: int, qkv_dim: int, num_heads: int, mlp_factor: float = 4.0, mlp_dropout: float = 0.5):
         super().__init__()
-        self.attn = CrossAttention(dim, dim, qkv_dim, num_heads)
+        self.attn = DecoderAttention(dim, dim, qkv_dim, num_heads)
         self.mlp = MLP(dim, round(dim * mlp_factor), mlp_dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
@@ -227,8 +229,8 @@ class EVLDecoder(nn.Module):
             self.cross_attention = nn.ModuleList(TemporalCrossAttention(grid, width) for _ in range(n))
 
     def forward(self, feats, return_intermediates: bool = False, return_weights: bool = False):
-        "feats: per layer (out, q, k) as (B, T, L, C), (B, T, L, heads, d). Returns the query (B, 1, C) [and a dict]."
-        B, T, L, C = feats[0][0].shape
+        "feats: per layer `BlockFeatures` (out (B, T, L, C), q, k (B, T, L, heads, d)). The query (B, 1, C) [, a dict]."
+        B, T, L, C = feats[0].out.shape
         x = self.cls_token.view(1, 1, C).expand(B, 1, C)
         rec = {k: [] for k in ('temporal_conv_out', 'tca_out', 'decoder_query', 'decoder_attn')}
         for i, (out, q, k) in enumerate(feats):
@@ -267,19 +269,19 @@ class EVL(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode); self.backbone.train(False); return self
 
-    def backbone_features(self, x: torch.Tensor):
-        "Per decoder layer (out, q, k) shaped (B, T, L, C) and (B, T, L, heads, d) for a (B, 3, T, H, W) clip."
+    def backbone_features(self, x: torch.Tensor) -> list[BlockFeatures]:
+        "Per decoder layer `BlockFeatures` shaped (B, T, L, C) and (B, T, L, heads, d) for a (B, 3, T, H, W) clip."
         B, _, T, H, W = x.shape
         if T != self.config.num_frames:
             raise ValueError(f'input has {T} frames; this model ({self.config.num_frames} frames) needs num_frames={T} to be rebuilt')
         frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, 3, H, W)
-        return [tuple(t.reshape(B, T, *t.shape[1:]) for t in f) for f in self.backbone(frames)]
+        return [BlockFeatures(*(t.reshape(B, T, *t.shape[1:]) for t in f)) for f in self.backbone(frames)]
 
     def forward_features(self, x, return_weights: bool = False) -> dict:
         "Logits and every intermediate: block_out/q/k, temporal_conv_out, tca_out, decoder_query (+ decoder_attn)."
         feats = self.backbone_features(x)
         query, rec = self.decoder(feats, return_intermediates=True, return_weights=return_weights)
-        rec.update(block_out=[f[0] for f in feats], block_q=[f[1] for f in feats], block_k=[f[2] for f in feats],
+        rec.update(block_out=[f.out for f in feats], block_q=[f.q for f in feats], block_k=[f.k for f in feats],
                    logits=self.proj(query[:, 0]))
         return rec
 
@@ -410,7 +412,7 @@ def _official_block(self, blk, x):
     o, _ = _official_attention(q, k, v)
     x = x + blk.ls_1(blk.attn.out_proj(o.flatten(2)))
     x = x + blk.ls_2(blk.mlp(_ln32(blk.ln_2, x)))
-    return x, q, k
+    return BlockFeatures(x, q, k)
 
 def _official_temporal_conv(self, x):
     "The temporal conv as the official code runs it: permute (B, T, L, C) to (B*L, C, T), Conv1d, permute back."
@@ -433,7 +435,7 @@ def official_formulation(model: EVL, backbone_precision: str | None = None) -> E
         ref.config = replace(ref.config, backbone_precision=backbone_precision)
     ref.backbone._block = types.MethodType(_official_block, ref.backbone)
     for m in ref.modules():
-        if isinstance(m, CrossAttention): m.forward = types.MethodType(_official_cross_attention, m)
+        if isinstance(m, DecoderAttention): m.forward = types.MethodType(_official_cross_attention, m)
         elif isinstance(m, TemporalCrossAttention): m.forward = functools.partial(tca_gather, m)
         elif isinstance(m, TemporalConv): m.forward = types.MethodType(_official_temporal_conv, m)
     ref.formulation = 'official'

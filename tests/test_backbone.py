@@ -11,7 +11,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
 import evl_nb.backbone
-from evl_nb.backbone import CLIPBackbone, build_clip_tower, plain_block_problem
+from evl_nb.backbone import BlockFeatures, CLIPBackbone, build_clip_tower, plain_block_problem
 
 TINY = dict(image_size=112, patch_size=16, width=64, layers=6, heads=4, mlp_ratio=4.0, output_dim=32)
 READ = [2, 3, 4, 5]
@@ -49,16 +49,17 @@ def _open_clip_outputs(tower, frames):
 
 def _check_features(bb, reference_tower, frames):
     feats = bb(frames)
+    assert all(type(f) is BlockFeatures for f in feats)
     for f, ref in zip(feats, _open_clip_outputs(reference_tower, frames), strict=True):
-        assert (f[0] - ref).abs().max().item() <= 1e-5
+        assert (f.out - ref).abs().max().item() <= 1e-5
     # q and k are ln_1(x_in) @ W^T + b of the block, split into heads
     blk, prev = reference_tower.transformer.resblocks[READ[0]], _open_clip_outputs_before(reference_tower, frames)
     y = blk.ln_1(prev)
     w, b = blk.attn.in_proj_weight.detach(), blk.attn.in_proj_bias.detach()
     q = (y @ w[:64].T + b[:64]).view(*y.shape[:2], 4, 16)
     k = (y @ w[64:128].T + b[64:128]).view(*y.shape[:2], 4, 16)
-    assert (feats[0][1] - q).abs().max().item() <= 1e-5
-    assert (feats[0][2] - k).abs().max().item() <= 1e-5
+    assert (feats[0].q - q).abs().max().item() <= 1e-5
+    assert (feats[0].k - k).abs().max().item() <= 1e-5
 
 
 def _open_clip_outputs_before(tower, frames):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import fixture_path
-from evl_nb.model import (CrossAttention, TemporalConv, TemporalCrossAttention, build_evl, official_formulation,
+from evl_nb.model import (DecoderAttention, TemporalConv, TemporalCrossAttention, build_evl, official_formulation,
                           reference_model, tca_gather)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_plain_path_uses_the_official_formulation():
     assert tcas and all(isinstance(m.forward, functools.partial) and m.forward.func is tca_gather for m in tcas)
     for m in (fast, plain):  # the plain copy swaps forward functions per instance; the optimised model has none
         swapped = [type(u).__name__ for u in m.modules() if 'forward' in u.__dict__]
-        want = {'TemporalConv', 'TemporalCrossAttention', 'CrossAttention'} if m is plain else set()
+        want = {'TemporalConv', 'TemporalCrossAttention', 'DecoderAttention'} if m is plain else set()
         assert set(swapped) == want, swapped
     with mock.patch.object(F, 'scaled_dot_product_attention', side_effect=AssertionError('fused attention called')):
         with torch.no_grad(): plain(x)  # no fused attention anywhere in the plain path
