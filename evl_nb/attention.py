@@ -310,17 +310,21 @@ class AttentionViewer:
         self.top = maps.top_k(top)
         self._draw_top()
         self.fig.subplots_adjust(left=0.02, right=0.98, top=0.88, bottom=0.1, wspace=0.25)
+        # sliders get an explicit width: with width 'auto' inside an HBox, JupyterLab gives their track zero width
+        px = int(figsize[0] * dpi)
+        sl = lambda frac: dict(layout=W.Layout(width=f'{max(200, int(frac * px))}px', flex='0 0 auto'),
+                               style=dict(description_width='initial'))
         lay = dict(layout=W.Layout(width='auto'), style=dict(description_width='initial'))
-        self.w_frame = W.IntSlider(value=frame, min=0, max=maps.num_frames - 1, description='frame', continuous_update=False, **lay)
+        self.w_frame = W.IntSlider(value=frame, min=0, max=maps.num_frames - 1, description='frame', continuous_update=False, **sl(0.6))
         self.w_layer = W.Dropdown(options=[(f'layer {i} (block {b})' if i < len(maps.block_indices) else f'layer {i}', i)
                                            for i, b in zip(range(maps.num_layers), maps.block_indices or range(maps.num_layers))],
                                   value=layer % maps.num_layers, description='layer', **lay)
         self.w_head = W.Dropdown(options=[('mean over heads', -1)] + [(f'head {i}', i) for i in range(maps.num_heads)],
                                  value=-1 if head is None else head, description='head', **lay)
         self.w_kind = W.Dropdown(options=[(KINDS[k], k) for k in maps.kinds], value=kind, description='map', **lay)
-        self.w_row = W.IntSlider(value=patch[0], min=0, max=h - 1, description='query patch row', continuous_update=False, **lay)
-        self.w_col = W.IntSlider(value=patch[1], min=0, max=w - 1, description='col', continuous_update=False, **lay)
-        self.w_alpha = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description='opacity', continuous_update=False, **lay)
+        self.w_row = W.IntSlider(value=patch[0], min=0, max=h - 1, description='query patch row', continuous_update=False, **sl(0.5))
+        self.w_col = W.IntSlider(value=patch[1], min=0, max=w - 1, description='col', continuous_update=False, **sl(0.4))
+        self.w_alpha = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description='opacity', continuous_update=False, **sl(0.4))
         self.image = W.Image(format='png', layout=W.Layout(width=f'{int(figsize[0] * dpi)}px'))
         self.image.add_class('evl-attention-image')
         self.controls = dict(frame=self.w_frame, layer=self.w_layer, head=self.w_head, kind=self.w_kind,

@@ -220,6 +220,13 @@ def test_viewer_frame_slider(viewer, setup):
     np.testing.assert_array_equal(_decode_png(viewer.image.value), viewer.pixels)
 
 
+def test_viewer_sliders_have_a_fixed_width(viewer):
+    "Width 'auto' inside an HBox gives a slider a zero-width track in JupyterLab (tests/test_browser.py drags it)."
+    for s in (viewer.w_frame, viewer.w_alpha, viewer.w_row, viewer.w_col):
+        w = s.layout.width
+        assert w and w.endswith('px') and int(w[:-2]) >= 200, f'{s.description}: width {w!r}'
+
+
 def test_viewer_layer_and_head(viewer, setup):
     m = setup['maps']
     viewer.set(frame=2)

@@ -1,6 +1,7 @@
 """Real-browser test of the attention viewer: JupyterLab on 127.0.0.1, Debian's headless Chromium driven by Playwright.
 
-Runs `nbs/explore.ipynb` (a copy, in a temporary root), moves the frame slider and checks the picture changes.
+Runs `nbs/explore.ipynb` (a copy, in a temporary root), drags the frame slider with the mouse (its track must be wider
+than 100 px), checks the readout and the picture change, and saves a screenshot of the viewer (SCREENSHOT).
 Needs the `chromium` apt package and the `playwright` Python package (never `playwright install`).
 Skips locally when either is missing; fails under CI=true (.ci/run installs them)."""
 import io, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
@@ -16,6 +17,8 @@ CHROMIUM = os.environ.get('EVL_NB_CHROMIUM', '/usr/bin/chromium')
 CHROME_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
                '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']
 DEADLINE_S = 240          # the whole test, server start to cleanup
+# the viewer's picture for the README, rewritten by every run (EVL_NB_SCREENSHOT puts it elsewhere)
+SCREENSHOT = Path(os.environ.get('EVL_NB_SCREENSHOT', REPO / 'docs' / 'images' / 'attention_viewer_browser.png'))
 
 
 def _requirements():
@@ -46,6 +49,10 @@ class JupyterLab:
                    JUPYTER_CONFIG_DIR=str(home / 'config'), JUPYTER_RUNTIME_DIR=str(home / 'runtime'), JUPYTER_DATA_DIR=str(home / 'data'),
                    JUPYTERLAB_SETTINGS_DIR=str(home / 'settings'), JUPYTERLAB_WORKSPACES_DIR=str(home / 'workspaces'),
                    MPLBACKEND='agg', PYDEVD_DISABLE_FILE_VALIDATION='1')
+        # no 'get notified about Jupyter news?' toast over the page (and no request for news)
+        ns = home / 'settings' / '@jupyterlab' / 'apputils-extension'
+        ns.mkdir(parents=True, exist_ok=True)
+        (ns / 'notification.jupyterlab-settings').write_text('{"fetchNews": "false", "checkForUpdates": false}')
         self.log = open(home / 'jupyter.log', 'wb')
         self.proc = subprocess.Popen(
             [exe, '--no-browser', '--ip=127.0.0.1', f'--port={self.port}', '--port-retries=0',
@@ -83,6 +90,16 @@ class JupyterLab:
         self.log.close()
 
 
+def _wait_for_change(page, img, last, done, timeout_s: float) -> np.ndarray:
+    "Screenshots of `img` every 0.5 s until `done(pixels)` or `timeout_s`; the last one."
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        page.wait_for_timeout(500)
+        last = _png(img.screenshot())
+        if done(last): break
+    return last
+
+
 def _png(b: bytes) -> np.ndarray:
     from PIL import Image
     return np.asarray(Image.open(io.BytesIO(b)).convert('RGB')).astype(np.int16)
@@ -90,7 +107,7 @@ def _png(b: bytes) -> np.ndarray:
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
+def test_mouse_dragged_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
     _requirements()
     from playwright.sync_api import sync_playwright
     t_start = time.time()
@@ -102,6 +119,7 @@ def test_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
     try:
         lab.wait_ready(min(90, left()))
         with sync_playwright() as pw:
+            page = None
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS, timeout=60_000)
             try:
                 page = browser.new_page(viewport={'width': 1400, 'height': 1000})
@@ -121,41 +139,53 @@ def test_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
                                        " return i && i.complete && i.naturalWidth > 0; }", timeout=left() * 1000)
                 img.scroll_into_view_if_needed()
                 before = _png(img.screenshot())
-                # the frame slider: the slider widget labelled 'frame'; move it with the keyboard on its handle
+                # the frame slider: the slider widget labelled 'frame'. Drag its handle with the mouse along its track
                 slider = page.locator('.widget-slider', has=page.locator('label', has_text='frame')).first
+                track = slider.locator('.noUi-target').first
                 handle = slider.locator('.noUi-handle').first
                 readout = slider.locator('.widget-readout').first
                 assert readout.inner_text().strip() == '0'
-                handle.focus()
-                for _ in range(3): page.keyboard.press('ArrowRight')
-                handle.blur()
-                deadline = time.time() + min(60, left())
-                after = before
-                while time.time() < deadline:
-                    page.wait_for_timeout(500)
-                    after = _png(img.screenshot())
-                    if after.shape != before.shape or np.abs(after - before).mean() > 1: break
-                assert readout.inner_text().strip() == '3', f'slider readout is {readout.inner_text()!r}'
+                tb, hb = track.bounding_box(), handle.bounding_box()
+                assert tb is not None and tb['width'] > 100, f'the frame slider track is {tb} wide: no room to drag it'
+                top = float(handle.get_attribute('aria-valuemax') or 7)     # noUiSlider's range: 0..T-1 (7 for evl-tiny)
+                assert top >= 3, f'the frame slider only goes to {top}'
+                x0, y0 = hb['x'] + hb['width'] / 2, hb['y'] + hb['height'] / 2
+                page.mouse.move(x0, y0)
+                page.mouse.down()
+                for k in range(1, 11):                               # to value 3, in small steps as a hand does
+                    page.mouse.move(x0 + k / 10 * 3 / top * tb['width'], y0)
+                page.mouse.up()
+                after = _wait_for_change(page, img, before, lambda a: np.abs(a - before).mean() > 1, min(60, left()))
+                assert readout.inner_text().strip() == '3', f'slider readout is {readout.inner_text()!r} after the drag'
                 assert after.shape == before.shape and np.abs(after - before).mean() > 1, \
-                    'the viewer image did not change after moving the frame slider'
-                # the title inside the picture changes with the frame too; moving back restores the picture
-                handle.focus()
-                for _ in range(3): page.keyboard.press('ArrowLeft')
-                handle.blur()
-                deadline, back = time.time() + min(20, left()), after
-                while time.time() < deadline:
-                    page.wait_for_timeout(500)
-                    back = _png(img.screenshot())
-                    if np.abs(back - before).mean() < 0.5: break
+                    'the viewer image did not change after dragging the frame slider'
+                # the viewer as a user sees it (sliders with their tracks), for the README
+                viewer = page.locator('.widget-vbox', has=img).last
+                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                viewer.screenshot(path=str(SCREENSHOT))
+                # dragging back to the left end restores frame 0
+                hb = handle.bounding_box()
+                x1, y1 = hb['x'] + hb['width'] / 2, hb['y'] + hb['height'] / 2
+                page.mouse.move(x1, y1); page.mouse.down()
+                for k in range(1, 11): page.mouse.move(x1 - k / 10 * (x1 - tb['x'] + 20), y1)
+                page.mouse.up()
+                back = _wait_for_change(page, img, after, lambda a: np.abs(a - before).mean() < 0.5, min(20, left()))
+                assert readout.inner_text().strip() == '0', f'slider readout is {readout.inner_text()!r} after dragging back'
                 if os.environ.get('EVL_NB_BROWSER_DEBUG'):
                     from PIL import Image
                     for n, a in (('before', before), ('after', after), ('back', back)):
                         Image.fromarray(a.astype(np.uint8)).save(Path(os.environ['EVL_NB_BROWSER_DEBUG']) / f'{n}.png')
-                assert np.abs(back - before).mean() < 0.5, 'moving the slider back did not restore frame 0'
+                assert np.abs(back - before).mean() < 0.5, 'dragging the slider back did not restore frame 0'
+            except Exception:
+                try: page.screenshot(path=str(tmp_path / 'failure.png'), full_page=True)   # what the browser showed
+                except Exception: pass
+                raise
             finally:
                 browser.close()
     except Exception as e:
-        raise AssertionError(f'{type(e).__name__}: {e}\n--- jupyter log tail ---\n{lab.tail()}') from e
+        shot = tmp_path / 'failure.png'
+        raise AssertionError(f'{type(e).__name__}: {e}\n' + (f'page screenshot: {shot}\n' if shot.exists() else '')
+                             + f'--- jupyter log tail ---\n{lab.tail()}') from e
     finally:
         lab.stop()
     assert lab.proc.poll() is not None
