@@ -18,7 +18,7 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from .core import as_dtype, get_logger
 
 # %% auto #0
-__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'BlockFeatures',
+__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'ln_fp32', 'BlockFeatures',
            'plain_block_problem', 'CLIPBackbone', 'build_backbone']
 
 # %% ../nbs/04_backbone.ipynb #83ca74ce
@@ -96,7 +96,7 @@ def load_clip_weights(tower: nn.Module, sd: dict, source: str = 'state dict') ->
     tower.load_state_dict(sd, strict=True)
 
 # %% ../nbs/04_backbone.ipynb #e97bf34b
-def _ln32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def ln_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     "LayerNorm computed in fp32, result in x's dtype."
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
 
@@ -159,7 +159,8 @@ class CLIPBackbone(nn.Module):
                 p.data = p.data.float() if isinstance(m, nn.LayerNorm) else p.data.to(self.dtype)
         return self
 
-    def _embed(self, x):
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        "Patch, cls and position embeddings (+ `ln_pre`) of (N, 3, H, W) frames: the first block's input (N, L, C)."
         t = self.tower
         x = t.conv1(x.to(self.dtype)).flatten(2).transpose(1, 2)  # N, hw, C
         if x.shape[1] != t.positional_embedding.shape[0] - 1:
@@ -167,23 +168,24 @@ class CLIPBackbone(nn.Module):
                              f'(image_size {t.image_size})')
         cls = t.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], 1) + t.positional_embedding.to(x.dtype)
-        return _ln32(t.ln_pre, x) if isinstance(t.ln_pre, nn.LayerNorm) else x
+        return ln_fp32(t.ln_pre, x) if isinstance(t.ln_pre, nn.LayerNorm) else x
 
-    def _block(self, blk, x):
+    def run_block(self, blk: nn.Module, x: torch.Tensor) -> BlockFeatures:
+        "One block with fused attention; `official_formulation` swaps this method for the unfused one."
         N, L, C = x.shape
-        y = _ln32(blk.ln_1, x)
+        y = ln_fp32(blk.ln_1, x)
         q, k, v = F.linear(y, blk.attn.in_proj_weight, blk.attn.in_proj_bias).view(N, L, 3, self.heads, -1).unbind(2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         x = x + blk.ls_1(blk.attn.out_proj(o.transpose(1, 2).reshape(N, L, C)))
-        x = x + blk.ls_2(blk.mlp(_ln32(blk.ln_2, x)))
+        x = x + blk.ls_2(blk.mlp(ln_fp32(blk.ln_2, x)))
         return BlockFeatures(x, q, k)
 
     def forward(self, x: torch.Tensor) -> list[BlockFeatures]:
         feats, last = [], self.block_indices[-1]
         with torch.no_grad():
-            x = self._embed(x)
+            x = self.embed(x)
             for j, blk in enumerate(self.tower.transformer.resblocks[:last + 1]):
-                f = self._block(blk, x)
+                f = self.run_block(blk, x)
                 x = f.out
                 if j in self.block_indices: feats.append(f)
         return feats

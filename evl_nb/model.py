@@ -396,7 +396,7 @@ def load_checkpoint(model: EVL, path, interpolate_pos_embed: bool = False, stric
 
 # %% ../nbs/05_model.ipynb #157b9a33
 import copy, functools, types
-from .backbone import _ln32
+from .backbone import ln_fp32
 
 def _official_attention(q, k, v):
     "softmax(q k^T / sqrt(d)) v as the official code writes it: q (N,Lq,H,d), k, v (N,Lk,H,d); weights (N,Lq,Lk,H)."
@@ -406,12 +406,12 @@ def _official_attention(q, k, v):
 def _official_block(self, blk, x):
     "One CLIP block the official way: separate q/k/v projections, explicit attention, fp32 LayerNorms."
     N, L, C = x.shape
-    y = _ln32(blk.ln_1, x)
+    y = ln_fp32(blk.ln_1, x)
     ws, bs = blk.attn.in_proj_weight.chunk(3), blk.attn.in_proj_bias.chunk(3)
     q, k, v = (F.linear(y, w, b).view(N, L, self.heads, -1) for w, b in zip(ws, bs))
     o, _ = _official_attention(q, k, v)
     x = x + blk.ls_1(blk.attn.out_proj(o.flatten(2)))
-    x = x + blk.ls_2(blk.mlp(_ln32(blk.ln_2, x)))
+    x = x + blk.ls_2(blk.mlp(ln_fp32(blk.ln_2, x)))
     return BlockFeatures(x, q, k)
 
 def _official_temporal_conv(self, x):
@@ -433,7 +433,7 @@ def official_formulation(model: EVL, backbone_precision: str | None = None) -> E
     if backbone_precision is not None:
         ref.backbone.set_precision(backbone_precision)
         ref.config = replace(ref.config, backbone_precision=backbone_precision)
-    ref.backbone._block = types.MethodType(_official_block, ref.backbone)
+    ref.backbone.run_block = types.MethodType(_official_block, ref.backbone)
     for m in ref.modules():
         if isinstance(m, DecoderAttention): m.forward = types.MethodType(_official_cross_attention, m)
         elif isinstance(m, TemporalCrossAttention): m.forward = functools.partial(tca_gather, m)
