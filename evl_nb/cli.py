@@ -12,6 +12,7 @@ import torch
 
 from .core import get_logger, seed_everything
 from .video import VIDEO_EXTS, reencode_video, reencode_videos, scan_videos
+from .store import build_store
 from .data import VideoClipDataset, read_class_list
 from .model import PRESETS, EVLConfig, build_evl, get_config, load_checkpoint, read_checkpoint
 from .train import TrainConfig, build_parser as train_parser, launch, run, torchrun_command
@@ -315,10 +316,10 @@ def predict_command(a: dict) -> dict:
 
 # %% ../nbs/10_cli.ipynb #7df57cc6
 def add_prepare_parser(sub):
-    "The `prepare` subcommands: `scan` and `reencode` (defaults from the functions' signatures)."
-    p = sub.add_parser('prepare', help='check or re-encode a dataset (scan, reencode)',
+    "The `prepare` subcommands: `scan`, `reencode`, `store` (defaults from the functions' signatures)."
+    p = sub.add_parser('prepare', help='check, re-encode or store a dataset (scan, reencode, store)',
                        description='Data preparation with progress bars and worker processes.')
-    ps = p.add_subparsers(dest='action', required=True, metavar='{scan,reencode}')
+    ps = p.add_subparsers(dest='action', required=True, metavar='{scan,reencode,store}')
     s = ps.add_parser('scan', help='check every video once and write a manifest (scan_videos)')
     s.add_argument('roots', nargs='+', metavar='ROOT', help='folders (searched recursively) or video files')
     s.add_argument('--manifest', required=True, help='CSV manifest to write (read by build_dataset(manifest=...))')
@@ -337,11 +338,24 @@ def add_prepare_parser(sub):
     r.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     r.add_argument('--overwrite', action='store_true', help='re-encode files that already exist in --out-dir')
     r.add_argument('--no-progress', dest='progress', action='store_false')
+    d = defaults_of(build_store)
+    c = ps.add_parser('store', help='convert videos into a JPEG clip store (build_store; resumable)')
+    c.add_argument('src', metavar='SRC', help='a folder (searched recursively), a video, or an annotation file (K400 CSV, '
+                                              'SSv2 JSON, list) naming videos under --data-root')
+    c.add_argument('--out-dir', required=True, help='the clip store folder')
+    c.add_argument('--data-root', default=d['data_root'], help="where an annotation file's videos are (default: beside it)")
+    c.add_argument('--root', default=d['root'], help='root of the store keys (default: SRC or --data-root)')
+    c.add_argument('--short-side', type=int, default=d['short_side'], help=f"short side of stored frames, 0 keeps the size (default: {d['short_side']})")
+    c.add_argument('--quality', type=int, default=d['quality'], help=f"JPEG quality (default: {d['quality']})")
+    c.add_argument('--min-frames', type=int, default=d['min_frames'], help=f"fewer decodable frames is an error (default: {d['min_frames']})")
+    c.add_argument('--verify', default=d['verify'], help=f"how files already converted are checked on a rerun (default: {d['verify']})")
+    c.add_argument('--workers', type=int, default=d['num_workers'], help='processes (default: all cores)')
+    c.add_argument('--no-progress', dest='progress', action='store_false')
     return p
 
 # %% ../nbs/10_cli.ipynb #9fb6f045
 def prepare_command(a: dict):
-    "Run `evl-nb prepare scan|reencode`."
+    "Run `evl-nb prepare scan|reencode|store`."
     if a['action'] == 'scan':
         roots = a['roots']
         paths = roots[0] if len(roots) == 1 and Path(roots[0]).is_dir() else video_files(roots)[0]
@@ -352,6 +366,15 @@ def prepare_command(a: dict):
               f"with decord seeks), {len(bad)} unusable; manifest {a['manifest']}")
         for i in bad: print(f'  {i.path}: {i.message}')
         return infos
+    if a['action'] == 'store':
+        st = build_store(a['src'], a['out_dir'], short_side=a['short_side'] or None, num_workers=a['workers'],
+                         quality=a['quality'], data_root=a['data_root'], root=a['root'], min_frames=a['min_frames'],
+                         verify=a['verify'], progress=a['progress'])
+        b = st.last_build or {}
+        print(f"clip store {a['out_dir']}: {b.get('videos', len(st))} videos, {b.get('converted', '?')} converted, "
+              f"{b.get('skipped', '?')} already there, {b.get('failed', '?')} failed")
+        for r in (r for r in st.rows.values() if r['error']): print(f"  {r['source']}: {r['message']}")
+        return st
     files, root = video_files(a['srcs'])
     errs = reencode_videos(files, a['out_dir'], root=a['root'] or root, num_workers=a['workers'], progress=a['progress'],
                            overwrite=a['overwrite'], short_side=a['short_side'] or None, keyint=a['keyint'],
