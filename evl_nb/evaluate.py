@@ -12,20 +12,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .core import as_dtype, get_logger
-from .data import CLIP_MEAN, CLIP_STD, collate_clips, normalize_clip, parse_views
+from .core import as_dtype, get_logger, seed_everything
+from .data import CLIP_MEAN, CLIP_STD, collate_clips, normalize_clip, pad_classes, parse_views, read_class_list
+from .model import EVL, EVLConfig, build_evl, get_config, load_checkpoint, read_checkpoint
 
 # %% auto #0
 __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'dist_info', 'all_gather_objects', 'predict', 'evaluate',
-           'save_results', 'format_report']
+           'format_skipped', 'save_results', 'format_report', 'load_for_eval']
 
 # %% ../nbs/07_evaluate.ipynb #230e6b2b
 def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5, worst: int = 10) -> dict:
-    "Top-1, top-k, mean class accuracy, confusion matrix, per-class table and the worst confusions."
+    "Top-1, top-k, mean class accuracy, confusion matrix, per-class table and the worst confusions (unnamed ids: `<id i>`)."
     probs = torch.as_tensor(probs, dtype=torch.float32); labels = torch.as_tensor(labels, dtype=torch.long)
     N, K = probs.shape
     if labels.shape != (N,): raise ValueError(f'labels has shape {tuple(labels.shape)}, expected ({N},)')
-    classes = list(classes) if classes is not None else [str(i) for i in range(K)]
+    classes = [f'<id {i}>' if c is None else c for i, c in enumerate(classes)] if classes is not None else [str(i) for i in range(K)]
     if len(classes) != K: raise ValueError(f'{len(classes)} class names for {K} model outputs')
     if N == 0: raise ValueError('no samples were evaluated')
     pred = probs.argmax(1)
@@ -47,32 +48,24 @@ def classification_metrics(probs, labels, classes: list[str] | None = None, topk
             'per_class': per_class, 'worst_confusions': confusions, 'confusion_matrix': cm.tolist(), 'classes': classes}
 
 # %% ../nbs/07_evaluate.ipynb #5c8574af
-def load_class_list(path) -> list[str]:
-    "Class names in model order from a JSON list, a JSON {name: index} dict, or a text file (one name per line)."
+def load_class_list(path) -> list:
+    "Class names by model output from a JSON list, a JSON {name: index} dict (ids kept; `None` holes), a text file or a list."
+    if isinstance(path, (list, tuple, dict)): return read_class_list(path)
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'class list {str(path)!r} does not exist')
-    text = path.read_text()
-    if path.suffix.lower() == '.json':
-        obj = json.loads(text)
-        if isinstance(obj, dict):
-            inv = sorted(((int(v), k) for k, v in obj.items()))
-            if [i for i, _ in inv] != list(range(len(inv))): raise ValueError(f'class list {str(path)!r}: indices are not 0..{len(inv) - 1}')
-            return [k for _, k in inv]
-        if isinstance(obj, list) and all(isinstance(x, str) for x in obj): return list(obj)
-        raise ValueError(f'class list {str(path)!r}: expected a JSON list of names or a {{name: index}} dict')
-    names = [l.strip() for l in text.splitlines() if l.strip()]
-    return names
+    return read_class_list(path)
 
 def _norm_name(s: str) -> str: return ' '.join(str(s).replace('_', ' ').replace('"', '').split()).lower()
 
-def label_mapping(dataset_classes: list[str], model_classes: list[str]) -> torch.Tensor:
-    "`m[i]` = the model output index of dataset class i, matched by name (case, quotes and '_' vs ' ' ignored)."
+def label_mapping(dataset_classes: list, model_classes: list) -> torch.Tensor:
+    "`m[i]` = the model output index of dataset class i, matched by name (case, quotes, '_' vs ' ' ignored); -1 for unnamed ids."
     lookup = {}
-    for j, n in enumerate(model_classes): lookup.setdefault(_norm_name(n), j)
-    missing = [n for n in dataset_classes if _norm_name(n) not in lookup]
+    for j, n in enumerate(model_classes):
+        if n is not None: lookup.setdefault(_norm_name(n), j)
+    missing = [n for n in dataset_classes if n is not None and _norm_name(n) not in lookup]
     if missing:
         raise ValueError(f'{len(missing)} dataset classes are not in the model class list, e.g. {missing[:5]}')
-    return torch.tensor([lookup[_norm_name(n)] for n in dataset_classes], dtype=torch.long)
+    return torch.tensor([-1 if n is None else lookup[_norm_name(n)] for n in dataset_classes], dtype=torch.long)
 
 # %% ../nbs/07_evaluate.ipynb #ee068818
 def dist_info() -> tuple[int, int]:
@@ -104,7 +97,8 @@ def _autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=None, precision: str = 'fp32',
             label_map: torch.Tensor | None = None, progress: bool = False) -> dict:
-    "This rank's shard of `dataset` through `model`: {'index', 'label', 'probs' (view-averaged softmax), 'skipped'}."
+    """This rank's shard of `dataset` through `model`: {'index', 'label', 'probs' (view-averaged softmax), 'skipped'
+    (indices), 'skipped_files' (one record per skipped item: index, path, where = annotation file:line, reason)}."""
     from tqdm.auto import tqdm
     rank, world = dist_info()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -112,10 +106,12 @@ def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=No
     shard = _Shard(dataset, rank, world)
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          collate_fn=collate_clips, pin_memory=device.type == 'cuda')
-    idx, lab, probs, skipped = [], [], [], []
+    idx, lab, probs, skipped, files = [], [], [], [], []
     for b in tqdm(loader, desc='eval', disable=not progress or rank != 0, leave=False):
         if b['skipped']:
             skipped += [int(s['index']) for s in b['skipped']]
+            files += [dict(index=int(s['index']), path=s.get('path'), where=s.get('where', ''), reason=s.get('reason', ''))
+                      for s in b['skipped']]
             if hasattr(dataset, 'record_skips'): dataset.record_skips(b['skipped'])
         if b['video'] is None: continue
         v = b['video']
@@ -130,7 +126,7 @@ def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=No
     K = probs[0].shape[1] if probs else 0
     return {'index': torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long),
             'label': torch.cat(lab) if lab else torch.zeros(0, dtype=torch.long),
-            'probs': torch.cat(probs) if probs else torch.zeros(0, K), 'skipped': skipped}
+            'probs': torch.cat(probs) if probs else torch.zeros(0, K), 'skipped': skipped, 'skipped_files': files}
 
 def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=None, precision: str = 'fp32',
              classes: list[str] | None = None, label_map: torch.Tensor | None = None, progress: bool = False,
@@ -143,16 +139,25 @@ def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=N
     probs = torch.from_numpy(np.concatenate([p['probs'] for p in parts if len(p['probs'])])[order]) if len(index) else None
     labels = torch.from_numpy(np.concatenate([p['label'] for p in parts])[order])
     skipped = sorted(i for p in parts for i in p['skipped'])
+    files = sorted((f for p in parts for f in p['skipped_files']), key=lambda f: f['index'])
     if len(np.unique(index)) != len(index): raise RuntimeError('a validation video was evaluated twice')
     if probs is None: raise RuntimeError(f'no validation video could be evaluated ({len(skipped)} skipped)')
     if classes is None: classes = getattr(dataset, 'classes', None)
+    if classes is not None and len(classes) < probs.shape[1]:
+        classes = pad_classes(classes, probs.shape[1])          # sparse ids: outputs past the last named id
     if classes is not None and len(classes) != probs.shape[1]: classes = None
     m = classification_metrics(probs, labels, classes)
-    m.update(num_skipped=len(skipped), skipped_indices=skipped[:100], eval_seconds=time.time() - t0,
+    m.update(num_skipped=len(skipped), skipped_indices=skipped[:100], skipped_files=files[:100], eval_seconds=time.time() - t0,
              num_dataset=len(dataset))
-    if skipped: get_logger('evl_nb.evaluate').warning(f'{len(skipped)} validation videos could not be read and were skipped: {skipped[:10]}')
+    if skipped: get_logger('evl_nb.evaluate').warning(f'{len(skipped)} validation videos could not be read and were skipped: '
+                                                      + format_skipped(files))
     if return_probs: m.update(probs=probs, labels=labels, indices=torch.from_numpy(index[order]))
     return m
+
+def format_skipped(files: list[dict], max_files: int = 10) -> str:
+    "Skipped items named: `path (file:line): reason`, `; `-separated, at most `max_files`."
+    s = '; '.join(f"{f['path']} ({f.get('where') or 'index ' + str(f['index'])}): {f.get('reason') or '?'}" for f in files[:max_files])
+    return s + (f'; ... and {len(files) - max_files} more' if len(files) > max_files else '')
 
 # %% ../nbs/07_evaluate.ipynb #1435be95
 def save_results(metrics: dict, path) -> Path:
@@ -165,11 +170,32 @@ def save_results(metrics: dict, path) -> Path:
     return path
 
 def format_report(m: dict, n_classes: int = 10, n_confusions: int = 5) -> str:
-    "A short text report: headline metrics, the weakest classes and the worst confusions."
+    "A short text report: headline metrics, the weakest classes, the worst confusions and the skipped files."
     lines = [f"{m['num_samples']} videos ({m.get('num_skipped', 0)} skipped): top-1 {100 * m['top1']:.2f}%  "
              f"top-5 {100 * m['top5']:.2f}%  mean class accuracy {100 * m['mean_class_accuracy']:.2f}%"]
     pc = sorted([c for c in m['per_class'] if c['top1'] is not None], key=lambda c: c['top1'])[:n_classes]
     if pc: lines.append('weakest classes: ' + ', '.join(f"{c['name']} {100 * c['top1']:.0f}% (n={c['n']})" for c in pc))
     for c in m['worst_confusions'][:n_confusions]:
         lines.append(f"  {c['true']} -> {c['predicted']}: {c['count']} ({100 * c['fraction']:.0f}%)")
+    if m.get('skipped_files'): lines.append('skipped: ' + format_skipped(m['skipped_files']))
     return '\n'.join(lines)
+
+# %% ../nbs/07_evaluate.ipynb #9b3e4e96
+def load_for_eval(checkpoint=None, preset: str | None = None, class_list=None, pretrained=None,
+                  num_frames: int | None = None) -> tuple[EVL, dict]:
+    "(model, info) for evaluating `checkpoint`; info: checkpoint, classes (by output, or None), run_config, pretrained."
+    ckpt = read_checkpoint(checkpoint) if checkpoint else {}
+    mcfg, run_cfg = ckpt.get('model_config'), ckpt.get('config') or {}
+    if mcfg: cfg = EVLConfig(**mcfg)
+    elif preset: cfg = get_config(preset)
+    else: raise ValueError(f'checkpoint={checkpoint!r} carries no model config: name the preset (model=...)')
+    if num_frames: cfg = get_config(cfg, num_frames=num_frames)
+    classes = load_class_list(class_list) if class_list else (list(ckpt['classes']) if ckpt.get('classes') else None)
+    if classes and not mcfg and None not in classes: cfg = get_config(cfg, num_classes=len(classes))   # a release's list
+    if classes: classes = pad_classes(classes, cfg.num_classes)
+    if pretrained is None: pretrained = run_cfg.get('pretrained')
+    if pretrained is None: seed_everything(int(run_cfg.get('seed', 0)))   # the trainer's random tower, bit for bit
+    model = build_evl(cfg, pretrained=pretrained)
+    if checkpoint: load_checkpoint(model, checkpoint, interpolate_pos_embed=bool(num_frames))
+    return model.eval(), dict(checkpoint=str(checkpoint) if checkpoint else None, classes=classes, run_config=run_cfg,
+                              pretrained=pretrained)

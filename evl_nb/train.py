@@ -4,9 +4,10 @@
 
 # %% ../nbs/06_train.ipynb #a1fe2a38
 from __future__ import annotations
-import argparse, csv, json, math, os, random, resource, shutil, subprocess, sys, time, warnings
+import argparse, contextlib, csv, json, math, os, pickle, random, resource, shutil, subprocess, sys, time, warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,12 +23,13 @@ from .model import EVL, PRESETS, build_evl, get_config
 _log = get_logger('evl_nb.train')
 
 # %% auto #0
-__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'DEFAULT_MODEL', 'ANN_NAMES', 'METRIC_COLUMNS', 'recipe', 'TrainConfig', 'default_ann',
-           'build_datasets', 'cache_dataset', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
+__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'DEFAULT_MODEL', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'ANN_NAMES', 'METRIC_COLUMNS',
+           'recipe', 'option', 'TrainConfig', 'Option', 'default_ann', 'find_ann', 'add_context', 'build_datasets',
+           'cache_dataset', 'model_input_size', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
            'PositionSeeded', 'init_distributed', 'atomic_save', 'list_checkpoints', 'latest_checkpoint',
-           'prune_checkpoints', 'rng_state', 'set_rng_state', 'MetricsLog', 'read_metrics', 'NonFiniteLossError',
-           'build_model', 'check_data', 'check_classes', 'train', 'TensorClips', 'random_clips', 'run', 'build_parser',
-           'main', 'cli_args', 'torchrun_command', 'launch']
+           'prune_checkpoints', 'rng_state', 'set_rng_state', 'read_train_checkpoint', 'MetricsLog', 'read_metrics',
+           'NonFiniteLossError', 'build_model', 'check_data', 'check_classes', 'finished_run', 'train', 'TensorClips',
+           'random_clips', 'run', 'build_parser', 'main', 'cli_args', 'torchrun_command', 'launch']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -42,41 +44,49 @@ def recipe(preset: str) -> dict:
     return dict(RECIPES.get(preset, OFFICIAL_RECIPE))
 
 # %% ../nbs/06_train.ipynb #5e790ca7
+def option(default=None, help: str = '', factory=None):
+    "A dataclass field with its one-line `help` in `metadata` (the single source of option descriptions)."
+    if factory is not None: return field(default_factory=factory, metadata={'help': help})
+    return field(default=default, metadata={'help': help})
+
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (None = the preset's recipe; see `recipe`)."
-    dataset: str = 'synthetic'          # synthetic | k400 | ssv2 | list
-    data_root: str | None = None        # dataset folder (synthetic: generated there when missing)
-    train_ann: str | None = None        # training annotations (default: official file name under data_root)
-    val_ann: str | None = None          # validation annotations
-    model: str | None = None            # preset (default by dataset)
-    pretrained: str | None = None       # None, an open_clip tag or a CLIP weight file
-    num_frames: int | None = None
-    num_classes: int | None = None      # override the preset's class count (must match the data)
-    batch_size: int | None = None       # GLOBAL batch (all processes, all accumulation steps)
-    accum_steps: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    betas: tuple | None = None
-    max_steps: int | None = None
-    warmup_steps: int | None = None
-    precision: str | None = None        # fp32 | bf16 | fp16 (backbone runs in it too); default fp16 on GPU, fp32 on CPU
-    num_workers: int = 4
-    eval_every: int = 0                 # steps between evaluations (0: only at the end)
-    eval_views: str = '1x1'
-    eval_batch_size: int | None = None
-    ckpt_every: int = 1000
-    keep_last: int = 2
-    log_every: int = 10                 # progress-bar refresh; the CSV gets every step
-    output_dir: str = 'runs/train'
-    resume: str | bool = 'auto'         # 'auto' (latest in output_dir), False, or a checkpoint path
-    seed: int = 0
-    device: str | None = None           # default: cuda:LOCAL_RANK when available, else cpu
-    train_aug: dict = field(default_factory=dict)   # extra build_dataset kwargs for training (rand_augment, crop_scale, flip, ...)
-    model_overrides: dict = field(default_factory=dict)
-    in_memory: bool = False             # decode every clip once and train from memory (small datasets: the synthetic demo)
-    stop_at_step: int | None = None     # stop (as if killed) after this step: for tests and time-boxed jobs
-    progress: bool = True
+    dataset: str = option('synthetic', 'synthetic | k400 | ssv2 | list: chooses sampling, class list and flip policy')
+    data_root: str | None = option(None, 'dataset folder (videos + annotations); synthetic: generated there when missing')
+    train_ann: str | None = option(None, 'train annotations (relative: cwd, then data_root); None: official name')
+    val_ann: str | None = option(None, 'validation annotations (relative: cwd, then data_root); None: official name')
+    model: str | None = option(None, 'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), evl-b16-8f-ssv2 (ssv2)')
+    pretrained: str | None = option(None, "CLIP tower: None (random, offline), an open_clip tag ('openai') or a weight file")
+    num_frames: int | None = option(None, "frames per clip; None: the preset's")
+    num_classes: int | None = option(None, "model outputs; None: the preset's (must exceed the largest class id)")
+    class_list: str | None = option(None, "class list fixing the ids (JSON list or {name: index}, text); None: the data's")
+    batch_size: int | None = option(None, 'GLOBAL batch over all GPUs and accumulation steps; None: recipe')
+    accum_steps: int | None = option(None, 'gradient accumulation steps; None: recipe (1)')
+    lr: float | None = option(None, 'peak learning rate; None: recipe')
+    weight_decay: float | None = option(None, 'AdamW weight decay on all decoder parameters; None: recipe (0.05)')
+    betas: tuple | None = option(None, 'AdamW betas; None: recipe (0.9, 0.999)')
+    max_steps: int | None = option(None, 'optimiser steps; None: recipe')
+    warmup_steps: int | None = option(None, 'linear warmup steps; None: recipe')
+    precision: str | None = option(None, 'fp32 | bf16 | fp16 (backbone too); None: fp16 on GPU, fp32 on CPU')
+    num_workers: int = option(4, 'data-loading workers per process (decoding is the usual bottleneck)')
+    eval_every: int = option(0, 'evaluate every N steps (0: at the end only)')
+    eval_views: str | None = option(None, 'test views T x S: 1x1, 3x1, 1x3, 10x3; None: 1x1 synthetic, 3x1 otherwise')
+    eval_batch_size: int | None = option(None, 'videos per evaluation batch; None: the training micro-batch')
+    ckpt_every: int = option(1000, 'checkpoint every N steps (atomic; the last keep_last and the best kept)')
+    keep_last: int = option(2, 'step checkpoints kept')
+    log_every: int = option(10, 'progress-bar refresh in steps (the CSV gets every step)')
+    output_dir: str = option('runs/train', 'checkpoints, metrics.csv, summary.json, results.json')
+    resume: str | bool = option('auto', "'auto': latest checkpoint in output_dir, 'none': start over, or a checkpoint path")
+    reevaluate: bool = option(False, 'True: evaluate a finished run again (else it is reported, not re-run)')
+    seed: int = option(0, 'seed of weights, sampling and augmentation')
+    device: str | None = option(None, 'torch device; None: cuda:LOCAL_RANK when available, else cpu')
+    train_aug: dict = option(help='extra build_dataset arguments for training (rand_augment, crop_scale, flip, ...)',
+                             factory=dict)
+    model_overrides: dict = option(help='EVLConfig fields to override (decoder_num_layers, ...)', factory=dict)
+    in_memory: bool = option(False, 'decode every clip once and train from memory (small datasets: the synthetic demo)')
+    stop_at_step: int | None = option(None, 'stop (as if killed) after this step: for tests and time-boxed jobs')
+    progress: bool = option(True, 'show progress bars')
 
     def resolve(self) -> 'TrainConfig':
         "A copy with the preset's recipe filled in and the combination checked."
@@ -97,6 +107,7 @@ class TrainConfig:
             if not isinstance(getattr(c, k), int) or getattr(c, k) < 0: raise ValueError(f'{k}={getattr(c, k)!r}: must be an integer >= 0')
         if c.keep_last < 1: raise ValueError(f'keep_last={c.keep_last}: keep at least one checkpoint')
         if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
+        if c.eval_views is None: c.eval_views = '1x1' if c.dataset == 'synthetic' else '3x1'
         parse_views(c.eval_views, 'eval_views')
         if c.dataset in ('k400', 'ssv2') and not c.data_root:
             raise ValueError(f'data_root is required for dataset={c.dataset!r} (the folder holding the videos and annotations)')
@@ -105,6 +116,28 @@ class TrainConfig:
         if c.data_root and c.dataset != 'synthetic' and not Path(c.data_root).is_dir():
             raise FileNotFoundError(f'data_root={c.data_root!r} does not exist')
         return c
+
+# %% ../nbs/06_train.ipynb #b755d96c
+class Option(NamedTuple):
+    "One option of a training job: `group` is 'config' (a `TrainConfig` field) or 'launch' (torchrun)."
+    name: str
+    type: str            # the annotation as written, e.g. 'int | None'
+    default: object
+    help: str
+    group: str = 'config'
+
+LAUNCH_OPTIONS = [
+    Option('gpus', 'int', 1, 'processes per node (GPUs); > 1 launches torchrun', 'launch'),
+    Option('nodes', 'int', 1, 'machines; > 1 launches torchrun (run the job on every node, with its node_rank)', 'launch'),
+    Option('node_rank', 'int', 0, "this machine's rank when nodes > 1", 'launch'),
+    Option('master_addr', 'str', '127.0.0.1', 'address of node 0 when nodes > 1', 'launch'),
+    Option('master_port', 'int', 29500, 'rendezvous port when nodes > 1', 'launch')]
+
+def _config_options() -> list[Option]:
+    return [Option(f.name, str(f.type), f.default if f.default is not MISSING else f.default_factory(), f.metadata['help'])
+            for f in fields(TrainConfig)]
+
+TRAIN_OPTIONS: dict[str, Option] = {o.name: o for o in _config_options() + LAUNCH_OPTIONS}
 
 # %% ../nbs/06_train.ipynb #d3d0e38a
 ANN_NAMES = {'k400': {'train': ['train.csv', 'kinetics400_train.csv', 'k400_train.csv'],
@@ -122,20 +155,40 @@ def default_ann(dataset: str, split: str, data_root) -> Path | None:
             if (root / sub / n).is_file(): return root / sub / n
     return None
 
+def find_ann(ann, data_root=None, param: str = 'ann_file') -> Path:
+    "The file a user-given annotation path means: absolute as is; relative: the working directory, then `data_root`."
+    p = Path(ann).expanduser()
+    places = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(data_root) / p] if data_root else [])
+    for cand in places:
+        if cand.is_file(): return cand
+    if p.is_absolute(): raise FileNotFoundError(f'{param}={str(ann)!r} does not exist')
+    under = f'nor under data_root ({Path(data_root).resolve()})' if data_root else '(and no data_root to look under)'
+    raise FileNotFoundError(f'{param}={str(ann)!r}: not found in the working directory ({Path.cwd()}) {under}')
+
+# %% ../nbs/06_train.ipynb #8445ccf2
+def add_context(err: BaseException, context: str) -> BaseException:
+    "`err` itself (type, attributes, traceback kept) with `context: ` in front of its message; raise it again."
+    if isinstance(err, OSError) and err.errno is not None and err.strerror: err.strerror = f'{context}: {err.strerror}'
+    elif type(err).__str__ in (BaseException.__str__, OSError.__str__) and len(err.args) <= 1:
+        err.args = (f'{context}: {err}',)
+    else: err.add_note(context)
+    return err
+
+# %% ../nbs/06_train.ipynb #fae325b4
 def build_datasets(cfg: TrainConfig, input_size: int | None = None):
-    "(train, val) datasets for a resolved config; annotation files missing or wrong raise naming train_ann / val_ann."
+    "(train, val) datasets for a resolved config; reader errors are raised as themselves, naming train_ann / val_ann."
     from evl_nb.data import build_dataset
     mcfg = get_config(cfg.model, **({'num_frames': cfg.num_frames} if cfg.num_frames else {}))
-    size = input_size or _input_size(mcfg)
+    size = input_size or model_input_size(mcfg)
     sets = []
     for split, ann_param in (('train', 'train_ann'), ('val', 'val_ann')):
         ann = getattr(cfg, ann_param)
-        if cfg.dataset != 'synthetic':
-            ann = ann or default_ann(cfg.dataset, split, cfg.data_root)
+        if ann is not None: ann = find_ann(ann, cfg.data_root, ann_param)
+        elif cfg.dataset != 'synthetic':
+            ann = default_ann(cfg.dataset, split, cfg.data_root)
             if ann is None:
                 raise FileNotFoundError(f"{ann_param}: no {split} annotation file given and none of "
                                         f"{ANN_NAMES[cfg.dataset][split]} found under data_root={cfg.data_root!r}")
-            if not Path(ann).is_file(): raise FileNotFoundError(f'{ann_param}={str(ann)!r} does not exist')
         kw = dict(num_frames=mcfg.num_frames, input_size=size, views='1x1' if split == 'train' else cfg.eval_views)
         aug = dict(cfg.train_aug) if split == 'train' else {}
         if cfg.in_memory and split == 'train':       # decoded once in test mode, then cropped (and flipped) at random
@@ -143,20 +196,24 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
         if cfg.dataset != 'ssv2': kw.update(sampling=mcfg.sampling if cfg.dataset != 'synthetic' else None,
                                             frame_interval=mcfg.frame_interval)
         kw.update(aug)
+        if cfg.class_list is not None: kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
         try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, **kw)
-        except (ValueError, FileNotFoundError) as e: raise type(e)(f'{ann_param} / data_root: {e}') from e
+        except Exception as e:
+            raise add_context(e, f'{ann_param}={str(ann) if ann else None!r} (data_root={cfg.data_root!r})')
         if cfg.in_memory:
-            ds = cache_dataset(ds, crop=size if split == 'train' else None, num_workers=cfg.num_workers, flip=split == 'train' and flip,
-                               cache_dir=Path(cfg.data_root or '.') / '.evl_cache', key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw["views"]}')
+            ds = cache_dataset(ds, crop=size if split == 'train' else None, num_workers=cfg.num_workers,
+                               flip=split == 'train' and flip, cache_dir=Path(cfg.data_root or '.') / '.evl_cache',
+                               key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw["views"]}')
         sets.append(ds)
     return tuple(sets)
 
+# %% ../nbs/06_train.ipynb #c5dde729
 def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=None, key: str | None = None,
                   flip: bool = False) -> 'TensorClips':
     "Decode every clip of `ds` once into a `TensorClips` (random `crop` for training, `flip` swapping left/right labels); cached in `cache_dir/key.pt`."
     cf = Path(cache_dir) / f'{key}_{len(ds)}.pt' if cache_dir is not None and key else None
     if cf is not None and cf.is_file():
-        videos, labels, classes = torch.load(cf, weights_only=False)
+        videos, labels, classes = torch.load(cf, weights_only=True)
     else:
         vs, ls, n_skip = [], [], 0
         loader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=collate_clips)
@@ -165,7 +222,10 @@ def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=N
             if b['skipped'] and hasattr(ds, 'record_skips'): ds.record_skips(b['skipped'])
             if b['video'] is not None: vs.append(b['video']); ls.append(b['label'])
         if not vs: raise RuntimeError(f'no clip of {ds!r} could be decoded')
-        if n_skip: _log.warning(f'{n_skip} clips of {getattr(ds, "name", "the dataset")} could not be read and were left out')
+        if n_skip:
+            report = ds.skip_report() if hasattr(ds, 'skip_report') else ''
+            _log.warning(f'{n_skip} clips of {getattr(ds, "name", "the dataset")} could not be read and were left out'
+                         + (f':\n{report}' if report else ''))
         videos, labels, classes = torch.cat(vs), torch.cat(ls), list(ds.classes)
         if cf is not None: atomic_save((videos, labels, classes), cf)
     pairs, never = (None, ())
@@ -174,10 +234,14 @@ def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=N
         pairs, never = lr_flip_pairs(classes)
     return TensorClips(videos, labels.tolist(), classes, crop=crop, train=crop is not None, flip_pairs=pairs, never_flip=never)
 
-def _input_size(mcfg) -> int:
+# %% ../nbs/06_train.ipynb #eac8010c
+def model_input_size(mcfg) -> int:
+    "The side in pixels of the frames a model config takes (its backbone's image size)."
     b = mcfg.backbone
     if isinstance(b, dict): return int(b['image_size'])
     return 336 if '336' in str(b) else 224
+
+_input_size = model_input_size   # the old private name
 
 # %% ../nbs/06_train.ipynb #9517c1b1
 def build_optimizer(model: EVL, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.999), fused: bool | None = None):
@@ -255,9 +319,6 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
     return t
 
-def _barrier():
-    if dist.is_available() and dist.is_initialized(): dist.barrier()
-
 # %% ../nbs/06_train.ipynb #f59026e8
 def atomic_save(obj, path) -> Path:
     "`torch.save` to a temp file beside `path`, then `os.replace` (never a half-written checkpoint)."
@@ -283,13 +344,30 @@ def prune_checkpoints(ckpt_dir, keep_last: int):
     for p in list_checkpoints(ckpt_dir)[:-keep_last]: p.unlink(missing_ok=True)
 
 def rng_state() -> dict:
-    "This process's Python, NumPy, torch and CUDA RNG states."
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    "This process's Python, NumPy, torch and CUDA RNG states as tensors and plain numbers (weights-only safe)."
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=dict(version=int(version), state=torch.tensor(mt, dtype=torch.int64), gauss=gauss),
+                numpy=dict(kind=str(kind), keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached=float(cached)),
+                torch=torch.get_rng_state(),
+                cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None)
 
 def set_rng_state(s: dict):
-    random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
+    "Restore what `rng_state` returned (or the tuple/array form that older checkpoints hold)."
+    py, npy = s['python'], s['numpy']
+    if isinstance(py, dict): py = (py['version'], tuple(py['state'].tolist()), py['gauss'])
+    if isinstance(npy, dict): npy = (npy['kind'], npy['keys'].numpy().astype(np.uint32), npy['pos'], npy['has_gauss'], npy['cached'])
+    random.setstate(py); np.random.set_state(npy); torch.set_rng_state(s['torch'])
     if s.get('cuda') is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
+
+def read_train_checkpoint(path) -> dict:
+    "A training checkpoint read with `weights_only=True` (files written before RNG states were tensors: full unpickling)."
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        _log.warning(f'{path}: written by an older evl-nb (NumPy RNG state); read with weights_only=False. '
+                     'Checkpoints written from now on open with weights_only=True.')
+        return torch.load(path, map_location='cpu', weights_only=False)
 
 # %% ../nbs/06_train.ipynb #2f982de8
 METRIC_COLUMNS = ['kind', 'step', 'loss', 'lr', 'top1', 'top5', 'mean_class_accuracy', 'num_samples',
@@ -372,23 +450,56 @@ def check_data(cfg: TrainConfig):
     "Read the annotations (no decoding) and check them against the config; returns the (train, val) datasets."
     from dataclasses import replace
     tr, va = build_datasets(replace(cfg.resolve(), in_memory=False))
-    check_classes(cfg.resolve(), tr.num_classes)
-    if va.num_classes != tr.num_classes:
-        raise ValueError(f'val_ann has {va.num_classes} classes but train_ann has {tr.num_classes}')
+    check_classes(cfg.resolve(), tr, va)
     return tr, va
 
-def check_classes(cfg: TrainConfig, data_classes: int):
-    "The preset's class count (or num_classes) must match the data; the error names the parameter."
+def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
+    """The model's class count against the data (a dataset, or a class count); returns the class names by model output.
+    Ids the reader derived (K400 labels sorted) need exactly that many outputs. Ids given by a class list or labels
+    file are kept as given, may be sparse, and need more outputs than the largest id (then `None` holes pad the list)."""
+    from evl_nb.data import class_ids, pad_classes
     n = cfg.num_classes or get_config(cfg.model).num_classes
-    if n != data_classes:
-        which = f'num_classes={cfg.num_classes}' if cfg.num_classes else f'model={cfg.model!r} ({n} classes)'
-        raise ValueError(f'{which} does not match the data: dataset={cfg.dataset!r} has {data_classes} classes; '
-                         f'choose a preset with {data_classes} classes or set num_classes={data_classes}')
+    classes = None if isinstance(data, int) else list(data.classes)
+    count = data if classes is None else len(classes)
+    which = f'num_classes={cfg.num_classes}' if cfg.num_classes else f'model={cfg.model!r} ({n} classes)'
+    fixed = classes is not None and getattr(data, 'fixed_class_ids', False)
+    if fixed and (cfg.num_classes or len(class_ids(classes)) < count):     # ids as given: the head must cover them
+        if n < count:
+            raise ValueError(f'{which} is too small: train_ann uses class id {count - 1} ({classes[-1]!r}); '
+                             f'set num_classes to at least {count}')
+    elif n != count:
+        raise ValueError(f'{which} does not match the data: dataset={cfg.dataset!r} has {count} classes; '
+                         f'choose a preset with {count} classes or set num_classes={count}')
+    if val is not None:
+        vc = list(val.classes)
+        clash = [i for i in class_ids(vc) if i < count and classes and classes[i] is not None and classes[i] != vc[i]]
+        if (not fixed and len(vc) != count) or len(vc) > max(n, count) or clash:
+            raise ValueError(f'val_ann has {len(vc)} classes but train_ann has {count}'
+                             + (f' (id {clash[0]}: {vc[clash[0]]!r} vs {classes[clash[0]]!r})' if clash else ''))
+    return pad_classes(classes, n) if classes is not None else None
+
+# %% ../nbs/06_train.ipynb #d469a34e
+def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
+    "The stored summary of the finished run in `cfg.output_dir` (reported through `echo`), or None to train/evaluate."
+    out = Path(cfg.output_dir); f = out / 'summary.json'
+    if cfg.reevaluate or cfg.resume not in (True, 'auto', 'latest') or not f.is_file(): return None
+    s = json.loads(f.read_text())
+    last = latest_checkpoint(out / 'checkpoints')
+    if s.get('stopped_early') or s.get('steps') != cfg.max_steps or last is None or last.stem != f'step_{cfg.max_steps:07d}':
+        return None
+    res = out / 'results.json'
+    text = format_report(json.loads(res.read_text())) if res.is_file() else 'no validation results were recorded'
+    msg = (f'{out}: this run is complete (step {s["steps"]} of {cfg.max_steps}, checkpoint {last.name}); '
+           f'nothing to do. Pass reevaluate=True to evaluate it again.\n{text}')
+    if dist_info()[0] == 0: (echo or _log.info)(msg)
+    return dict(s, already_complete=True)
 
 # %% ../nbs/06_train.ipynb #0d392fac
 def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -> dict:
     "Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun."
     cfg = cfg.resolve()
+    done = finished_run(cfg)
+    if done is not None: return done
     t_start = time.time()
     rank, world, device = init_distributed(cfg.device)
     out = Path(cfg.output_dir); ckpt_dir = out / 'checkpoints'
@@ -413,7 +524,7 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
         ckpt_path = latest_checkpoint(ckpt_dir) if cfg.resume in (True, 'auto', 'latest') else Path(cfg.resume)
         if ckpt_path is not None and not ckpt_path.is_file(): raise FileNotFoundError(f'resume={str(cfg.resume)!r}: no such checkpoint')
     if ckpt_path is not None:
-        ck = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        ck = read_train_checkpoint(ckpt_path)
         model.load_state_dict(ck['model'])
         opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
         if ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
@@ -439,6 +550,9 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
                         collate_fn=collate_clips, pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=False, **({'prefetch_factor': 4} if nw else {}))
     classes = list(getattr(train_set, 'classes', []) or [])
+    if classes and len(classes) < model.config.num_classes:       # sparse / partial class ids: None for the rest
+        from evl_nb.data import pad_classes
+        classes = pad_classes(classes, model.config.num_classes)
     ev_bs = cfg.eval_batch_size or max(1, micro)
 
     def save(step, path=None, extra=None):
@@ -483,10 +597,10 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
                     if hasattr(train_set, 'record_skips'): train_set.record_skips(b['skipped'])
                 x = b['video']; y = b['label'].to(device)
                 empty = x is None
-                if empty: x = torch.zeros(1, 3, model.config.num_frames, *2 * [_input_size(model.config)], dtype=torch.uint8); y = torch.zeros(1, dtype=torch.long, device=device)
+                if empty: x = torch.zeros(1, 3, model.config.num_frames, *2 * [model_input_size(model.config)], dtype=torch.uint8); y = torch.zeros(1, dtype=torch.long, device=device)
                 x = normalize_clip(x, device)
                 sync = a == cfg.accum_steps - 1
-                ctx = ddp.no_sync() if (world > 1 and not sync) else _nullctx()
+                ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     with torch.autocast(device.type, dtype=prec, enabled=prec != torch.float32):
                         logits = ddp(x)
@@ -520,7 +634,7 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps: last_m = run_eval(step); ddp.train()
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps: save(step)
         stopped = step < cfg.max_steps
-        save(step)
+        if step > start_step or ckpt_path is None: save(step)     # nothing new to save when re-evaluating a finished run
         if not stopped: last_m = run_eval(step)
     finally:
         bar.close()
@@ -533,19 +647,27 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
                    accum_steps=cfg.accum_steps, wall_time_s=wall, train_time_s=time.time() - t_loop if step > start_step else 0.0,
                    clips_per_s=clips_done * world / max(time.time() - t_loop, 1e-9), gpu_hours=gpu_hours,
                    peak_memory_gb=peak, peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
-                   train_skipped=n_skipped, best=best, output_dir=str(out), checkpoint=str(latest_checkpoint(ckpt_dir)),
+                   train_skipped=n_skipped, train_skipped_files=_skip_details(train_set), best=best, output_dir=str(out), checkpoint=str(latest_checkpoint(ckpt_dir)),
                    config=asdict(cfg))
     if last_m is not None:
-        summary['val'] = {k: last_m[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped', 'num_dataset')}
+        summary['val'] = {k: last_m[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
+                                                 'num_dataset', 'skipped_files')}
         if rank == 0: save_results(last_m, out / 'results.json')
     if rank == 0:
         (out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
         metrics.close()
     return summary
 
-class _nullctx:
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
+def _skip_details(ds) -> list[dict]:
+    "Every rank's skipped files of `ds` merged by path: {'path', 'where', 'reason', 'message', 'count'} (count = draws)."
+    mine = ds.skip_summary()['details'] if hasattr(ds, 'skip_summary') else []
+    merged = {}
+    for r in (r for part in _gather_objects(mine) for r in part):
+        m = merged.setdefault(r['path'], dict(r, count=0)); m['count'] += r.get('count', 0)
+    if merged and dist_info()[0] == 0:
+        _log.warning(f'training left out {len(merged)} file(s): ' + '; '.join(
+            f"{r['path']} ({r['where'] or '?'}): {r['reason']}, {r['count']} draw(s)" for r in list(merged.values())[:10]))
+    return list(merged.values())
 
 def _gather_objects(obj) -> list:
     from evl_nb.evaluate import all_gather_objects
@@ -591,8 +713,10 @@ def random_clips(n: int, num_classes: int = 4, T: int = 8, size: int = 112, seed
 
 # %% ../nbs/06_train.ipynb #19508b69
 def run(cfg: TrainConfig) -> dict:
-    "Resolve `cfg`, build data and model, train and evaluate; returns the run summary."
+    "Resolve `cfg`, build data and model, train and evaluate; returns the run summary (a finished run: its stored one)."
     cfg = cfg.resolve()
+    done = finished_run(cfg)
+    if done is not None: return done
     if cfg.dataset == 'synthetic':
         from evl_nb.synthetic import default_synthetic_root, make_synthetic_dataset
         root = Path(cfg.data_root) if cfg.data_root else default_synthetic_root()
@@ -603,9 +727,8 @@ def run(cfg: TrainConfig) -> dict:
                 while not (root / 'synthetic.json').exists(): time.sleep(1)
         cfg.data_root = str(root)
     train_set, val_set = build_datasets(cfg)
-    check_classes(cfg, train_set.num_classes)
-    if val_set is not None and val_set.num_classes != train_set.num_classes:
-        raise ValueError(f'val_ann has {val_set.num_classes} classes, train_ann {train_set.num_classes}')
+    classes = check_classes(cfg, train_set, val_set)
+    if classes is not None: cfg.num_classes = len(classes)     # the head covers every class id (sparse ids kept)
     return train(cfg, train_set, val_set)
 
 # %% ../nbs/06_train.ipynb #36abb276
@@ -620,14 +743,14 @@ def build_parser() -> argparse.ArgumentParser:
              'max_steps': int, 'warmup_steps': int, 'num_workers': int, 'eval_every': int, 'eval_batch_size': int,
              'ckpt_every': int, 'keep_last': int, 'log_every': int, 'seed': int, 'stop_at_step': int}
     for f in fields(TrainConfig):
-        flag = '--' + f.name.replace('_', '-')
+        flag, h = '--' + f.name.replace('_', '-'), TRAIN_OPTIONS[f.name].help
         if f.name in ('train_aug', 'model_overrides'):
-            p.add_argument(flag, type=json.loads, default={}, help=f'JSON dict ({f.name})')
-        elif f.name == 'betas': p.add_argument(flag, type=float, nargs=2, default=None)
-        elif f.name == 'progress': p.add_argument('--no-progress', dest='progress', action='store_false')
-        elif f.default is False: p.add_argument(flag, action='store_true', help=f'(flag) {f.name}')
-        elif f.name == 'resume': p.add_argument(flag, type=_parse_bool_or_str, default='auto', help="'auto', 'none' or a checkpoint path")
-        else: p.add_argument(flag, type=types.get(f.name, str), default=f.default, help=f'default: {f.default}')
+            p.add_argument(flag, type=json.loads, default={}, help=f'{h} (a JSON dict)')
+        elif f.name == 'betas': p.add_argument(flag, type=float, nargs=2, default=None, metavar=('BETA1', 'BETA2'), help=h)
+        elif f.name == 'progress': p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
+        elif f.default is False: p.add_argument(flag, action='store_true', help=h)
+        elif f.name == 'resume': p.add_argument(flag, type=_parse_bool_or_str, default='auto', help=f'{h} (default: auto)')
+        else: p.add_argument(flag, type=types.get(f.name, str), default=f.default, help=h if f.default is None else f'{h} (default: {f.default})')
     p.add_argument('--summary-json', default=None, help='also write the run summary here (rank 0)')
     return p
 

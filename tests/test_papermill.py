@@ -33,10 +33,18 @@ def _code_cell_index(nb_path, cell_index):
     return sum(1 for c in nb['cells'][:cell_index + 1] if c['cell_type'] == 'code') - 1
 
 
-def test_train_notebook_tiny_run(syn):
-    out = syn / 'run'
-    _run(TRAIN_NB, syn / 'train_out.ipynb', data_root=str(syn / 'syn4'), num_classes=4, max_steps=3, batch_size=4,
-         num_workers=0, eval_every=2, output_dir=str(out))
+TINY = dict(num_classes=4, max_steps=3, batch_size=4, num_workers=0, eval_every=2)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(syn):
+    "The train notebook's tiny synthetic run (3 steps, evaluations at steps 2 and 3)."
+    _run(TRAIN_NB, syn / 'train_out.ipynb', data_root=str(syn / 'syn4'), output_dir=str(syn / 'run'), **TINY)
+    return syn / 'run'
+
+
+def test_train_notebook_tiny_run(syn, tiny_run):
+    out = tiny_run
     rows = read_metrics(out / 'metrics.csv')
     assert [r['step'] for r in rows if r['kind'] == 'train'] == [1, 2, 3]
     val = [r for r in rows if r['kind'] == 'val']
@@ -94,3 +102,54 @@ def test_evaluate_notebook_official_checkpoint(syn):
         assert m['num_samples'] == 8 and m['num_skipped'] == 0 and m['eval_views'] == views
         assert m['classes'] == classes[::-1]
         for k in ('top1', 'top5', 'mean_class_accuracy', 'per_class', 'worst_confusions', 'confusion_matrix'): assert k in m
+
+
+def _outputs_text(nb_file) -> str:
+    nb = json.loads(Path(nb_file).read_text())
+    return ''.join(''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
+
+
+def test_train_notebook_second_run_of_a_finished_job(syn, tiny_run):
+    "Running the finished job again reports it (results printed) and evaluates nothing; reevaluate=True evaluates again."
+    files = [tiny_run / n for n in ('metrics.csv', 'results.json', 'summary.json')]
+    before = {f: f.read_bytes() for f in files}
+    out = syn / 'train_again.ipynb'
+    _run(TRAIN_NB, out, data_root=str(syn / 'syn4'), output_dir=str(tiny_run), **TINY)
+    text = _outputs_text(out)
+    assert 'this run is complete' in text and 'top-1' in text and '"already_complete": true' in text, text[-3000:]
+    assert {f: f.read_bytes() for f in files} == before
+    _run(TRAIN_NB, syn / 'train_reeval.ipynb', data_root=str(syn / 'syn4'), output_dir=str(tiny_run), reevaluate=True, **TINY)
+    vals = [r['step'] for r in read_metrics(tiny_run / 'metrics.csv') if r['kind'] == 'val']
+    assert vals == [2, 3, 3]
+
+
+def test_train_notebook_malformed_csv_line_is_an_annotation_error(syn):
+    "papermill nbs/train.ipynb -p dataset k400 -p data_root <root with a malformed line>: the AnnotationError, file:line."
+    root = syn / 'k400_bad'
+    make_synthetic_dataset(root, num_classes=4, train_per_class=2, val_per_class=1, num_frames=(8, 8), ssv2=False)
+    csv_file = root / 'annotations' / 'k400_train.csv'
+    lines = csv_file.read_text().splitlines()
+    lines[3] = lines[3].rsplit(',', 2)[0]                                  # line 4 loses two fields
+    csv_file.write_text('\n'.join(lines) + '\n')
+    out = syn / 'bad_csv.ipynb'
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        _run(TRAIN_NB, out, dataset='k400', data_root=str(root), model='evl-tiny', num_classes=4, output_dir=str(syn / 'never_k400'))
+    assert e.value.ename == 'AnnotationError', (e.value.ename, e.value.evalue)
+    assert f'{csv_file}:4:' in e.value.evalue and 'train_ann' in e.value.evalue, e.value.evalue
+    assert _code_cell_index(out, e.value.cell_index) < TRAIN_CELL, f'failed late, in cell {e.value.cell_index}'
+
+
+def test_train_options_are_the_notebook_parameters():
+    "One source: every parameter of nbs/train.ipynb has the help (inline comment) and type of evl_nb.train.TRAIN_OPTIONS."
+    from evl_nb.train import TRAIN_OPTIONS
+    params = pm.inspect_notebook(str(TRAIN_NB))
+    assert set(params) - set(TRAIN_OPTIONS) == set(), 'notebook parameters without an option'
+    assert {'dataset', 'data_root', 'lr', 'gpus', 'nodes', 'resume', 'reevaluate', 'class_list'} <= set(params)
+    def hint(t):
+        parts = [p.strip() for p in t.split('|')]
+        if len(parts) == 1: return t
+        return f'Optional[{parts[0]}]' if parts[1:] == ['None'] else f'Union[{", ".join(parts)}]'
+    for name, p in params.items():
+        o = TRAIN_OPTIONS[name]
+        assert p['help'] == o.help, (name, p['help'], o.help)
+        assert p['inferred_type_name'] == hint(o.type), (name, p['inferred_type_name'], o.type)

@@ -26,7 +26,7 @@ def clips():
 
 
 def _weights(out, step):
-    return torch.load(Path(out) / 'checkpoints' / f'step_{step:07d}.pt', weights_only=False)
+    return torch.load(Path(out) / 'checkpoints' / f'step_{step:07d}.pt', weights_only=True)   # every checkpoint is weights-only safe
 
 
 def test_recipe_defaults():
@@ -178,3 +178,139 @@ def test_demo_acceptance(tmp_path):
     print(r.stdout, f'wall time {wall:.0f}s')  # the 10-minute budget is measured and reported (README), not asserted
     assert evl >= 3 * res['chance'], (evl, res['chance'])
     assert evl >= 1.5 * off, (evl, off)
+
+
+# ---- issue 9: what a real download and a plain torch.load found
+
+def _k400_root(tmp_path, **kw):
+    from evl_nb.synthetic import make_synthetic_dataset
+    root = tmp_path / 'k400'
+    make_synthetic_dataset(root, num_classes=4, train_per_class=2, val_per_class=1, num_frames=(8, 8), ssv2=False, **kw)
+    return root
+
+
+def _k400_cfg(root, out, **kw):
+    base = dict(dataset='k400', data_root=str(root), train_ann='annotations/k400_train.csv', val_ann='annotations/k400_val.csv',
+                model='evl-tiny', num_classes=4, batch_size=4, max_steps=1, num_workers=0, output_dir=str(out), progress=False,
+                eval_views='1x1', model_overrides=dict(decoder_num_layers=1))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_relative_annotation_path_working_directory_then_data_root(tmp_path, monkeypatch):
+    from evl_nb.train import build_datasets
+    root = _k400_root(tmp_path)
+    elsewhere = tmp_path / 'elsewhere'; elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tr, va = build_datasets(_k400_cfg(root, tmp_path / 'run').resolve())     # not in the cwd: found under data_root
+    assert len(tr) == 8 and len(va) == 4
+    # the working directory comes first: a one-line val CSV there wins
+    lines = (root / 'annotations' / 'k400_val.csv').read_text().splitlines()
+    (elsewhere / 'annotations').mkdir(); (elsewhere / 'annotations' / 'k400_val.csv').write_text('\n'.join(lines[:2]) + '\n')
+    assert len(build_datasets(_k400_cfg(root, tmp_path / 'run').resolve())[1]) == 1
+    with pytest.raises(FileNotFoundError) as e:
+        build_datasets(_k400_cfg(root, tmp_path / 'run', val_ann='nope.csv').resolve())
+    msg = str(e.value)
+    assert "val_ann='nope.csv'" in msg and str(elsewhere) in msg and str(root.resolve()) in msg, msg
+
+
+def test_malformed_annotation_line_is_raised_as_itself(tmp_path):
+    from evl_nb.data import AnnotationError
+    from evl_nb.train import build_datasets
+    root = _k400_root(tmp_path)
+    csv_file = root / 'annotations' / 'k400_train.csv'
+    lines = csv_file.read_text().splitlines()
+    lines[2] = lines[2] + ',one too many,fields'                     # line 3 of the file
+    csv_file.write_text('\n'.join(lines) + '\n')
+    with pytest.raises(AnnotationError) as e:
+        build_datasets(_k400_cfg(root, tmp_path / 'run').resolve())
+    assert e.value.line == 3 and Path(e.value.file).name == 'k400_train.csv'
+    assert str(e.value).startswith('train_ann=') and 'k400_train.csv:3:' in str(e.value), str(e.value)
+
+
+class _Logged:
+    "Collect the evl_nb log (its handler does not propagate to pytest's caplog)."
+    def __init__(self): import logging; self.lines, self.h = [], logging.Handler(); self.h.emit = lambda r: self.lines.append(r.getMessage())
+    def __enter__(self): import logging; logging.getLogger('evl_nb').addHandler(self.h); return self
+    def __exit__(self, *a): import logging; logging.getLogger('evl_nb').removeHandler(self.h)
+    @property
+    def text(self): return '\n'.join(self.lines)
+
+
+def test_second_run_of_a_finished_job_reports_it(tmp_path, clips):
+    tr, va = clips
+    cfg = _cfg(tmp_path, max_steps=3, ckpt_every=0)
+    first = train(cfg, tr, va)
+    files = [tmp_path / 'results.json', tmp_path / 'summary.json', tmp_path / 'metrics.csv',
+             tmp_path / 'checkpoints' / 'step_0000003.pt', tmp_path / 'checkpoints' / 'best.pt']
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+    with _Logged() as log:
+        again = train(cfg, tr, va)
+    assert again['already_complete'] and again['steps'] == 3 and again['val']['top1'] == first['val']['top1']
+    assert 'this run is complete' in log.text and 'top-1' in log.text and 'reevaluate=True' in log.text, log.text
+    assert {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in files} == before          # nothing evaluated or written
+    # asked to: the last checkpoint is evaluated again (same weights, same numbers), nothing is trained
+    third = train(_cfg(tmp_path, max_steps=3, ckpt_every=0, reevaluate=True), tr, va)
+    assert 'already_complete' not in third and third['start_step'] == 3 and third['val']['top1'] == first['val']['top1']
+    vals = [r for r in read_metrics(tmp_path / 'metrics.csv') if r['kind'] == 'val']
+    assert [r['step'] for r in vals] == [3, 3]
+    assert (tmp_path / 'results.json').stat().st_mtime_ns != before[tmp_path / 'results.json'][0]
+
+
+def _ssv2_root(tmp_path, ids):
+    "A real SSv2-layout cut (webm videos, the JSON trio) whose labels file keeps sparse official ids."
+    from evl_nb.synthetic import make_synthetic_dataset
+    syn = make_synthetic_dataset(tmp_path / 'syn', num_classes=len(ids), train_per_class=2, val_per_class=1,
+                                 num_frames=(8, 8))
+    s = Path(syn.root) / 'ssv2'
+    labels = json.loads((s / 'labels.json').read_text())
+    names = sorted(labels, key=lambda k: int(labels[k]))
+    (s / 'labels.json').write_text(json.dumps({n: str(i) for n, i in zip(names, ids)}, indent=1))
+    return s, names
+
+
+def _ssv2_cfg(s, out, **kw):
+    base = dict(dataset='ssv2', data_root=str(s / 'videos'), train_ann=str(s / 'train.json'), val_ann=str(s / 'validation.json'),
+                model='evl-tiny', batch_size=4, max_steps=2, num_workers=0, output_dir=str(out), progress=False,
+                eval_views='1x1', model_overrides=dict(decoder_num_layers=1))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_sparse_ssv2_class_ids_train_with_174_outputs(tmp_path):
+    from evl_nb.train import check_data, run
+    ids = [0, 32, 93, 94, 135]
+    s, names = _ssv2_root(tmp_path, ids)
+    tr, va = check_data(_ssv2_cfg(s, tmp_path / 'never', model='evl-b16-8f-ssv2', model_overrides={}))  # the 174-way preset
+    assert sorted({lab for _, lab, _ in tr.samples}) == ids
+    with pytest.raises(ValueError, match=r'num_classes.*at least 136'):
+        check_data(_ssv2_cfg(s, tmp_path / 'never'))                  # evl-tiny's 10 outputs cannot hold id 135
+    summ = run(_ssv2_cfg(s, tmp_path / 'run', num_classes=174))
+    assert summ['steps'] == 2 and summ['val']['num_samples'] == 5
+    ck = torch.load(tmp_path / 'run' / 'checkpoints' / 'best.pt', weights_only=True)
+    assert ck['model']['proj.2.weight'].shape[0] == 174 and len(ck['classes']) == 174
+    assert [ck['classes'][i] for i in ids] == names and ck['classes'][1] is None and ck['classes'][173] is None
+    res = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert len(res['per_class']) == 174 and sum(c['n'] for c in res['per_class'] if c['index'] in ids) == 5
+
+
+def test_k400_with_an_explicit_sparse_class_list(tmp_path):
+    from evl_nb.train import run
+    root = _k400_root(tmp_path)
+    names = (root / 'annotations' / 'classes.txt').read_text().split('\n')[:4]
+    ids = [3, 0, 11, 7]
+    (tmp_path / 'classes.json').write_text(json.dumps(dict(zip(names, ids))))
+    summ = run(_k400_cfg(root, tmp_path / 'run', num_classes=12, class_list=str(tmp_path / 'classes.json')))
+    assert summ['steps'] == 1
+    ck = torch.load(tmp_path / 'run' / 'checkpoints' / 'step_0000001.pt', weights_only=True)
+    assert len(ck['classes']) == 12 and [ck['classes'][i] for i in ids] == names and ck['classes'][1] is None
+
+
+def test_cli_help_describes_every_option():
+    from evl_nb.train import TRAIN_OPTIONS
+    r = subprocess.run([sys.executable, '-m', 'evl_nb.train', '--help'], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, COLUMNS='200'))
+    assert r.returncode == 0 and 'default: None' not in r.stdout
+    flat = ' '.join(r.stdout.split())
+    for o in TRAIN_OPTIONS.values():
+        if o.group == 'config' and o.name != 'progress': assert ' '.join(o.help.split()) in flat, o.name

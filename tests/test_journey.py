@@ -1,0 +1,84 @@
+"""The basic workflow end to end, on files the trainer wrote: train a few steps through the trainer, then open its
+`best.pt` and last `step_*.pt` with plain `torch.load(weights_only=True)`, evaluate both with nbs/evaluate.ipynb and
+explore both with nbs/explore.ipynb (papermill)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pm = pytest.importorskip('papermill')
+from evl_nb.synthetic import make_synthetic_dataset
+from evl_nb.train import TrainConfig, latest_checkpoint, run
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_NB, EXPLORE_NB = ROOT / 'nbs' / 'evaluate.ipynb', ROOT / 'nbs' / 'explore.ipynb'
+
+
+def _run(nb, out, **params):
+    return pm.execute_notebook(str(nb), str(out), parameters=params, cwd=str(out.parent), progress_bar=False,
+                               kernel_name='python3', log_output=False)
+
+
+def _text(nb_file) -> str:
+    nb = json.loads(Path(nb_file).read_text())
+    return ''.join(''.join(o.get('text', '')) + ''.join(o.get('data', {}).get('text/plain', ''))
+                   for c in nb['cells'] for o in c.get('outputs', []))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    "A 4-step trainer run (evl-tiny, random tower, 4 synthetic classes): evaluations at steps 2 and 4."
+    d = tmp_path_factory.mktemp('journey')
+    make_synthetic_dataset(d / 'syn', num_classes=4, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False)
+    s = run(TrainConfig(dataset='synthetic', data_root=str(d / 'syn'), model='evl-tiny', num_classes=4, batch_size=4,
+                        max_steps=4, ckpt_every=2, eval_every=2, eval_views='1x1', num_workers=0, output_dir=str(d / 'run'),
+                        progress=False, lr=5e-3, model_overrides=dict(decoder_num_layers=2)))
+    assert s['steps'] == 4 and s['val']['num_samples'] == 8
+    return d
+
+
+def _checkpoints(d):
+    ck = d / 'run' / 'checkpoints'
+    return {'best': ck / 'best.pt', 'last': latest_checkpoint(ck)}
+
+
+def test_trainer_checkpoints_open_weights_only(trained):
+    cks = _checkpoints(trained)
+    assert cks['last'].name == 'step_0000004.pt'
+    for name, path in cks.items():
+        ck = torch.load(path, weights_only=True)          # plain torch.load, no allow-listing
+        assert {'model', 'optimizer', 'rng', 'config', 'model_config', 'classes', 'step'} <= set(ck), name
+        assert isinstance(ck['rng'][0]['numpy']['keys'], torch.Tensor)
+        assert len(ck['classes']) == 4 and all(isinstance(c, str) for c in ck['classes'])
+
+
+@pytest.mark.parametrize('which', ['best', 'last'])
+def test_evaluate_notebook_on_trainer_checkpoint(trained, which):
+    "The notebook rebuilds the model (and the run's random tower) from the file: it scores exactly what the trainer scored."
+    path = _checkpoints(trained)[which]
+    res = trained / f'eval_{which}.json'
+    _run(EVAL_NB, trained / f'eval_{which}.ipynb', checkpoint=str(path), data_root=str(trained / 'syn'), eval_views='1x1',
+         num_workers=0, output_json=str(res))
+    m = json.loads(res.read_text())
+    assert m['num_samples'] == 8 and m['num_skipped'] == 0 and m['checkpoint'] == str(path)
+    ck = torch.load(path, weights_only=True)
+    assert m['classes'] == ck['classes']
+    if which == 'best':
+        assert m['top1'] == ck['val_metrics']['top1'] and m['top5'] == ck['val_metrics']['top5']
+    else:   # the trainer's final evaluation (results.json) was made on the step-4 weights
+        final = json.loads((trained / 'run' / 'results.json').read_text())
+        assert m['confusion_matrix'] == final['confusion_matrix'] and m['top1'] == final['top1']
+
+
+@pytest.mark.parametrize('which', ['best', 'last'])
+def test_explore_notebook_on_trainer_checkpoint(trained, which):
+    path = _checkpoints(trained)[which]
+    out = trained / f'explore_{which}.ipynb'
+    _run(EXPLORE_NB, out, checkpoint=str(path))
+    text = _text(out)
+    assert '2 decoder layers, 4 classes' in text, text[-2000:]      # the checkpoint's own config, not the preset's
+    classes = torch.load(path, weights_only=True)['classes']
+    assert any(c in text for c in classes)                            # top-5 printed with the run's class names
+    nb = json.loads(out.read_text())
+    assert any('image/png' in o.get('data', {}) for c in nb['cells'] for o in c.get('outputs', []))
