@@ -18,8 +18,8 @@ from open_clip.transformer import QuickGELU, VisionTransformer
 from .core import as_dtype, get_logger
 
 # %% auto #0
-__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'load_clip_weights', 'ln_fp32', 'BlockFeatures',
-           'plain_block_problem', 'CLIPBackbone', 'build_backbone']
+__all__ = ['resolve_quick_gelu', 'build_clip_tower', 'read_clip_state_dict', 'check_keys_fit', 'load_clip_weights', 'ln_fp32',
+           'BlockFeatures', 'plain_block_problem', 'CLIPBackbone', 'build_backbone']
 
 # %% ../nbs/04_backbone.ipynb #83ca74ce
 def _is_openclip_tag(pretrained) -> bool:
@@ -82,17 +82,26 @@ def read_clip_state_dict(path) -> dict:
     if any(k.startswith('visual.') for k in sd): sd = _strip(sd, 'visual.')
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
+
+# %% ../nbs/04_backbone.ipynb #c3a1f0e1
+def _few(names: list[str], n: int = 8) -> str:
+    return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '')
+
+def check_keys_fit(own: dict, sd: dict, source: str, target: str = 'CLIP tower',
+                   kinds: tuple[str, str] = ('file', 'tower'), strict: bool = True) -> None:
+    "Raise a ValueError naming the keys of `sd` that keep it from loading into a module whose state dict is `own`."
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if not strict: missing, unexpected = [], []
+    shapes = sorted(f'{k}: {kinds[0]} {tuple(sd[k].shape)} vs {kinds[1]} {tuple(own[k].shape)}'
+                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    parts = [f'{n} keys: {_few(x)}' for n, x in (('missing', missing), ('unexpected', unexpected),
+                                                ('wrongly shaped', shapes)) if x]
+    if parts: raise ValueError(f'{source} does not fit the {target}: ' + '; '.join(parts))
+
+# %% ../nbs/04_backbone.ipynb #c3a1f0e3
 def load_clip_weights(tower: nn.Module, sd: dict, source: str = 'state dict') -> None:
     "Load `sd` into `tower` strictly, naming missing, unexpected and wrongly shaped keys on failure."
-    own = tower.state_dict()
-    missing = sorted(set(own) - set(sd)); unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(f'{k}: file {tuple(sd[k].shape)} vs tower {tuple(own[k].shape)}'
-                    for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        def few(xs): return ', '.join(xs[:8]) + (f' (+{len(xs) - 8} more)' if len(xs) > 8 else '')
-        raise ValueError(f'{source} does not fit the CLIP tower: ' + '; '.join(
-            f'{n} keys: {few(x)}' for n, x in (('missing', missing), ('unexpected', unexpected),
-                                               ('wrongly shaped', shapes)) if x))
+    check_keys_fit(tower.state_dict(), sd, source)
     tower.load_state_dict(sd, strict=True)
 
 # %% ../nbs/04_backbone.ipynb #e97bf34b

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import BlockFeatures, CLIPBackbone, build_backbone
+from .backbone import BlockFeatures, CLIPBackbone, build_backbone, check_keys_fit, load_clip_weights
 from .core import get_logger
 
 # %% auto #0
@@ -328,7 +328,6 @@ def reference_model(bundle: dict) -> EVL:
     model = build_evl(cfg)
     if list(model.backbone.block_indices) != list(c['block_indices']):
         raise ValueError(f"bundle reads blocks {c['block_indices']}, model {model.backbone.block_indices}")
-    from evl_nb.backbone import load_clip_weights
     load_clip_weights(model.backbone.tower, bundle['clip_visual_state_dict'], 'reference bundle')
     model.load_state_dict(bundle['evl_state_dict'], strict=True)
     return model.eval()
@@ -384,13 +383,7 @@ def load_checkpoint(model: EVL, path, interpolate_pos_embed: bool = False, stric
             raise ValueError(f'checkpoint {str(path)!r} was trained with {next(iter(bad_T.values()))} frames, the model has '
                              f'num_frames={T}; rebuild with that frame count or pass interpolate_pos_embed=True')
         sd = _resample_pos_embed(sd, T)
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if shapes or (strict and (missing or unexpected)):
-        parts = [f'{n}: {x[:6]}' + (f' (+{len(x) - 6} more)' if len(x) > 6 else '')
-                 for n, x in (('missing keys', missing), ('unexpected keys', unexpected), ('wrong shapes', shapes)) if x]
-        raise ValueError(f'checkpoint {str(path)!r} does not fit the model: ' + '; '.join(parts))
+    check_keys_fit(own, sd, f'checkpoint {str(path)!r}', 'model', ('checkpoint', 'model'), strict=strict)
     model.load_state_dict(sd, strict=strict)
     return ckpt
 
