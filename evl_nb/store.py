@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_store.ipynb #st002
 from __future__ import annotations
-import csv, errno, io, json, os, tarfile, tempfile, time
+import csv, errno, io, json, os, tarfile, tempfile, time, warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,6 +28,9 @@ __all__ = ['STORE_FORMAT', 'MANIFEST_COLUMNS', 'store_frame_size', 'fit_short_si
 # %% ../nbs/01a_store.ipynb #st004
 _log = get_logger('evl_nb.store')
 STORE_FORMAT = 'evl-nb-clip-store-1'
+# torchvision 0.29 warns on every JPEG call that TorchCodec will take image decoding over; the calls work, say it once
+warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
+                        category=DeprecationWarning)
 
 # %% ../nbs/01a_store.ipynb #st007
 def store_frame_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
@@ -247,9 +250,11 @@ def annotation_videos(ann_file, data_root=None) -> tuple[list[Path], list[str]]:
     return found, missing
 
 # %% ../nbs/01a_store.ipynb #st021
+def _abs(p) -> Path: return Path(os.path.abspath(p))   # absolute, symbolic links kept (a linked tree keeps its keys)
+
 def _key(path: Path, root: Path | None) -> str:
     if root is not None:
-        try: return path.resolve().relative_to(root.resolve()).as_posix()
+        try: return _abs(path).relative_to(_abs(root)).as_posix()
         except ValueError: pass
     return path.name
 
@@ -267,9 +272,9 @@ def store_sources(src, data_root=None, root=None) -> tuple[list[tuple[str, Path]
     else:
         paths = [Path(q) for q in src]
         if root is None and paths:
-            root = Path(os.path.commonpath([str(q.resolve().parent) for q in paths]))
+            root = Path(os.path.commonpath([str(_abs(q).parent) for q in paths]))
     root = Path(root) if root is not None else None
-    pairs = [(_key(q, root), q) for q in paths]
+    pairs = [(_key(q, root), _abs(q)) for q in paths]
     dup = [k for k, n in __import__('collections').Counter(k for k, _ in pairs).items() if n > 1]
     if dup: raise ValueError(f'two source videos map to the same store key {dup[0]!r}; pass root= so keys differ')
     return sorted(pairs), missing
@@ -359,7 +364,7 @@ class ClipStore:
         m = self.root / 'manifest.csv'
         if not m.exists(): raise FileNotFoundError(f'{m} missing: the build was interrupted, run build_store again')
         with open(m, newline='') as fh: self.rows = {r['key']: r for r in csv.DictReader(fh)}
-        self.by_source = {str(Path(r['source']).resolve()): k for k, r in self.rows.items()}
+        self.by_source = {s: k for k, r in self.rows.items() for s in (r['source'], str(Path(r['source']).resolve()))}
         stems = {}
         for k in self.rows: stems.setdefault(Path(k).stem if Path(k).suffix.lower() in VIDEO_EXTS else Path(k).name, []).append(k)
         self.by_stem = {s: ks[0] for s, ks in stems.items() if len(ks) == 1}
@@ -374,7 +379,7 @@ class ClipStore:
         "The store key of a source path, a key, or a file stem (None when the store does not hold it)."
         s = str(path)
         if s in self.rows: return s
-        k = self.by_source.get(str(Path(s).resolve()))
+        k = self.by_source.get(str(_abs(s))) or self.by_source.get(str(Path(s).resolve()))
         if k is None: p = Path(s); k = self.by_stem.get(p.stem if p.suffix.lower() in VIDEO_EXTS else p.name)
         return k
     def __contains__(self, path): return self.key(path) is not None

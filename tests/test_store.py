@@ -1,0 +1,156 @@
+"""The clip store: same frame counts and indices as the videos, frames within JPEG loss of the sequential decode,
+a converter that survives SIGKILL, broken sources listed and skipped."""
+import csv, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_path
+from evl_nb.data import dense_indices, uniform_indices
+from evl_nb.store import (ClipStore, build_store, fit_short_side, read_index, verify_clip_file, StoreError,
+                          MANIFEST_COLUMNS)
+from evl_nb.video import check_video, read_frames_pyav, VIDEO_EXTS, TruncatedVideoError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fixture_videos():
+    d = fixture_path('videos')
+    return sorted(p for p in d.iterdir() if p.suffix.lower() in VIDEO_EXTS)
+
+
+@pytest.fixture(scope='module')
+def fixture_store(tmp_path_factory):
+    vids = fixture_videos()
+    return vids, build_store(vids, tmp_path_factory.mktemp('store') / 'store', num_workers=2, progress=False)
+
+
+def sampling_patterns(n, seed):
+    "Train and test indices as the datasets draw them: dense 8x16 (1 and 3 views) and uniform 8 (1 and 2 views)."
+    rng = np.random.default_rng(seed)
+    return {'dense train': dense_indices(n, 8, 16, 1, False, rng), 'dense test 3': dense_indices(n, 8, 16, 3, True),
+            'uniform train': uniform_indices(n, 8, 1, False, rng), 'uniform test 2': uniform_indices(n, 8, 2, True)}
+
+
+def psnr(a, b):
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
+    return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+
+
+def test_store_same_indices_and_frames_within_jpeg_loss(fixture_store):
+    vids, store = fixture_store
+    assert store.last_build['failed'] == 0 and len(store) == len(vids)
+    for p in vids:
+        info, sinfo = check_video(p), store.info(p)
+        assert sinfo.frames == info.frames, p.name            # the sequential decode count, not the container's
+        pats = {(seed, name): (a, sampling_patterns(sinfo.frames, seed)[name])
+                for seed in (0, 1) for name, a in sampling_patterns(info.frames, seed).items()}
+        union = sorted({int(i) for a, _ in pats.values() for i in a.reshape(-1)})
+        ref = fit_short_side(torch.from_numpy(read_frames_pyav(p, union)).permute(0, 3, 1, 2), 320)
+        ref = dict(zip(union, ref.permute(0, 2, 3, 1).numpy()))          # one sequential decode per video
+        for (seed, name), (a, b) in pats.items():
+            np.testing.assert_array_equal(a, b)
+            idx = a.reshape(-1).tolist()
+            got, want = store.read_frames(p, idx), np.stack([ref[i] for i in idx])
+            assert got.shape == want.shape and got.dtype == np.uint8
+            q = psnr(got, want)
+            assert q >= 38, f'{p.name} {name} seed {seed}: PSNR {q:.1f} dB'
+
+
+def test_store_lookup_by_key_stem_and_source(fixture_store):
+    vids, store = fixture_store
+    p = vids[0]
+    assert store.key(p) == p.name and store.key(p.name) == p.name
+    assert store.key(Path('/other/machine') / p.name) == p.name          # by stem
+    assert store.info('/nowhere/not_there.mp4').error == 'missing'
+    idx = read_index(store.file(p))
+    assert idx['frames'] == check_video(p).frames and idx['source'] == str(p)
+    out = subprocess.run(['tar', '-tf', str(store.file(p))], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == 'index.json' and out[1:] == [f'{i:06d}.jpg' for i in range(idx['frames'])]
+
+
+def _copy_tree(n_copies, dst):
+    "A K400-like folder of real clips (copies, so each file converts on its own)."
+    vids = [v for v in fixture_videos() if v.suffix == '.mp4']
+    for k in range(n_copies):
+        v = vids[k % len(vids)]
+        d = dst / f'class_{k % 2}'; d.mkdir(parents=True, exist_ok=True)
+        (d / f'vid{k:02d}_000000_000010.mp4').write_bytes(v.read_bytes())
+    return dst
+
+
+def test_sigkill_mid_build_then_rerun_gives_complete_verified_store(tmp_path):
+    src, out = _copy_tree(8, tmp_path / 'src'), tmp_path / 'store'
+    code = ('import sys; from evl_nb.store import build_store; '
+            'build_store(sys.argv[1], sys.argv[2], num_workers=2, progress=False)')
+    proc = subprocess.Popen([sys.executable, '-c', code, str(src), str(out)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, t0 = [], time.time()
+    try:
+        while time.time() - t0 < 300 and proc.poll() is None:
+            done = list((out / 'frames').rglob('*.tar')) if (out / 'frames').exists() else []
+            if done: break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)                  # the whole run: main process and its workers
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the converter finished before it could be killed'
+    assert done and not (out / 'manifest.csv').exists()
+    left = len(list((out / 'frames').rglob('*.tar')))
+    assert left < 8, 'all videos were converted before the kill'
+    # a half-written file where a finished one should be (e.g. copied by hand, or a disk hiccup): it must be redone
+    victim = sorted((out / 'frames').rglob('*.tar'))[0]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    with pytest.raises(StoreError): verify_clip_file(victim, 'index')
+    store = build_store(src, out, num_workers=1, progress=False)
+    assert store.last_build['videos'] == 8 and store.last_build['failed'] == 0
+    assert store.last_build['skipped'] == left - 1 and store.last_build['converted'] == 8 - left + 1
+    assert not list((out / 'frames').rglob('*.tmp-*'))
+    assert store.verify('full') == {}
+    for p in sorted(src.rglob('*.mp4')):
+        assert store.info(p).frames == check_video(p).frames
+    again = build_store(src, out, num_workers=1, progress=False, verify='tar')
+    assert again.last_build['skipped'] == 8 and again.last_build['converted'] == 0
+
+
+def test_broken_sources_listed_with_their_error_and_skipped(tmp_path):
+    vids = fixture_path('videos')
+    src = tmp_path / 'src'; src.mkdir()
+    (src / 'good.mp4').write_bytes((vids / 'carphone_pristine.mp4').read_bytes())
+    (src / 'cut.mp4').write_bytes((vids / 'bikes.mp4').read_bytes()[:30000])
+    (src / 'zero.mp4').touch()
+    (src / 'page.mp4').write_text('<html>not found</html>' * 40)
+    store = build_store(src, tmp_path / 'store', num_workers=2, progress=False)
+    rows = {r['key']: r for r in csv.DictReader(open(tmp_path / 'store' / 'manifest.csv'))}
+    assert list(next(csv.reader(open(tmp_path / 'store' / 'manifest.csv')))) == MANIFEST_COLUMNS
+    assert {k: r['error'] for k, r in rows.items()} == {'good.mp4': '', 'cut.mp4': 'truncated', 'zero.mp4': 'empty',
+                                                        'page.mp4': 'unreadable'}
+    assert all(r['message'] and str(src / k) in r['message'] for k, r in rows.items() if r['error'])
+    assert rows['good.mp4']['frames'] == '120' and int(rows['good.mp4']['bytes']) > 0
+    assert store.last_build == dict(videos=4, converted=1, skipped=0, failed=3)
+    assert sorted(p.name for p in (tmp_path / 'store' / 'frames').rglob('*.tar')) == ['good.mp4.tar']
+    assert store.info(src / 'cut.mp4').error == 'truncated'
+    with pytest.raises(TruncatedVideoError, match='cut.mp4'): store.read_frames(src / 'cut.mp4', [0])
+
+
+def test_annotation_file_source_lists_missing_videos(tmp_path):
+    src = _copy_tree(2, tmp_path / 'k400')
+    (src / 'train.csv').write_text('label,youtube_id,time_start,time_end,split\n'
+                                   'a,vid00,0,10,train\nb,vid01,0,10,train\nb,gone,0,10,train\n')
+    store = build_store(src / 'train.csv', tmp_path / 'store', num_workers=1, progress=False)
+    assert store.last_build == dict(videos=3, converted=2, skipped=0, failed=1)
+    assert store.rows['gone_000000_000010']['error'] == 'missing'
+    assert store.key(src / 'class_1' / 'vid01_000000_000010.mp4') == 'class_1/vid01_000000_000010.mp4'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (nvjpeg)')
+def test_gpu_decode_matches_cpu(fixture_store):
+    vids, store = fixture_store
+    p = vids[0]; idx = [0, 9, 17, 3]
+    g, c = store.read_tensor(p, idx, device='cuda'), store.read_tensor(p, idx)
+    assert g.device.type == 'cuda' and g.shape == c.shape and g.dtype == torch.uint8
+    assert (g.cpu().float() - c.float()).abs().mean() < 1.5
+    b = store.read_batch([(p, idx), (vids[1], [1, 2])], device='cuda')
+    assert [tuple(x.shape[:2]) for x in b] == [(4, 3), (2, 3)]
