@@ -14,8 +14,9 @@ import numpy as np
 from .core import get_logger
 
 # %% auto #0
-__all__ = ['SYNTHETIC_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'render_clip', 'write_video', 'SyntheticData', 'default_synthetic_root',
-           'make_synthetic_dataset']
+__all__ = ['SYNTHETIC_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'OBJECTS_FILE', 'render_clip_tracked', 'render_clip', 'object_masks',
+           'write_video', 'SyntheticData', 'default_synthetic_root', 'make_synthetic_dataset', 'load_object_tracks',
+           'object_track_for']
 
 # %% ../nbs/03_synthetic.ipynb #83c551d3
 _log = get_logger('evl_nb.synthetic')
@@ -54,8 +55,9 @@ def _shape_mask(kind, xx, yy, cx, cy, a, b, ang):
     # triangle pointing along +u: apex (a, 0), base from (-a, -b) to (-a, b)
     return (u >= -a) & (np.abs(v) <= b * (a - u) / (2 * a))
 
-def render_clip(label: int, num_frames: int = 32, height: int = 128, width: int = 160, rng=None) -> tuple[np.ndarray, str]:
-    "A clip of class `label` as uint8 `(T, H, W, 3)`, and a short description of the object (the SSv2 placeholder)."
+def render_clip_tracked(label: int, num_frames: int = 32, height: int = 128, width: int = 160,
+                        rng=None) -> tuple[np.ndarray, str, dict]:
+    "`render_clip` plus the object's track: where it is in every frame (see `object_masks`)."
     rng = np.random.default_rng(rng)
     name, _, motion, direction = SYNTHETIC_CLASSES[label]
     T, H, W = int(num_frames), int(height), int(width)
@@ -101,11 +103,39 @@ def render_clip(label: int, num_frames: int = 32, height: int = 128, width: int 
     elif motion == 'bright':
         gain = np.linspace(0.25, 1.0, T) if direction > 0 else np.linspace(1.0, 0.25, T)
     frames = np.empty((T, H, W, 3), np.uint8)
+    boxes = []
     for i in range(T):
-        m = _shape_mask(kind, xx, yy, cx[i], cy[i], a * scale[i], b * scale[i], ang[i]).astype(np.float32)[..., None] * alpha[i]
+        shape = _shape_mask(kind, xx, yy, cx[i], cy[i], a * scale[i], b * scale[i], ang[i])
+        m = shape.astype(np.float32)[..., None] * alpha[i]
         frames[i] = np.clip(bg * (1 - m) + (color * gain[i]) * m, 0, 255).astype(np.uint8)
+        boxes.append(_box(shape) if alpha[i] > 0 else None)
     desc = f'a {_COLOR_WORDS[cidx]} {kind}'
+    track = dict(shape=kind, height=H, width=W, frames=T, box=boxes, visibility=[float(v) for v in alpha],
+                 geometry=dict(cx=cx.tolist(), cy=cy.tolist(), a=(a * scale).tolist(), b=(b * scale).tolist(), angle=ang.tolist()))
+    return frames, desc, track
+
+def _box(mask: np.ndarray) -> list[int] | None:
+    "[x0, y0, x1, y1] (pixels, ends exclusive) of a boolean mask; None when it is empty."
+    ys, xs = np.nonzero(mask.any(1)), np.nonzero(mask.any(0))
+    if not len(ys[0]): return None
+    return [int(xs[0][0]), int(ys[0][0]), int(xs[0][-1]) + 1, int(ys[0][-1]) + 1]
+
+def render_clip(label: int, num_frames: int = 32, height: int = 128, width: int = 160, rng=None) -> tuple[np.ndarray, str]:
+    "A clip of class `label` as uint8 `(T, H, W, 3)`, and a short description of the object (the SSv2 placeholder)."
+    frames, desc, _ = render_clip_tracked(label, num_frames, height, width, rng)
     return frames, desc
+
+def object_masks(track: dict, indices=None) -> np.ndarray:
+    "Boolean `(len(indices), H, W)` masks of the object in frames `indices` (all by default); empty where it is invisible."
+    g, H, W = track['geometry'], int(track['height']), int(track['width'])
+    idx = range(int(track['frames'])) if indices is None else [int(i) for i in indices]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    out = np.zeros((len(idx), H, W), bool)
+    for j, i in enumerate(idx):
+        if not 0 <= i < int(track['frames']): raise IndexError(f'frame {i}: the track has {track["frames"]} frames')
+        if track['visibility'][i] > 0:
+            out[j] = _shape_mask(track['shape'], xx, yy, g['cx'][i], g['cy'][i], g['a'][i], g['b'][i], g['angle'][i])
+    return out
 
 # %% ../nbs/03_synthetic.ipynb #0e18bfec
 def write_video(path, frames: np.ndarray, fps: int = 12, keyint: int = 8, crf: int = 20) -> Path:
@@ -145,6 +175,23 @@ def default_synthetic_root() -> Path:
     base = os.environ.get('EVL_NB_DATA')
     return Path(base).expanduser() / 'synthetic' if base else Path.home() / '.cache' / 'evl_nb' / 'synthetic'
 
+OBJECTS_FILE = 'annotations/objects.json'
+
+def _jobs(params: dict) -> list[tuple[str, int]]:
+    return [(split, lab) for split, n in (('train', params['train_per_class']), ('val', params['val_per_class']))
+            for lab in range(params['num_classes']) for _ in range(n)]
+
+def _plan(jobs, params: dict, classes: list[str], rng):
+    "Per clip, in generation order: its frame count, render seed, K400 name and path (the one stream of draws from `rng`)."
+    lo, hi = params['num_frames']
+    for split, lab in jobs:
+        T = int(rng.integers(lo, hi + 1))
+        seed = int(rng.integers(2**63 - 1))
+        yid, start = _youtube_id(rng), int(rng.integers(0, 300))
+        folder = f'videos/{split}/' + (classes[lab].replace(' ', '_') + '/' if split == 'val' else '')
+        yield dict(split=split, label=lab, frames=T, seed=seed, youtube_id=yid, start=start,
+                   k400=f'{folder}{yid}_{start:06d}_{start + 10:06d}.mp4')
+
 def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: int = 24, val_per_class: int = 8,
                            num_frames=(24, 32), size: int = 128, aspect: float = 1.25, fps: int = 12, seed: int = 0,
                            ssv2: bool = True, overwrite: bool = False, progress: bool = False) -> SyntheticData:
@@ -161,7 +208,9 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     meta_file = root / 'synthetic.json'
     if meta_file.exists() and not overwrite:
         meta = json.loads(meta_file.read_text())
-        if meta.get('params') == params: return _result(root, meta)
+        if meta.get('params') == params:
+            if 'objects' not in meta: meta = _backfill_objects(root, meta)     # made before tracks were recorded
+            return _result(root, meta)
         raise FileExistsError(f'{root} holds a synthetic dataset made with other parameters; pass overwrite=True or another root')
     if root.exists() and any(root.iterdir()) and not meta_file.exists() and not overwrite:
         raise FileExistsError(f'{root} exists and is not a synthetic dataset; refusing to write into it')
@@ -173,21 +222,20 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     (tmp / 'annotations').mkdir()
     (tmp / 'annotations' / 'classes.txt').write_text('\n'.join(classes) + '\n')
     rows = {'train': [], 'val': []}; ssv2_items = {'train': [], 'val': []}; vid = 1000
-    jobs = [(split, lab) for split, n in (('train', train_per_class), ('val', val_per_class))
-            for lab in range(num_classes) for _ in range(n)]
+    jobs = _jobs(params)
+    objects = []
     try:
         from tqdm.auto import tqdm
-        for split, lab in tqdm(jobs, desc='synthetic clips', disable=not progress):
-            T = int(rng.integers(lo, hi + 1))
-            frames, desc = render_clip(lab, T, H, W, rng=int(rng.integers(2**63 - 1)))
-            yid, start = _youtube_id(rng), int(rng.integers(0, 300))
-            stem = f'{yid}_{start:06d}_{start + 10:06d}'
-            folder = tmp / 'videos' / split / (classes[lab].replace(' ', '_') if split == 'val' else '')
-            write_video(folder / f'{stem}.mp4', frames, fps=fps)
+        for job in tqdm(_plan(jobs, params, classes, rng), total=len(jobs), desc='synthetic clips', disable=not progress):
+            split, lab, yid, start = job['split'], job['label'], job['youtube_id'], job['start']
+            frames, desc, track = render_clip_tracked(lab, job['frames'], H, W, rng=job['seed'])
+            write_video(tmp / job['k400'], frames, fps=fps)
             rows[split].append((classes[lab], yid, start, start + 10, split))
+            objects.append(dict(split=split, label=lab, k400=job['k400'], **track))
             if ssv2:
                 vid += 1
-                write_video(tmp / 'ssv2' / 'videos' / f'{vid}.webm', frames, fps=fps)
+                objects[-1]['ssv2'] = f'ssv2/videos/{vid}.webm'
+                write_video(tmp / objects[-1]['ssv2'], frames, fps=fps)
                 tpl = SYNTHETIC_CLASSES[lab][1]
                 caption = tpl.replace('[something]', desc).replace('[Something]', desc[0].upper() + desc[1:])
                 ssv2_items[split].append({'id': str(vid), 'label': caption, 'template': tpl, 'placeholders': [desc]})
@@ -199,7 +247,9 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
         meta = dict(params=params, classes='annotations/classes.txt',
                     k400={'train': 'annotations/k400_train.csv', 'val': 'annotations/k400_val.csv', 'videos': 'videos'},
                     flip_pairs={a: b for a, b in SYNTHETIC_FLIP_PAIRS.items() if a in classes and b in classes},
-                    never_flip=[c for c in classes if c in SYNTHETIC_FLIP_PAIRS and SYNTHETIC_FLIP_PAIRS[c] not in classes])
+                    never_flip=[c for c in classes if c in SYNTHETIC_FLIP_PAIRS and SYNTHETIC_FLIP_PAIRS[c] not in classes],
+                    objects=OBJECTS_FILE)
+        (tmp / OBJECTS_FILE).write_text(json.dumps(dict(version=1, clips=objects)))
         if ssv2:
             (tmp / 'ssv2' / 'labels.json').write_text(json.dumps({c: str(i) for i, c in enumerate(classes)}, indent=1))
             (tmp / 'ssv2' / 'train.json').write_text(json.dumps(ssv2_items['train'], indent=1))
@@ -219,7 +269,55 @@ def _result(root: Path, meta: dict) -> SyntheticData:
                       val_csv=root / meta['k400']['val'], videos=root / meta['k400']['videos'],
                       class_names=(root / meta['classes']).read_text().splitlines(),
                       flip_pairs=dict(meta.get('flip_pairs', {})))
+    if 'objects' in meta: r['objects'] = root / meta['objects']
     if 'ssv2' in meta:
         r.update(ssv2_labels=root / meta['ssv2']['labels'], ssv2_train=root / meta['ssv2']['train'],
                  ssv2_val=root / meta['ssv2']['val'], ssv2_videos=root / meta['ssv2']['videos'])
     return r
+
+# %% ../nbs/03_synthetic.ipynb #6c59356f
+def _backfill_objects(root: Path, meta: dict) -> dict:
+    "Write the object tracks of a dataset made before they were recorded: the same draws, rendered again, nothing encoded."
+    p = meta['params']
+    classes = [c[0] for c in SYNTHETIC_CLASSES[:p['num_classes']]]
+    objects, vid = [], 1000
+    for job in _plan(_jobs(p), p, classes, np.random.default_rng(p['seed'])):
+        _, _, track = render_clip_tracked(job['label'], job['frames'], p['height'], p['width'], rng=job['seed'])
+        if not (root / job['k400']).exists(): raise FileNotFoundError(f'{root}: {job["k400"]} is missing; rebuild with overwrite=True')
+        objects.append(dict(split=job['split'], label=job['label'], k400=job['k400'], **track))
+        if p['ssv2']: vid += 1; objects[-1]['ssv2'] = f'ssv2/videos/{vid}.webm'
+    _write_atomic(root / OBJECTS_FILE, json.dumps(dict(version=1, clips=objects)))
+    meta = dict(meta, objects=OBJECTS_FILE)
+    _write_atomic(root / 'synthetic.json', json.dumps(meta, indent=1))
+    _log.info(f'{root}: recorded the object tracks of {len(objects)} clips ({OBJECTS_FILE})')
+    return meta
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + f'.tmp{os.getpid()}')
+    tmp.write_text(text); os.replace(tmp, path)
+
+def load_object_tracks(root) -> dict[str, dict]:
+    "The object tracks of a synthetic dataset, keyed by each video's path relative to `root` (its mp4 and its webm)."
+    root = Path(root)
+    meta_file = root / 'synthetic.json'
+    if not meta_file.exists(): raise FileNotFoundError(f'{meta_file} not found: not a synthetic dataset')
+    meta = json.loads(meta_file.read_text())
+    if 'objects' not in meta: meta = _backfill_objects(root, meta)
+    clips = json.loads((root / meta['objects']).read_text())['clips']
+    out = {}
+    for c in clips:
+        for key in ('k400', 'ssv2'):
+            if key in c: out[c[key]] = c
+    return out
+
+def object_track_for(path, root=None, tracks: dict | None = None) -> dict:
+    "The track of one video file of a synthetic dataset (`root`: the dataset; by default the folder holding synthetic.json)."
+    path = Path(path).resolve()
+    if root is None:
+        root = next((q for q in path.parents if (q / 'synthetic.json').exists()), None)
+        if root is None: raise FileNotFoundError(f'{path}: not inside a synthetic dataset (no synthetic.json above it)')
+    root = Path(root).resolve()
+    tracks = load_object_tracks(root) if tracks is None else tracks
+    try: return tracks[path.relative_to(root).as_posix()]
+    except (KeyError, ValueError): raise KeyError(f'{path}: no object track in {root / OBJECTS_FILE}') from None
+
