@@ -239,23 +239,26 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
 
 # %% ../nbs/02_data.ipynb #c0de0a02
 CONVENTIONS = {
-    'official': dict(antialias=False, crop_offset='floor', train_range='official', train_pad='repeat_last',
-                     test_pad='clamp', rand_augment='official'),
-    'mmaction2': dict(antialias=False, crop_offset='floor', train_range='mmaction2', train_pad='loop',
-                      test_pad='loop', rand_augment='torchvision'),
-    'legacy': dict(antialias=True, crop_offset='round', train_range='mmaction2', train_pad='clamp',
-                   test_pad='clamp', rand_augment='torchvision'),
+    'official': dict(antialias=False, crop_offset='floor', long_side='floor', three_crop='official',
+                     train_range='official', train_pad='repeat_last', test_pad='clamp', rand_augment='official'),
+    'mmaction2': dict(antialias=False, crop_offset='floor', long_side='round', three_crop='mmaction2',
+                      train_range='mmaction2', train_pad='loop', test_pad='loop', rand_augment='torchvision'),
+    'legacy': dict(antialias=True, crop_offset='round', long_side='floor', three_crop='official',
+                   train_range='mmaction2', train_pad='clamp', test_pad='clamp', rand_augment='torchvision'),
 }
 
-def resolve_convention(convention: str = 'official', **switches) -> dict:
-    "The switches of `convention` ('official', 'mmaction2', 'legacy'), with any switch given (not None) overriding it."
-    if convention not in CONVENTIONS:
-        raise ValueError(f'convention={convention!r}: expected one of {", ".join(map(repr, CONVENTIONS))}')
-    out = dict(CONVENTIONS[convention])
-    bad = set(switches) - set(out)
-    if bad: raise TypeError(f'unknown convention switch(es) {sorted(bad)}; known: {sorted(out)}')
-    out.update({k: v for k, v in switches.items() if v is not None})
-    return out
+def resolve_convention(convention='official', **switches) -> dict:
+    """The switches of `convention` ('official', 'mmaction2', 'legacy', or a dict from this function), with every switch
+    given (not None) overriding it; the result is what `build_dataset(convention=...)` also accepts."""
+    if isinstance(convention, dict): base = dict(convention)
+    elif convention in CONVENTIONS: base = dict(CONVENTIONS[convention], name=convention)
+    else: raise ValueError(f'convention={convention!r}: expected one of {", ".join(map(repr, CONVENTIONS))} or a dict')
+    bad = set(switches) - set(CONVENTIONS['official'])
+    if bad: raise TypeError(f'unknown convention switch(es) {sorted(bad)}; known: {sorted(CONVENTIONS["official"])}')
+    changed = {k: v for k, v in switches.items() if v is not None and v != base.get(k)}
+    base.update(changed)
+    if changed: base['name'] = f"{base.get('name', 'custom')}+" + ','.join(f'{k}={v}' for k, v in sorted(changed.items()))
+    return base
 
 # %% ../nbs/02_data.ipynb #165651d4
 def _as_rng(rng) -> np.random.Generator:
@@ -461,14 +464,17 @@ def _resize(video, hw, antialias: bool):
     y = y.reshape(*lead, *y.shape[-3:])
     return tv_tensors.wrap(y, like=video) if isinstance(video, tv_tensors.Video) else y
 
-def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
-    "The official resized size: short side `size`, long side `long * size // short` (landscape when `h < w`)."
-    return (size, w * size // h) if h < w else (h * size // w, size)
+def short_side_size(h: int, w: int, size: int, long_side: str = 'floor') -> tuple[int, int]:
+    "Short side `size`; long side `long * size // short` ('floor', official) or mmcv's `int(long * size/short + 0.5)` ('round')."
+    if long_side not in ('floor', 'round'): raise ValueError(f"long_side={long_side!r}: expected 'floor' or 'round'")
+    short, long = min(h, w), max(h, w)
+    new = long * size // short if long_side == 'floor' else int(long * (size / short) + 0.5)
+    return (size, new) if h < w else (new, size)
 
-def resize_short(video, size: int, antialias: bool = False):
+def resize_short(video, size: int, antialias: bool = False, long_side: str = 'floor'):
     "Resize so the short side is `size` (bilinear; antialiased only if asked), keeping the aspect ratio."
     H, W = video.shape[-2:]
-    return _resize(video, short_side_size(H, W, size), antialias)
+    return _resize(video, short_side_size(H, W, size, long_side), antialias)
 
 def center_crop(video, size: int, offset: str = 'floor'):
     "Centre crop to `size x size`: offset `(W - size) // 2` ('floor') or torchvision's rounding ('round'); pads if smaller."
@@ -477,12 +483,15 @@ def center_crop(video, size: int, offset: str = 'floor'):
     if offset == 'round' or H < size or W < size: return TF.center_crop(video, [size, size])
     return TF.crop(video, (H - size) // 2, (W - size) // 2, size, size)
 
-def three_crop(video, size: int, antialias: bool = False) -> list:
-    "Three `size x size` crops along the long side: left/centre/right (landscape) or top/centre/bottom (portrait)."
+def three_crop(video, size: int, antialias: bool = False, style: str = 'official') -> list:
+    """Three `size x size` crops along the long side: left/centre/right (landscape) or top/centre/bottom (portrait).
+    The last one is at the far edge ('official') or at `2 * (margin // 2)` ('mmaction2')."""
+    if style not in ('official', 'mmaction2'): raise ValueError(f"three_crop={style!r}: expected 'official' or 'mmaction2'")
     H, W = video.shape[-2:]
     if min(H, W) < size: video = resize_short(video, size, antialias); H, W = video.shape[-2:]
-    if W >= H: tops, lefts = [(H - size) // 2] * 3, [0, (W - size) // 2, W - size]
-    else: tops, lefts = [0, (H - size) // 2, H - size], [(W - size) // 2] * 3
+    far = (lambda m: m) if style == 'official' else (lambda m: 2 * (m // 2))
+    if W >= H: tops, lefts = [(H - size) // 2] * 3, [0, (W - size) // 2, far(W - size)]
+    else: tops, lefts = [0, (H - size) // 2, far(H - size)], [(W - size) // 2] * 3
     return [TF.crop(video, t, l, size, size) for t, l in zip(tops, lefts)]
 
 class ClipResizedCrop:
@@ -552,7 +561,7 @@ class VideoClipDataset(Dataset):
                  frame_interval: int = 16, views='1x1', input_size: int = 224, short_side: int | None = None,
                  rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: FlipPolicy | None = None,
                  manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str | None = None,
-                 missing=(), name: str = '', fixed_class_ids: bool = False, convention: str = 'official',
+                 missing=(), name: str = '', fixed_class_ids: bool = False, convention: str | dict = 'official',
                  antialias: bool | None = None, crop_offset: str | None = None, train_range: str | None = None):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
@@ -562,10 +571,10 @@ class VideoClipDataset(Dataset):
         self.views = parse_views(views)
         if train and self.views != (1, 1): raise ValueError(f'views={views!r}: training uses one view (1x1)')
         self.input_size, self.short_side = int(input_size), short_side
-        self.convention = convention
+        pads = dict(train_pad=out_of_bound, test_pad=out_of_bound)
         self.switches = sw = resolve_convention(convention, antialias=antialias, crop_offset=crop_offset,
-                                                train_range=train_range)
-        if out_of_bound is not None: sw['train_pad'] = sw['test_pad'] = out_of_bound
+                                                train_range=train_range, **pads)
+        self.convention = sw['name']
         self.rand_augment = (ClipRandAugment.from_string(rand_augment, style=sw['rand_augment'])
                              if isinstance(rand_augment, str) else rand_augment)
         self.crop = ClipResizedCrop(self.input_size, crop_scale, crop_ratio, antialias=sw['antialias'])
@@ -629,14 +638,15 @@ class VideoClipDataset(Dataset):
         v = tv_tensors.Video(clip)
         aa = self.switches['antialias']
         if self.train:
-            if self.short_side: v = resize_short(v, self.short_side, aa)
+            if self.short_side: v = resize_short(v, self.short_side, aa, self.switches['long_side'])
             if self.rand_augment is not None: v = self.rand_augment(v)
             v = self.crop(v)
             v, label, _ = self.flip(v, label)
             return [v], label
-        v = resize_short(v, self.short_side or self.input_size, aa)
-        if self.views[1] == 1: return [center_crop(v, self.input_size, self.switches['crop_offset'])], label
-        return three_crop(v, self.input_size, aa), label
+        sw = self.switches
+        v = resize_short(v, self.short_side or self.input_size, aa, sw['long_side'])
+        if self.views[1] == 1: return [center_crop(v, self.input_size, sw['crop_offset'])], label
+        return three_crop(v, self.input_size, aa, sw['three_crop']), label
 
     def read_frames(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         "Sampled indices `(views, T)` and the decoded uint8 frames `(views*T, H, W, 3)` of item `i`, before transforms."
@@ -788,7 +798,7 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                   short_side: int | None = None, classes=None, flip: bool | str | None = None, rand_augment='default',
                   crop_scale=None, manifest=None, decode: str = 'auto', min_frames: int = 1,
                   out_of_bound: str | None = None, labels_file=None, train: bool | None = None,
-                  convention: str = 'official', antialias: bool | None = None, crop_offset: str | None = None,
+                  convention: str | dict = 'official', antialias: bool | None = None, crop_offset: str | None = None,
                   train_range: str | None = None) -> VideoClipDataset:
     """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above). `convention`
     ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches are explained in

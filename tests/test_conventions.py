@@ -20,15 +20,16 @@ S = 224
 
 
 # ---------------------------------------------------------------- the official eval transform, restated
-def official_eval_views(path, n, T, r, n_t, n_s):
+def official_eval_views(path, n, T, r, n_t, n_s, mmaction2=False):
     """Views of the official test mode, in its order (spatial-major): all frames -> float/255 -> CLIP normalise ->
     F.interpolate bilinear (no antialias) to short side S with long side `long*S//short` -> spatial crops (floor
     centre offset; or 0, margin//2, margin along the long side) -> temporal crops (pad with the last frame to the
-    span, starts `slide//2` or `round(slide/(V-1)*i)`, stride r)."""
+    span, starts `slide//2` or `round(slide/(V-1)*i)`, stride r). `mmaction2=True`: its Resize rounds the long side
+    (mmcv `int(long * S/short + 0.5)`), its third crop sits at `2 * (margin // 2)`, and indices past the end loop."""
     seg = (T - 1) * r + 1
     slide = max(n, seg) - seg
     starts = [slide // 2] if n_t == 1 else [round(slide / (n_t - 1) * i) for i in range(n_t)]
-    per_t = [[min(st + k * r, n - 1) for k in range(T)] for st in starts]        # past n-1: the padded last frame
+    per_t = [[min(st + k * r, n - 1) if not mmaction2 else (st + k * r) % n for k in range(T)] for st in starts]
     uniq = sorted(set(sum(per_t, [])))
     frames = dict(zip(uniq, read_frames_pyav(path, uniq)))
     mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
@@ -38,6 +39,7 @@ def official_eval_views(path, n, T, r, n_t, n_s):
         x = ((x - mean) / std).permute(3, 0, 1, 2)                                 # C, T, H, W
         H, W = x.shape[-2:]
         size = (S, W * S // H) if H < W else (H * S // W, S)
+        if mmaction2: size = (S, int(W * (S / H) + 0.5)) if H < W else (int(H * (S / W) + 0.5), S)
         return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
     clips, views = [clip(i) for i in per_t], []
@@ -48,7 +50,8 @@ def official_eval_views(path, n, T, r, n_t, n_s):
                 h0, w0 = (H - S) // 2, (W - S) // 2
                 views.append(c[:, :, h0:h0 + S, w0:w0 + S])
             else:
-                st = (0, (max(H, W) - S) // 2, max(H, W) - S)[s]
+                m = max(H, W) - S
+                st = (0, m // 2, 2 * (m // 2) if mmaction2 else m)[s]
                 views.append(c[:, :, st:st + S, :] if H > W else c[:, :, :, st:st + S])
     return views
 
@@ -74,7 +77,8 @@ def _max_diffs(lst, infos, views, T, r, **kw):
     for i, (path, _, _) in enumerate(ds.samples):
         ours = normalize_clip(ds[i]['video'])
         ours = ours.unsqueeze(0) if ours.ndim == 4 else ours                        # (V, 3, T, S, S), temporal-major
-        ref = official_eval_views(path, ds.info(path).frames, T, r, n_t, n_s)      # spatial-major
+        ref = official_eval_views(path, ds.info(path).frames, T, r, n_t, n_s,
+                                  mmaction2=ds.convention == 'mmaction2')          # spatial-major
         assert ours.shape[0] == len(ref) == n_t * n_s
         out.append(max(float((ours[t * n_s + s] - ref[s * n_t + t]).abs().max()) for t in range(n_t) for s in range(n_s)))
     return out
@@ -87,6 +91,15 @@ def test_eval_clips_equal_official_transform(fixture_list, views, T, r):
     diffs = _max_diffs(lst, infos, views, T, r)
     print(f'{views} {T}x{r}: max |ours - official| per clip', [round(d, 4) for d in diffs])
     assert max(diffs) <= 0.02, dict(zip(FIXTURES, diffs))
+
+
+def test_mmaction2_convention_equals_mmaction2_eval(fixture_list):
+    "convention='mmaction2': rounded long side, third crop at 2*(margin//2), looped indices (16x16 loops on the short clips)."
+    lst, infos = fixture_list
+    for views, T, r in (('1x3', 16, 8), ('1x1', 16, 16)):
+        diffs = _max_diffs(lst, infos, views, T, r, convention='mmaction2')
+        print(f'mmaction2 {views} {T}x{r}:', [round(d, 4) for d in diffs])
+        assert max(diffs) <= 0.02
 
 
 def test_legacy_convention_is_measurably_different(fixture_list):
