@@ -247,6 +247,11 @@ CONVENTIONS = {
                    train_range='mmaction2', train_pad='clamp', test_pad='clamp', rand_augment='torchvision'),
 }
 
+_SWITCH_VALUES = dict(antialias=(False, True), crop_offset=('floor', 'round'), long_side=('floor', 'round'),
+                      three_crop=('official', 'mmaction2'), train_range=('official', 'mmaction2'),
+                      train_pad=('repeat_last', 'clamp', 'loop'), test_pad=('repeat_last', 'clamp', 'loop'),
+                      rand_augment=('official', 'torchvision'))
+
 def resolve_convention(convention='official', **switches) -> dict:
     """The switches of `convention` ('official', 'mmaction2', 'legacy', or a dict from this function), with every switch
     given (not None) overriding it; the result is what `build_dataset(convention=...)` also accepts."""
@@ -258,6 +263,10 @@ def resolve_convention(convention='official', **switches) -> dict:
     changed = {k: v for k, v in switches.items() if v is not None and v != base.get(k)}
     base.update(changed)
     if changed: base['name'] = f"{base.get('name', 'custom')}+" + ','.join(f'{k}={v}' for k, v in sorted(changed.items()))
+    for k, ok in _SWITCH_VALUES.items():     # checked here, once: a bad value must not turn every clip into a skip
+        if base.get(k) not in ok:
+            what = 'out_of_bound' if k.endswith('_pad') else k
+            raise ValueError(f'{what}={base.get(k)!r}: expected one of {", ".join(map(repr, ok))}')
     return base
 
 # %% ../nbs/02_data.ipynb #165651d4

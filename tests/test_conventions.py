@@ -250,3 +250,11 @@ def test_train_crop_resize_equals_official(real_clip):
         ref = F.interpolate(x[:, :, i:i + h, j:j + w], size=(S, S), mode='bilinear', align_corners=False)
         got = (ours.as_subclass(torch.Tensor).float() / 255. - mean) / std
         assert float((got - ref).abs().max()) <= 0.02, seed
+
+
+def test_bad_switch_values_fail_at_construction(tmp_path):
+    "A bad switch is an error naming the parameter when the dataset is built, never a skip of every clip."
+    (tmp_path / 'x.mp4').touch(); (tmp_path / 'l.txt').write_text(f'{tmp_path / "x.mp4"} 0\n')
+    for kw, msg in ((dict(out_of_bound='wrap'), "out_of_bound='wrap'"), (dict(crop_offset='ceil'), "crop_offset='ceil'"),
+                    (dict(convention='timm'), "convention='timm'"), (dict(train_range='tsn'), "train_range='tsn'")):
+        with pytest.raises(ValueError, match=msg): build_dataset('list', 'val', ann_file=tmp_path / 'l.txt', **kw)
