@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .core import as_dtype, get_logger, seed_everything
 from .data import collate_clips, normalize_clip, parse_views
-from .evaluate import dist_info, evaluate, format_report, save_results
+from .evaluate import all_gather_objects, dist_info, evaluate, format_report, save_results
 from .model import EVL, PRESETS, build_evl, get_config
 
 _log = get_logger('evl_nb.train')
@@ -28,8 +28,10 @@ __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'DEFAULT_MODEL', 'LAUNCH_OPTIONS', 'TRA
            'cache_dataset', 'model_input_size', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
            'PositionSeeded', 'init_distributed', 'atomic_save', 'list_checkpoints', 'latest_checkpoint',
            'prune_checkpoints', 'rng_state', 'set_rng_state', 'read_train_checkpoint', 'MetricsLog', 'read_metrics',
-           'NonFiniteLossError', 'build_model', 'check_data', 'check_classes', 'finished_run', 'train', 'TensorClips',
-           'random_clips', 'run', 'build_parser', 'main', 'cli_args', 'torchrun_command', 'launch']
+           'TensorClips', 'random_clips', 'NonFiniteLossError', 'build_model', 'check_data', 'check_classes',
+           'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader', 'save_checkpoint',
+           'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'train', 'run', 'build_parser',
+           'main', 'cli_args', 'torchrun_command', 'launch']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -425,17 +427,47 @@ def read_metrics(path) -> list[dict]:
             out.append(d)
     return out
 
+# %% ../nbs/06_train.ipynb #5a7bd965
+class TensorClips(Dataset):
+    "In-memory uint8 clips `videos (N,3,T,H,W)` + `labels`; train mode: random `crop` and, with `flip_pairs`, a mirror that swaps paired labels."
+    def __init__(self, videos: torch.Tensor, labels, classes=None, crop: int | None = None, train: bool = True, views: int = 1,
+                 flip_pairs: dict | None = None, never_flip=()):
+        self.videos, self.labels = videos, [int(l) for l in labels]
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(max(self.labels) + 1)]
+        self.crop, self.train, self.views = crop, train, views
+        self.flip_pairs, self.never_flip = (dict(flip_pairs) if flip_pairs is not None else None), set(never_flip)
+    @property
+    def num_classes(self): return len(self.classes)
+    def __len__(self): return len(self.labels)
+    def __getitem__(self, i):
+        v, label = self.videos[i], self.labels[i]
+        if self.crop and self.crop < v.shape[-1]:
+            H, W = v.shape[-2:]; c = self.crop
+            if self.train:
+                t, l = int(torch.randint(0, H - c + 1, ())), int(torch.randint(0, W - c + 1, ()))
+                v = v[..., t:t + c, l:l + c]
+            else: v = v[..., (H - c) // 2:(H - c) // 2 + c, (W - c) // 2:(W - c) // 2 + c]
+        if self.train and self.flip_pairs is not None and label not in self.never_flip and float(torch.rand(())) < 0.5:
+            v, label = v.flip(-1), self.flip_pairs.get(label, label)
+        if self.views > 1: v = v.expand(self.views, *v.shape)
+        return {'video': v.contiguous(), 'label': label, 'index': i}
+
+def random_clips(n: int, num_classes: int = 4, T: int = 8, size: int = 112, seed: int = 0) -> torch.Tensor:
+    "A learnable toy set: class k = a bright square moving in direction k (uint8 (n,3,T,H,W)) and the labels."
+    g = torch.Generator().manual_seed(seed)
+    vids = (torch.rand(n, 3, T, size, size, generator=g) * 60).to(torch.uint8)
+    labels = torch.arange(n) % num_classes
+    for i in range(n):
+        k = int(labels[i]); s = size // 4
+        for t in range(T):
+            o = int(t * (size - s) / max(1, T - 1)); p = o if k % 2 == 0 else size - s - o
+            if k // 2 == 0: vids[i, :, t, size // 2 - s // 2:size // 2 + s // 2, p:p + s] = 255
+            else: vids[i, :, t, p:p + s, size // 2 - s // 2:size // 2 + s // 2] = 255
+    return vids, labels
+
 # %% ../nbs/06_train.ipynb #94e58bf0
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN/inf; the run stopped and kept its last good checkpoint."
-
-def _peak_mem_gb(device) -> float:
-    if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
-
-def _model_config_dict(model) -> dict:
-    cfg = getattr(model, 'config', None)
-    return asdict(cfg) if cfg is not None else {}
 
 def build_model(cfg: TrainConfig, num_classes: int | None = None) -> EVL:
     "The EVL model of a resolved config (backbone in the run's precision, class count from the data)."
@@ -446,6 +478,7 @@ def build_model(cfg: TrainConfig, num_classes: int | None = None) -> EVL:
     ov.setdefault('backbone_precision', cfg.precision)
     return build_evl(cfg.model, pretrained=cfg.pretrained, **ov)
 
+# %% ../nbs/06_train.ipynb #f6189adf
 def check_data(cfg: TrainConfig):
     "Read the annotations (no decoding) and check them against the config; returns the (train, val) datasets."
     from dataclasses import replace
@@ -494,222 +527,257 @@ def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
     if dist_info()[0] == 0: (echo or _log.info)(msg)
     return dict(s, already_complete=True)
 
-# %% ../nbs/06_train.ipynb #0d392fac
-def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -> dict:
-    "Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun."
-    cfg = cfg.resolve()
-    done = finished_run(cfg)
-    if done is not None: return done
+# %% ../nbs/06_train.ipynb #59e51012
+@dataclass
+class RunState:
+    "What one training process holds: config, its place in the job, model and optimiser, progress."
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: EVL
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    micro_batch: int
+    classes: list
+    t_start: float
+    ddp: torch.nn.Module | None = None         # the model, wrapped by DDP when world > 1
+    metrics: MetricsLog | None = None          # rank 0 only
+    sampler: StepSampler | None = None
+    step: int = 0
+    start_step: int = 0
+    best: dict | None = None                   # {'top1', 'step'} of the best evaluation so far
+    resumed_from: str | None = None
+    skipped: int = 0                           # training draws that hit an unreadable file
+    clips: int = 0                             # clips trained on by this process since the start
+    @property
+    def out(self) -> Path: return Path(self.cfg.output_dir)
+    @property
+    def ckpt_dir(self) -> Path: return self.out / 'checkpoints'
+    @property
+    def dtype(self) -> torch.dtype: return as_dtype(self.cfg.precision)
+
+def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState:
+    "Join the job, split the batch, build model, optimiser, schedule and scaler (the same initial weights on every rank)."
     t_start = time.time()
     rank, world, device = init_distributed(cfg.device)
-    out = Path(cfg.output_dir); ckpt_dir = out / 'checkpoints'
-    if rank == 0: out.mkdir(parents=True, exist_ok=True)
+    if rank == 0: Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     micro, rem = divmod(cfg.batch_size, world * cfg.accum_steps)
     if rem or micro < 1:
         raise ValueError(f'batch_size={cfg.batch_size} is not divisible by world_size ({world}) x accum_steps ({cfg.accum_steps})')
-    prec = as_dtype(cfg.precision)
-    if prec == torch.float16 and device.type == 'cpu': _log.warning('fp16 on CPU is slow and poorly supported; prefer bf16 or fp32')
-    seed_everything(cfg.seed)            # same initial weights on every rank
+    dtype = as_dtype(cfg.precision)
+    if dtype == torch.float16 and device.type == 'cpu': _log.warning('fp16 on CPU is slow and poorly supported; prefer bf16 or fp32')
+    seed_everything(cfg.seed)
     if model is None: model = build_model(cfg, getattr(train_set, 'num_classes', None))
     model.to(device)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, fused=device.type == 'cuda')
     sched = build_scheduler(opt, cfg.max_steps, cfg.warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=prec == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     seed_everything(cfg.seed + 7919 * rank)   # dropout differs per rank, reproducibly
-
-    # ---- resume
-    start_step, best, resumed_from = 0, None, None
-    ckpt_path = None
-    if cfg.resume not in (False, None, 'none', 'no', 'false', ''):
-        ckpt_path = latest_checkpoint(ckpt_dir) if cfg.resume in (True, 'auto', 'latest') else Path(cfg.resume)
-        if ckpt_path is not None and not ckpt_path.is_file(): raise FileNotFoundError(f'resume={str(cfg.resume)!r}: no such checkpoint')
-    if ckpt_path is not None:
-        ck = read_train_checkpoint(ckpt_path)
-        model.load_state_dict(ck['model'])
-        opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
-        if ck.get('scaler'): scaler.load_state_dict(ck['scaler'])
-        start_step, best, resumed_from = int(ck['step']), ck.get('best'), str(ckpt_path)
-        rngs = ck.get('rng') or []
-        if rngs: set_rng_state(rngs[rank % len(rngs)])
-        if ck.get('world_size', world) != world:
-            _log.warning(f'resuming a {ck.get("world_size")}-process run with {world} processes: the sample stream is kept, RNG states are not exact')
-        if rank == 0: _log.info(f'resumed from {ckpt_path} at step {start_step}')
-
-    ddp = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-
-    metrics = MetricsLog(out / 'metrics.csv', tensorboard=rank == 0) if rank == 0 else None
-    if metrics is not None and start_step: metrics.truncate(start_step)
-    elif metrics is not None and not start_step: metrics.truncate(0)
-
-    sampler = StepSampler(len(train_set), micro * cfg.accum_steps, cfg.max_steps, start_step, rank, world, cfg.seed)
-    nw = 0 if isinstance(train_set, TensorClips) else cfg.num_workers     # in-memory clips need no loader processes
-    loader = DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=micro, sampler=sampler, num_workers=nw,
-                        collate_fn=collate_clips, pin_memory=device.type == 'cuda', generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=False, **({'prefetch_factor': 4} if nw else {}))
     classes = list(getattr(train_set, 'classes', []) or [])
     if classes and len(classes) < model.config.num_classes:       # sparse / partial class ids: None for the rest
         from evl_nb.data import pad_classes
         classes = pad_classes(classes, model.config.num_classes)
-    ev_bs = cfg.eval_batch_size or max(1, micro)
+    return RunState(cfg, rank, world, device, model, opt, sched, scaler, micro, classes, t_start)
 
-    def save(step, path=None, extra=None):
-        rngs = _gather_objects(rng_state())
-        if rank != 0: return None
-        state = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                     scaler=scaler.state_dict(), step=step, sampler=sampler.state_dict(), rng=rngs, world_size=world,
-                     best=best, config=asdict(cfg), model_config=_model_config_dict(model), classes=classes, **(extra or {}))
-        p = atomic_save(state, path or ckpt_dir / f'step_{step:07d}.pt')
-        if path is None: prune_checkpoints(ckpt_dir, cfg.keep_last)
-        return p
+# %% ../nbs/06_train.ipynb #6a396b50
+def resume_run(run: RunState) -> Path | None:
+    "Load the checkpoint `resume` asks for ('auto': the latest in output_dir): weights, optimiser, schedule, RNG, step."
+    cfg = run.cfg
+    if cfg.resume in (False, None, 'none', 'no', 'false', ''): return None
+    path = latest_checkpoint(run.ckpt_dir) if cfg.resume in (True, 'auto', 'latest') else Path(cfg.resume)
+    if path is None: return None
+    if not path.is_file(): raise FileNotFoundError(f'resume={str(cfg.resume)!r}: no such checkpoint')
+    ck = read_train_checkpoint(path)
+    run.model.load_state_dict(ck['model'])
+    run.optimizer.load_state_dict(ck['optimizer']); run.scheduler.load_state_dict(ck['scheduler'])
+    if ck.get('scaler'): run.scaler.load_state_dict(ck['scaler'])
+    run.step = run.start_step = int(ck['step'])
+    run.best, run.resumed_from = ck.get('best'), str(path)
+    rngs = ck.get('rng') or []
+    if rngs: set_rng_state(rngs[run.rank % len(rngs)])
+    if ck.get('world_size', run.world) != run.world:
+        _log.warning(f'resuming a {ck.get("world_size")}-process run with {run.world} processes: '
+                     'the sample stream is kept, RNG states are not exact')
+    if run.rank == 0: _log.info(f'resumed from {path} at step {run.start_step}')
+    return path
 
-    def run_eval(step):
-        nonlocal best
-        if val_set is None: return None
-        m = evaluate(model, val_set, batch_size=ev_bs, num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4), device=device,
-                     precision=cfg.precision, classes=classes or None, progress=cfg.progress)
-        if rank == 0:
-            metrics.log(kind='val', step=step, top1=m['top1'], top5=m['top5'], mean_class_accuracy=m['mean_class_accuracy'],
-                        num_samples=m['num_samples'], elapsed_s=time.time() - t_start); metrics.flush()
-            _log.info(f'step {step}: ' + format_report(m, 0, 0))
-        if best is None or m['top1'] > best['top1']:
-            best = dict(top1=m['top1'], step=step)
-            save(step, ckpt_dir / 'best.pt', dict(val_metrics={k: m[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples')}))
-        return m
+def start_run(run: RunState) -> RunState:
+    "Wrap the model in DDP (world > 1) and open the metrics log, dropping rows after the resumed step."
+    run.ddp = run.model
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        run.ddp = DDP(run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+    if run.rank == 0:
+        run.metrics = MetricsLog(run.out / 'metrics.csv', tensorboard=True)
+        run.metrics.truncate(run.start_step)
+    return run
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc='train', disable=not (cfg.progress and rank == 0),
-               dynamic_ncols=True, mininterval=1.0)
-    ddp.train()
-    it = iter(loader)
-    step, last_m, n_skipped, stopped = start_step, None, 0, False
-    t_loop, clips_done = time.time(), 0
-    end_step = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
-    try:
-        while step < end_step:
-            loss_sum = torch.zeros(2, device=device, dtype=torch.float64)   # (sum of micro losses, non-finite flag)
-            for a in range(cfg.accum_steps):
-                b = next(it)
-                if b['skipped']:
-                    n_skipped += len(b['skipped'])
-                    if hasattr(train_set, 'record_skips'): train_set.record_skips(b['skipped'])
-                x = b['video']; y = b['label'].to(device)
-                empty = x is None
-                if empty: x = torch.zeros(1, 3, model.config.num_frames, *2 * [model_input_size(model.config)], dtype=torch.uint8); y = torch.zeros(1, dtype=torch.long, device=device)
-                x = normalize_clip(x, device)
-                sync = a == cfg.accum_steps - 1
-                ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                with ctx:
-                    with torch.autocast(device.type, dtype=prec, enabled=prec != torch.float32):
-                        logits = ddp(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    if empty: loss = loss * 0.0
-                    if not torch.isfinite(loss): loss_sum[1] += 1
-                    else: loss_sum[0] += loss.detach().double()
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                clips_done += 0 if empty else x.shape[0]
-            _all_reduce_sum(loss_sum)
-            if loss_sum[1] > 0:
-                last = latest_checkpoint(ckpt_dir)
-                raise NonFiniteLossError(f'the training loss is not finite at step {step + 1} (lr {opt.param_groups[0]["lr"]:.3g}, '
-                                         f'precision {cfg.precision}); stopped without updating the weights. Last good checkpoint: '
-                                         f'{last if last else "none yet"}. Lower lr, use bf16/fp32, or check the data.')
-            scaler.step(opt); scaler.update(); opt.zero_grad(set_to_none=True)
-            lr_now = opt.param_groups[0]['lr']
-            sched.step(); step += 1
-            loss_v = float(loss_sum[0]) / (cfg.accum_steps * world)
-            el = time.time() - t_loop
-            cps = clips_done * world / max(el, 1e-9)
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
-            if rank == 0:
-                metrics.log(kind='train', step=step, loss=loss_v, lr=lr_now, clips_per_s=cps, elapsed_s=time.time() - t_start,
-                            gpu_mem_gb=mem)
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == end_step:
-                    bar.set_postfix(loss=f'{loss_v:.3f}', lr=f'{lr_now:.2e}', clips_s=f'{cps:.1f}',
-                                    **({'mem_gb': f'{mem:.1f}'} if mem is not None else {}), refresh=False)
-                    metrics.flush()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps: last_m = run_eval(step); ddp.train()
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps: save(step)
-        stopped = step < cfg.max_steps
-        if step > start_step or ckpt_path is None: save(step)     # nothing new to save when re-evaluating a finished run
-        if not stopped: last_m = run_eval(step)
-    finally:
-        bar.close()
-        if metrics is not None: metrics.flush()
-    wall = time.time() - t_start
-    gpu_hours = wall * world / 3600 if device.type == 'cuda' else 0.0
-    peak = max(_gather_objects(_peak_mem_gb(device)))
-    summary = dict(steps=step, start_step=start_step, max_steps=cfg.max_steps, stopped_early=stopped, resumed_from=resumed_from,
-                   world_size=world, device=str(device), precision=cfg.precision, batch_size=cfg.batch_size, micro_batch=micro,
-                   accum_steps=cfg.accum_steps, wall_time_s=wall, train_time_s=time.time() - t_loop if step > start_step else 0.0,
-                   clips_per_s=clips_done * world / max(time.time() - t_loop, 1e-9), gpu_hours=gpu_hours,
-                   peak_memory_gb=peak, peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
-                   train_skipped=n_skipped, train_skipped_files=_skip_details(train_set), best=best, output_dir=str(out), checkpoint=str(latest_checkpoint(ckpt_dir)),
-                   config=asdict(cfg))
-    if last_m is not None:
-        summary['val'] = {k: last_m[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
-                                                 'num_dataset', 'skipped_files')}
-        if rank == 0: save_results(last_m, out / 'results.json')
-    if rank == 0:
-        (out / 'summary.json').write_text(json.dumps(summary, indent=1, default=str))
-        metrics.close()
-    return summary
+# %% ../nbs/06_train.ipynb #5f925783
+def train_loader(run: RunState, train_set) -> DataLoader:
+    "This rank's micro-batches from the resumed step on (`StepSampler`, augmentation seeded by stream position)."
+    cfg = run.cfg
+    run.sampler = StepSampler(len(train_set), run.micro_batch * cfg.accum_steps, cfg.max_steps, run.start_step,
+                              run.rank, run.world, cfg.seed)
+    workers = 0 if isinstance(train_set, TensorClips) else cfg.num_workers     # in-memory clips need no loader processes
+    return DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=run.micro_batch, sampler=run.sampler,
+                      num_workers=workers, collate_fn=collate_clips, pin_memory=run.device.type == 'cuda',
+                      generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
+                      **({'prefetch_factor': 4} if workers else {}))
+
+def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path | None:
+    "Everything needed to resume (every rank's RNG state: call on all ranks); `step_*.pt` by default, pruned to keep_last."
+    rngs = all_gather_objects(rng_state())
+    if run.rank != 0: return None
+    state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                 scaler=run.scaler.state_dict(), step=run.step, sampler=run.sampler.state_dict(), rng=rngs,
+                 world_size=run.world, best=run.best, config=asdict(run.cfg), model_config=asdict(run.model.config),
+                 classes=run.classes, **(extra or {}))
+    p = atomic_save(state, path or run.ckpt_dir / f'step_{run.step:07d}.pt')
+    if path is None: prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
+    return p
+
+# %% ../nbs/06_train.ipynb #a9450b59
+def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tensor, bool, int]:
+    "One micro-batch: (its loss, whether it is finite, clips in it); the gradient is added, all-reduced if `sync`."
+    x, y = batch['video'], batch['label'].to(run.device)
+    empty = x is None                       # every clip unreadable: a zero clip keeps this rank in the all-reduce
+    if empty:
+        x = torch.zeros(1, 3, run.model.config.num_frames, *2 * [model_input_size(run.model.config)], dtype=torch.uint8)
+        y = torch.zeros(1, dtype=torch.long, device=run.device)
+    x = normalize_clip(x, run.device)
+    with run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext():
+        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+            logits = run.ddp(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if empty: loss = loss * 0.0
+        run.scaler.scale(loss / run.cfg.accum_steps).backward()
+    return loss.detach(), bool(torch.isfinite(loss)), 0 if empty else x.shape[0]
+
+def train_step(run: RunState, batches, train_set=None) -> tuple[float, float]:
+    "One optimiser step over `accum_steps` micro-batches: (mean loss over the job, the lr it used); stops on a non-finite loss."
+    cfg = run.cfg
+    loss_sum = torch.zeros(2, device=run.device, dtype=torch.float64)   # (sum of micro losses, non-finite count)
+    for i in range(cfg.accum_steps):
+        b = next(batches)
+        if b['skipped']:
+            run.skipped += len(b['skipped'])
+            if hasattr(train_set, 'record_skips'): train_set.record_skips(b['skipped'])
+        loss, finite, n = forward_backward(run, b, sync=i == cfg.accum_steps - 1)
+        if finite: loss_sum[0] += loss.double()
+        else: loss_sum[1] += 1
+        run.clips += n
+    _all_reduce_sum(loss_sum)
+    lr = run.optimizer.param_groups[0]['lr']
+    if loss_sum[1] > 0:
+        last = latest_checkpoint(run.ckpt_dir)
+        raise NonFiniteLossError(f'the training loss is not finite at step {run.step + 1} (lr {lr:.3g}, precision {cfg.precision}); '
+                                 f'stopped without updating the weights. Last good checkpoint: {last if last else "none yet"}. '
+                                 'Lower lr, use bf16/fp32, or check the data.')
+    run.scaler.step(run.optimizer); run.scaler.update(); run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step(); run.step += 1
+    return float(loss_sum[0]) / (cfg.accum_steps * run.world), lr
+
+# %% ../nbs/06_train.ipynb #351ca810
+def log_step(run: RunState, loss: float, lr: float, clips_per_s: float, bar=None, end_step: int | None = None):
+    "A `train` row in metrics.csv (rank 0) and the progress bar; flushed every `log_every` steps."
+    if run.rank != 0: return
+    mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == 'cuda' else None
+    run.metrics.log(kind='train', step=run.step, loss=loss, lr=lr, clips_per_s=clips_per_s,
+                    elapsed_s=time.time() - run.t_start, gpu_mem_gb=mem)
+    if bar is not None: bar.update(1)
+    if run.step % run.cfg.log_every == 0 or run.step == end_step:
+        if bar is not None:
+            bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}', clips_s=f'{clips_per_s:.1f}',
+                            **({'mem_gb': f'{mem:.1f}'} if mem is not None else {}), refresh=False)
+        run.metrics.flush()
+
+def evaluate_run(run: RunState, val_set) -> dict | None:
+    "Evaluate on `val_set` (all ranks), log a `val` row, and save `best.pt` on a new best top-1."
+    if val_set is None: return None
+    cfg = run.cfg
+    m = evaluate(run.model, val_set, batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device,
+                 num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4), precision=cfg.precision,
+                 classes=run.classes or None, progress=cfg.progress)
+    if run.rank == 0:
+        run.metrics.log(kind='val', step=run.step, top1=m['top1'], top5=m['top5'], mean_class_accuracy=m['mean_class_accuracy'],
+                        num_samples=m['num_samples'], elapsed_s=time.time() - run.t_start); run.metrics.flush()
+        _log.info(f'step {run.step}: ' + format_report(m, 0, 0))
+    if run.best is None or m['top1'] > run.best['top1']:
+        run.best = dict(top1=m['top1'], step=run.step)
+        save_checkpoint(run, run.ckpt_dir / 'best.pt',
+                        dict(val_metrics={k: m[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples')}))
+    run.ddp.train()
+    return m
+
+# %% ../nbs/06_train.ipynb #a64f0e5e
+def _peak_mem_gb(device) -> float:
+    if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
+
+def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool) -> dict:
+    "The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log."
+    wall, cfg, device = time.time() - run.t_start, run.cfg, run.device
+    train_time = time.time() - t_loop
+    s = dict(steps=run.step, start_step=run.start_step, max_steps=cfg.max_steps, stopped_early=stopped,
+             resumed_from=run.resumed_from, world_size=run.world, device=str(device), precision=cfg.precision,
+             batch_size=cfg.batch_size, micro_batch=run.micro_batch, accum_steps=cfg.accum_steps, wall_time_s=wall,
+             train_time_s=train_time if run.step > run.start_step else 0.0,
+             clips_per_s=run.clips * run.world / max(train_time, 1e-9),
+             gpu_hours=wall * run.world / 3600 if device.type == 'cuda' else 0.0,
+             peak_memory_gb=max(all_gather_objects(_peak_mem_gb(device))),
+             peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
+             train_skipped=run.skipped, train_skipped_files=_skip_details(train_set), best=run.best,
+             output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), config=asdict(cfg))
+    if last_eval is not None:
+        s['val'] = {k: last_eval[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
+                                              'num_dataset', 'skipped_files')}
+        if run.rank == 0: save_results(last_eval, run.out / 'results.json')
+    if run.rank == 0:
+        (run.out / 'summary.json').write_text(json.dumps(s, indent=1, default=str))
+        run.metrics.close()
+    return s
 
 def _skip_details(ds) -> list[dict]:
     "Every rank's skipped files of `ds` merged by path: {'path', 'where', 'reason', 'message', 'count'} (count = draws)."
     mine = ds.skip_summary()['details'] if hasattr(ds, 'skip_summary') else []
     merged = {}
-    for r in (r for part in _gather_objects(mine) for r in part):
+    for r in (r for part in all_gather_objects(mine) for r in part):
         m = merged.setdefault(r['path'], dict(r, count=0)); m['count'] += r.get('count', 0)
     if merged and dist_info()[0] == 0:
         _log.warning(f'training left out {len(merged)} file(s): ' + '; '.join(
             f"{r['path']} ({r['where'] or '?'}): {r['reason']}, {r['count']} draw(s)" for r in list(merged.values())[:10]))
     return list(merged.values())
 
-def _gather_objects(obj) -> list:
-    from evl_nb.evaluate import all_gather_objects
-    return all_gather_objects(obj)
-
-# %% ../nbs/06_train.ipynb #5a7bd965
-class TensorClips(Dataset):
-    "In-memory uint8 clips `videos (N,3,T,H,W)` + `labels`; train mode: random `crop` and, with `flip_pairs`, a mirror that swaps paired labels."
-    def __init__(self, videos: torch.Tensor, labels, classes=None, crop: int | None = None, train: bool = True, views: int = 1,
-                 flip_pairs: dict | None = None, never_flip=()):
-        self.videos, self.labels = videos, [int(l) for l in labels]
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(max(self.labels) + 1)]
-        self.crop, self.train, self.views = crop, train, views
-        self.flip_pairs, self.never_flip = (dict(flip_pairs) if flip_pairs is not None else None), set(never_flip)
-    @property
-    def num_classes(self): return len(self.classes)
-    def __len__(self): return len(self.labels)
-    def __getitem__(self, i):
-        v, label = self.videos[i], self.labels[i]
-        if self.crop and self.crop < v.shape[-1]:
-            H, W = v.shape[-2:]; c = self.crop
-            if self.train:
-                t, l = int(torch.randint(0, H - c + 1, ())), int(torch.randint(0, W - c + 1, ()))
-                v = v[..., t:t + c, l:l + c]
-            else: v = v[..., (H - c) // 2:(H - c) // 2 + c, (W - c) // 2:(W - c) // 2 + c]
-        if self.train and self.flip_pairs is not None and label not in self.never_flip and float(torch.rand(())) < 0.5:
-            v, label = v.flip(-1), self.flip_pairs.get(label, label)
-        if self.views > 1: v = v.expand(self.views, *v.shape)
-        return {'video': v.contiguous(), 'label': label, 'index': i}
-
-def random_clips(n: int, num_classes: int = 4, T: int = 8, size: int = 112, seed: int = 0) -> torch.Tensor:
-    "A learnable toy set: class k = a bright square moving in direction k (uint8 (n,3,T,H,W)) and the labels."
-    g = torch.Generator().manual_seed(seed)
-    vids = (torch.rand(n, 3, T, size, size, generator=g) * 60).to(torch.uint8)
-    labels = torch.arange(n) % num_classes
-    for i in range(n):
-        k = int(labels[i]); s = size // 4
-        for t in range(T):
-            o = int(t * (size - s) / max(1, T - 1)); p = o if k % 2 == 0 else size - s - o
-            if k // 2 == 0: vids[i, :, t, size // 2 - s // 2:size // 2 + s // 2, p:p + s] = 255
-            else: vids[i, :, t, p:p + s, size // 2 - s // 2:size // 2 + s // 2] = 255
-    return vids, labels
+# %% ../nbs/06_train.ipynb #0d392fac
+def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -> dict:
+    "Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun."
+    cfg = cfg.resolve()
+    done = finished_run(cfg)
+    if done is not None: return done
+    run = setup_run(cfg, train_set, model)
+    resume_run(run); start_run(run)
+    batches = iter(train_loader(run, train_set))
+    end_step = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc='train', disable=not (cfg.progress and run.rank == 0),
+               dynamic_ncols=True, mininterval=1.0)
+    last_eval, t_loop = None, time.time()
+    try:
+        while run.step < end_step:
+            loss, lr = train_step(run, batches, train_set)
+            log_step(run, loss, lr, run.clips * run.world / max(time.time() - t_loop, 1e-9), bar, end_step)
+            midway = run.step < cfg.max_steps
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and midway: last_eval = evaluate_run(run, val_set)
+            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and midway: save_checkpoint(run)
+        stopped = run.step < cfg.max_steps
+        if run.step > run.start_step or run.resumed_from is None: save_checkpoint(run)   # nothing new when re-evaluating
+        if not stopped: last_eval = evaluate_run(run, val_set)
+    finally:
+        bar.close()
+        if run.metrics is not None: run.metrics.flush()
+    return run_summary(run, train_set, last_eval, t_loop, stopped)
 
 # %% ../nbs/06_train.ipynb #19508b69
 def run(cfg: TrainConfig) -> dict:
