@@ -21,9 +21,11 @@ from .model import EVL, temporal_attention
 from .data import CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, resize_short, uniform_indices
 
 # %% auto #0
-__all__ = ['KINDS', 'even_indices', 'prepare_clip', 'moving_square_clip', 'read_video_clip', 'load_class_names',
-           'randomize_decoder_', 'MapView', 'AttentionMaps', 'extract_attention', 'OverlayPanel', 'figure_pixels',
-           'figure_png', 'AttentionViewer', 'snapshot_grid', 'export_animation']
+__all__ = ['KINDS', 'MIN_COVER', 'even_indices', 'prepare_clip', 'prepare_masks', 'moving_square_clip', 'read_video_clip',
+           'load_class_names', 'randomize_decoder_', 'MapView', 'AttentionMaps', 'extract_attention', 'object_patches',
+           'object_attention_share', 'temporal_peak_hits', 'peak_on_object', 'attention_measures', 'measures_text',
+           'OverlayPanel', 'figure_pixels', 'figure_png', 'AttentionViewer', 'snapshot_grid', 'export_animation',
+           'synthetic_attention_measures', 'measures_table']
 
 # %% ../nbs/08_attention.ipynb #6c649daf
 _log = get_logger('evl_nb.attention')
@@ -51,6 +53,13 @@ def prepare_clip(video, size: int, num_frames: int | None = None, mean=CLIP_MEAN
     v = center_crop(resize_short(v, size), size)            # the evaluation transform of evl_nb.data
     frames = v.permute(1, 2, 3, 0).numpy()
     return normalize_clip(v, mean=mean, std=std)[None].contiguous(), frames
+
+def prepare_masks(masks, size: int, num_frames: int | None = None) -> np.ndarray:
+    "Object masks `(T, H, W)` of a clip -> float `(T', size, size)` in [0, 1], by `prepare_clip`'s frame pick, resize and crop."
+    m = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+    if m.ndim != 3: raise ValueError(f'masks: expected (T, H, W), got {tuple(m.shape)}')
+    if num_frames is not None and m.shape[0] != num_frames: m = m[even_indices(m.shape[0], num_frames)]
+    return center_crop(resize_short(m, size), size).clamp(0, 1).numpy()
 
 def moving_square_clip(num_frames: int = 8, size: int = 112, square: int | None = None, seed: int = 0) -> np.ndarray:
     "A synthetic uint8 `(T, size, size, 3)` clip: a coloured square crossing a noisy gradient diagonally."
@@ -129,6 +138,7 @@ class AttentionMaps:
     grid: tuple[int, int]
     block_indices: list[int] = field(default_factory=list)
     class_names: list[str] | None = None
+    object_pixels: np.ndarray | None = None       # (T, H, W) in [0, 1]: where the object is in each display frame
 
     @property
     def num_layers(self) -> int: return self.query.shape[0]
@@ -204,12 +214,15 @@ class AttentionMaps:
         names = self.class_names or [f'class {j}' for j in range(len(p))]
         return [(int(j), names[int(j)], float(x)) for x, j in zip(v, i)]
 
-def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_names=None, index: int = 0) -> AttentionMaps:
+def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_names=None, index: int = 0,
+                      object_masks=None) -> AttentionMaps:
     "All maps of clip `index` of `clip` (normalised float `(B,3,T,H,W)`/`(3,T,H,W)`, or a uint8 clip prepared with `prepare_clip`)."
     size = model.backbone.tower.image_size[0]
     if isinstance(clip, np.ndarray): clip = torch.from_numpy(clip)
     if not torch.is_tensor(clip): raise TypeError(f'clip: expected a tensor or numpy array, got {type(clip).__name__}')
-    if clip.dtype == torch.uint8: clip, frames = prepare_clip(clip, size, model.config.num_frames)
+    if clip.dtype == torch.uint8:
+        if object_masks is not None: object_masks = prepare_masks(object_masks, size, model.config.num_frames)
+        clip, frames = prepare_clip(clip, size, model.config.num_frames)
     x = clip[None] if clip.ndim == 4 else clip
     if x.ndim != 5 or x.shape[1] != 3: raise ValueError(f'clip: expected (B, 3, T, H, W), got {tuple(clip.shape)}')
     if not 0 <= index < x.shape[0]: raise IndexError(f'index={index}: the batch has {x.shape[0]} clips')
@@ -241,10 +254,91 @@ def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_
     frames = np.asarray(frames)
     if frames.shape[:1] != (T,) or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f'frames: expected ({T}, H, W, 3) display frames, got {frames.shape}')
+    if object_masks is not None:
+        object_masks = np.asarray(object_masks, np.float32)
+        if object_masks.shape != frames.shape[:3]:
+            raise ValueError(f'object_masks: expected {frames.shape[:3]} (one per display frame), got {object_masks.shape}')
     return AttentionMaps(frames=frames, query=np_(query), query_cls=np_(qcls), tca_prev=np_(prev), tca_next=np_(nxt),
                          tca_magnitude=np_(mag) if mag else None, logits=r['logits'][0].float().cpu().numpy(),
                          grid=(h, w), block_indices=list(model.backbone.block_indices),
-                         class_names=load_class_names(class_names, model.config.num_classes))
+                         class_names=load_class_names(class_names, model.config.num_classes), object_pixels=object_masks)
+
+# %% ../nbs/08_attention.ipynb #2a52c3bc
+MIN_COVER = 0.1
+
+def object_patches(maps: AttentionMaps, min_cover: float = MIN_COVER) -> np.ndarray:
+    "`(T, h, w)` bool: the patches the object covers by at least `min_cover` (needs `maps.object_pixels`)."
+    if maps.object_pixels is None: raise ValueError('these maps carry no object masks: pass object_masks= to extract_attention')
+    m = torch.as_tensor(maps.object_pixels, dtype=torch.float32)[:, None]
+    return (F.adaptive_avg_pool2d(m, maps.grid)[:, 0] >= min_cover).numpy()
+
+def _nanmean(a, axis=None):
+    a = np.asarray(a, np.float64); ok = ~np.isnan(a)
+    n = ok.sum(axis)
+    return np.where(n > 0, np.where(ok, a, 0).sum(axis) / np.maximum(n, 1), np.nan)
+
+def object_attention_share(maps: AttentionMaps, min_cover: float = MIN_COVER, head: int | None = None) -> dict:
+    "Measure (a): `share` `(layers, T)` of the query's patch attention on the object, `baseline` `(T,)`; NaN where it is invisible."
+    obj = object_patches(maps, min_cover)
+    q = maps.query.mean(1) if head is None else maps.query[:, head]              # layers, T, h, w
+    seen = obj.any((-1, -2))
+    on = (q * obj).sum((-1, -2)) / np.maximum(q.sum((-1, -2)), 1e-30)
+    share = np.where(seen[None], on, np.nan)
+    baseline = np.where(seen, obj.mean((-1, -2)), np.nan)
+    return dict(share=share, baseline=baseline, mean_share=_nanmean(share, 1), mean_baseline=float(_nanmean(baseline)),
+                frames=int(seen.sum()))
+
+# %% ../nbs/08_attention.ipynb #dc8a1e0d
+def temporal_peak_hits(maps: AttentionMaps, min_cover: float = MIN_COVER) -> dict:
+    """Measure (b), per direction ('prev', 'next'): `hits` `(layers, T-1)` and `queries` `(T-1,)` counts, `rate` per layer,
+    `chance` (a peak on a random patch) and `same_place` (a map peaking where the query patch itself is)."""
+    obj = object_patches(maps, min_cover).reshape(maps.num_frames, -1)
+    out = {}
+    for d, A, dq in (('prev', maps.tca_prev, 1), ('next', maps.tca_next, 0)):   # pair j: query frame j+dq, key frame j+1-dq
+        peaks = A.argmax(-1)                                                    # layers, T-1, hw
+        hits = np.zeros(peaks.shape[:2]); queries, chance, same = (np.zeros(peaks.shape[1]) for _ in range(3))
+        for j in range(peaks.shape[1]):
+            qs, ks = obj[j + dq], obj[j + 1 - dq]
+            if not (qs.any() and ks.any()): continue
+            queries[j], chance[j], same[j] = qs.sum(), ks.mean(), (qs & ks).sum()
+            hits[:, j] = ks[peaks[:, j][:, qs]].sum(-1)
+        n = queries.sum()
+        out[d] = dict(hits=hits, queries=queries, rate=hits.sum(1) / n if n else np.full(len(hits), np.nan),
+                      chance=float((chance * queries).sum() / n) if n else float('nan'),
+                      same_place=float(same.sum() / n) if n else float('nan'))
+    return out
+
+def peak_on_object(maps: AttentionMaps, layer: int, frame: int, patch: tuple[int, int], direction: str = 'prev',
+                   min_cover: float = MIN_COVER) -> bool | None:
+    "Does the temporal map of query `patch` of `frame` peak on the object in the key frame? None without a key frame or object."
+    a = maps.temporal_map(layer, frame, patch, direction)
+    key = frame - 1 if direction == 'prev' else frame + 1
+    if a is None: return None
+    obj = object_patches(maps, min_cover)[key]
+    return bool(obj.reshape(-1)[int(a.argmax())]) if obj.any() else None
+
+# %% ../nbs/08_attention.ipynb #1c70b2c9
+def attention_measures(maps: AttentionMaps, min_cover: float = MIN_COVER) -> dict:
+    "Both measures of one clip, per decoder layer, as plain numbers (JSON-ready)."
+    s, h = object_attention_share(maps, min_cover), temporal_peak_hits(maps, min_cover)
+    fl = lambda a: [None if np.isnan(x) else float(x) for x in np.asarray(a, np.float64).reshape(-1)]
+    return dict(object_share=fl(s['mean_share']), uniform_baseline=s['mean_baseline'], frames_with_object=s['frames'],
+                **{f'{k}_{d}': v for d in ('prev', 'next') for k, v in
+                   (('peak', fl(h[d]['rate'])), ('chance', h[d]['chance']), ('same_place', h[d]['same_place']),
+                    ('queries', int(h[d]['queries'].sum())))})
+
+def measures_text(maps: AttentionMaps, layer: int = -1, frame: int | None = None, min_cover: float = MIN_COVER) -> str:
+    "One or two lines for a picture: measure (a) at `layer` (and `frame`), measure (b) at `layer`."
+    l = maps._layer(layer)
+    s, h = object_attention_share(maps, min_cover), temporal_peak_hits(maps, min_cover)
+    pc = lambda x: 'n/a' if np.isnan(x) else f'{100 * x:.0f}%'
+    head = f'layer {l}: query attention on the object {pc(s["mean_share"][l])} of the frames\' patch attention (uniform {pc(s["mean_baseline"])})'
+    if frame is not None:
+        head += f'; frame {frame}: {pc(s["share"][l, frame])} (uniform {pc(s["baseline"][frame])})'
+    tca = ('temporal map of an object patch peaks on the object: ' + ', '.join(
+        f'A(t <- t{"-" if d == "prev" else "+"}1) {pc(h[d]["rate"][l])} (chance {pc(h[d]["chance"])}, '
+        f'same place {pc(h[d]["same_place"])})' for d in ('prev', 'next')))
+    return head + '\n' + tca
 
 # %% ../nbs/08_attention.ipynb #3ea7fb57
 class OverlayPanel:
@@ -256,10 +350,15 @@ class OverlayPanel:
         self.image = ax.imshow(frames[0], extent=(0, W, H, 0), interpolation='bilinear')
         self.overlay = ax.imshow(np.zeros(grid), extent=(0, W, H, 0), interpolation=interpolation, cmap='inferno', vmin=0, vmax=1)
         self.marker = ax.add_patch(Rectangle((0, 0), self.cell[1], self.cell[0], fill=False, ec='cyan', lw=1.5, visible=False))
+        self.object = ax.add_patch(Rectangle((0, 0), 1, 1, fill=False, ec='lime', lw=1.0, ls='--', visible=False))
         ax.set_xticks([]); ax.set_yticks([])
 
-    def show(self, view: MapView, frames: np.ndarray, alpha: float = 0.5, title: bool = True):
+    def show(self, view: MapView, frames: np.ndarray, alpha: float = 0.5, title: bool = True, object_pixels=None):
+        "Draw `view`; with `object_pixels` `(T, H, W)` also the object's box in the shown frame (dashed)."
         self.image.set_data(frames[view.frame])
+        box = _mask_box(object_pixels[view.frame]) if object_pixels is not None else None
+        if box is not None: self.object.set_bounds(box[0], box[1], box[2] - box[0], box[3] - box[1])
+        self.object.set_visible(box is not None)
         self.overlay.set_data(np.ma.masked_invalid(view.array))
         self.overlay.set_cmap(view.cmap)
         self.overlay.set_clim(view.vmin, view.vmax if view.vmax > view.vmin else view.vmin + 1e-12)
@@ -268,6 +367,10 @@ class OverlayPanel:
             self.marker.set_xy((view.patch[1] * self.cell[1], view.patch[0] * self.cell[0])); self.marker.set_visible(True)
         else: self.marker.set_visible(False)
         if title: self.ax.set_title(view.title, fontsize=self.fontsize)
+
+def _mask_box(mask: np.ndarray, thresh: float = 0.5):
+    ys, xs = np.nonzero((np.asarray(mask) >= thresh).any(1))[0], np.nonzero((np.asarray(mask) >= thresh).any(0))[0]
+    return None if not len(ys) else (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
 
 def _figure(figsize, dpi) -> Figure:
     fig = Figure(figsize=figsize, dpi=dpi)
@@ -327,11 +430,14 @@ class AttentionViewer:
         self.w_alpha = W.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description='opacity', continuous_update=False, **sl(0.4))
         self.image = W.Image(format='png', layout=W.Layout(width=f'{int(figsize[0] * dpi)}px'))
         self.image.add_class('evl-attention-image')
+        self.measures = W.HTML(layout=W.Layout(width=f'{px}px'))
+        self.measures.add_class('evl-attention-measures')
         self.controls = dict(frame=self.w_frame, layer=self.w_layer, head=self.w_head, kind=self.w_kind,
                              row=self.w_row, col=self.w_col, alpha=self.w_alpha)
         for c in self.controls.values(): c.observe(self._changed, names='value')
         self.widget = W.VBox([W.HBox([self.w_frame, self.w_alpha]), W.HBox([self.w_kind, self.w_layer, self.w_head]),
-                              W.HBox([self.w_row, self.w_col]), self.image])
+                              W.HBox([self.w_row, self.w_col]), self.image]
+                             + ([self.measures] if maps.object_pixels is not None else []))
         self.renders, self._muted = 0, False
         self.render()
 
@@ -387,13 +493,23 @@ class AttentionViewer:
         self.w_head.disabled = self.kind in ('prev', 'next', 'tca')
         self.current_view = self.maps.frame_map(self.kind, self.layer, self.frame, self.head, self.patch)
         self.current_map = self.current_view.array
-        self.panel.show(self.current_view, self.maps.frames, self.alpha)
+        self.panel.show(self.current_view, self.maps.frames, self.alpha, object_pixels=self.maps.object_pixels)
+        self.measures.value = self._measures() if self.maps.object_pixels is not None else ''
         self._scale.set_cmap(self.current_view.cmap); self._scale.set_clim(*self.panel.overlay.get_clim())
         self.pixels = figure_pixels(self.fig)
         self.png = figure_png(self.fig, self.pixels, optimize=False)     # ~40 ms instead of ~200 ms per redraw
         self.image.value = self.png
         self.renders += 1
         return self
+
+    def _measures(self) -> str:
+        "The measures of the layer and frame on display (and, for a temporal map, whether the query patch's peak is on the object)."
+        import html
+        lines = measures_text(self.maps, self.layer, self.frame).split('\n')
+        if self.kind in ('prev', 'next'):
+            hit = peak_on_object(self.maps, self.layer, self.frame, self.patch, self.kind)
+            if hit is not None: lines.append(f'this query patch: the map peaks {"on" if hit else "off"} the object')
+        return '<div style="font-size:12px;line-height:1.3">' + '<br>'.join(html.escape(l) for l in lines) + '</div>'
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 
@@ -417,14 +533,35 @@ def snapshot_grid(maps: AttentionMaps, rows: str = 'layers', kind: str = 'query'
     axes = np.atleast_2d(fig.subplots(len(rws), len(frames), squeeze=False))
     for i, row in enumerate(views):
         for j, v in enumerate(row):
-            OverlayPanel(axes[i, j], maps.frames, maps.grid, interpolation).show(v, maps.frames, alpha, title=False)
+            OverlayPanel(axes[i, j], maps.frames, maps.grid, interpolation).show(v, maps.frames, alpha, title=False,
+                                                                                 object_pixels=maps.object_pixels)
             if i == 0: axes[i, j].set_title(f't={frames[j]}', fontsize=8)
+            note = _cell_measure(maps, rws[i][0], rws[i][1], frames[j], head, v.patch)
+            if note: axes[i, j].text(0.03, 0.03, note, transform=axes[i, j].transAxes, fontsize=6, color='white',
+                                     bbox=dict(fc='black', alpha=0.55, lw=0, pad=1))
         axes[i, 0].set_ylabel(labels[i], fontsize=7)
     hd = 'mean over heads' if head is None else f'head {head}'
     sub = f'{KINDS[kind]} ({hd})' if rows == 'layers' else f'layer {layer % maps.num_layers} ({hd})'
-    fig.suptitle(sub, fontsize=9)
-    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.45 / fig.get_figheight(), bottom=0.02, wspace=0.04, hspace=0.08)
+    top = 0.45
+    if maps.object_pixels is not None:
+        sub += '\n' + measures_text(maps, layer if rows == 'kinds' else -1); top = 0.8
+    fig.set_figheight(fig.get_figheight() + top - 0.45)
+    fig.suptitle(sub, fontsize=9 if maps.object_pixels is None else 7)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - top / fig.get_figheight(), bottom=0.02, wspace=0.04, hspace=0.08)
     return fig
+
+def _cell_measure(maps: AttentionMaps, kind: str, layer: int, frame: int, head, patch) -> str:
+    "The number printed in a snapshot cell: measure (a) for query maps, (b) of the query patch for temporal maps."
+    if maps.object_pixels is None: return ''
+    if kind == 'query':
+        s = object_attention_share(maps, head=head)
+        l = maps._layer(layer)
+        return '' if np.isnan(s['share'][l, frame]) else f"obj {s['share'][l, frame]:.2f} (unif {s['baseline'][frame]:.2f})"
+    if kind in ('prev', 'next'):
+        h, w = maps.grid
+        hit = peak_on_object(maps, layer, frame, tuple(patch) if patch is not None else (h // 2, w // 2), kind)
+        return '' if hit is None else ('peak on obj' if hit else 'peak off obj')
+    return ''
 
 def export_animation(maps: AttentionMaps, path, kind: str = 'query', layer: int = -1, head: int | None = None,
                      patch: tuple[int, int] | None = None, alpha: float = 0.6, fps: float = 4, size: float = 3.0,
@@ -456,3 +593,52 @@ def export_animation(maps: AttentionMaps, path, kind: str = 'query', layer: int 
             for pkt in st.encode(av.VideoFrame.from_ndarray(rgb, format='rgb24')): out.mux(pkt)
         for pkt in st.encode(): out.mux(pkt)
     return path
+
+# %% ../nbs/08_attention.ipynb #1b2c9271
+def synthetic_attention_measures(model: EVL, root, split: str = 'val', limit: int | None = None, min_cover: float = MIN_COVER,
+                                 progress: bool = False) -> dict:
+    "Both measures per decoder layer, pooled over the `split` clips of the synthetic dataset at `root`, and top-1 on them."
+    from evl_nb.synthetic import load_object_tracks, object_masks
+    from evl_nb.video import check_video, read_clip
+    root = Path(root)
+    clips = [t for k, t in load_object_tracks(root).items() if k == t.get('k400') and t['split'] == split]
+    if not clips: raise ValueError(f'{root}: no {split!r} clips in the object tracks')
+    clips = clips[:limit] if limit else clips
+    T, L = model.config.num_frames, model.config.decoder_num_layers
+    acc = dict(share=np.zeros(L), frames=0, base=0.0, correct=0, **{f'{k}_{d}': (np.zeros(L) if k == 'hits' else 0.0)
+               for d in ('prev', 'next') for k in ('hits', 'queries', 'chance', 'same')})
+    from tqdm.auto import tqdm
+    for t in tqdm(clips, desc=f'attention measures ({split})', disable=not progress):
+        path = root / t['k400']
+        info = check_video(path)
+        if info.error: raise ValueError(f'video {str(path)!r} is not usable ({info.error}): {info.message}')
+        idx = even_indices(info.frames, T)
+        maps = extract_attention(model, read_clip(path, idx, info=info), object_masks=object_masks(t, idx))
+        s, h = object_attention_share(maps, min_cover), temporal_peak_hits(maps, min_cover)
+        seen = ~np.isnan(s['baseline'])
+        acc['share'] += np.nansum(s['share'][:, seen], 1); acc['frames'] += int(seen.sum()); acc['base'] += float(np.nansum(s['baseline']))
+        acc['correct'] += int(np.argmax(maps.logits) == t['label'])
+        for d in ('prev', 'next'):
+            n = h[d]['queries'].sum()
+            acc[f'hits_{d}'] += h[d]['hits'].sum(1); acc[f'queries_{d}'] += n
+            if n: acc[f'chance_{d}'] += h[d]['chance'] * n; acc[f'same_{d}'] += h[d]['same_place'] * n
+    fr = max(acc['frames'], 1)
+    out = dict(clips=len(clips), top1=acc['correct'] / len(clips), frames_with_object=acc['frames'],
+               object_share=(acc['share'] / fr).tolist(), uniform_baseline=acc['base'] / fr)
+    for d in ('prev', 'next'):
+        n = max(acc[f'queries_{d}'], 1)
+        out.update({f'peak_{d}': (acc[f'hits_{d}'] / n).tolist(), f'chance_{d}': acc[f'chance_{d}'] / n,
+                    f'same_place_{d}': acc[f'same_{d}'] / n, f'queries_{d}': int(acc[f'queries_{d}'])})
+    return out
+
+def measures_table(results: dict[str, dict]) -> str:
+    "A markdown table of `synthetic_attention_measures` results by model name, last decoder layer (and all layers' shares)."
+    rows = ['| model | top-1 | object share, last layer (all layers) | uniform | TCA peak on object prev / next | chance | same place |',
+            '|---|---|---|---|---|---|---|']
+    for name, r in results.items():
+        sh = ', '.join(f'{100 * x:.0f}' for x in r['object_share'])
+        rows.append(f"| {name} | {100 * r['top1']:.1f}% | {100 * r['object_share'][-1]:.1f}% ({sh}) | {100 * r['uniform_baseline']:.1f}% | "
+                    f"{100 * r['peak_prev'][-1]:.1f}% / {100 * r['peak_next'][-1]:.1f}% | "
+                    f"{100 * r['chance_prev']:.1f}% / {100 * r['chance_next']:.1f}% | "
+                    f"{100 * r['same_place_prev']:.1f}% / {100 * r['same_place_next']:.1f}% |")
+    return '\n'.join(rows)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from evl_nb.attention import (AttentionViewer, KINDS, export_animation, extract_attention, figure_pixels,
+from evl_nb.attention import (AttentionMaps, AttentionViewer, KINDS, export_animation, extract_attention, figure_pixels,
+                              measures_table, object_attention_share, object_patches, peak_on_object, prepare_masks,
+                              synthetic_attention_measures, temporal_peak_hits,
                               moving_square_clip, prepare_clip, randomize_decoder_, snapshot_grid)
 from evl_nb.model import build_evl, tca_gather
 
@@ -373,3 +375,132 @@ def test_explore_notebook_runs_on_a_video_file(tmp_path, monkeypatch):
     assert str(path) in text and 'action' in text
     assert any('image/png' in o.get('data', {}) for o in outs)                     # the static snapshot
     assert any('application/vnd.jupyter.widget-view+json' in o.get('data', {}) for o in outs)
+
+
+# ---------------------------------------------------------------- measures against the truth (hand-made maps)
+
+def _toy(query, prev, nxt, obj, px=4):
+    "AttentionMaps from hand-made query `(L, heads, T, h, w)` and temporal maps, object patches `obj` `(T, h, w)`."
+    L, _, T, h, w = query.shape
+    pixels = np.kron(np.asarray(obj, np.float32), np.ones((px, px), np.float32))
+    return AttentionMaps(frames=np.zeros((T, h * px, w * px, 3), np.uint8), query=np.asarray(query, np.float32),
+                         query_cls=np.zeros(query.shape[:3], np.float32), tca_prev=prev, tca_next=nxt, tca_magnitude=None,
+                         logits=np.zeros(3, np.float32), grid=(h, w), object_pixels=pixels)
+
+
+def _moving_object(T=4, h=4, w=5):
+    "The object fills patch (1, t) in frame t: it moves one patch to the right per frame."
+    obj = np.zeros((T, h, w), bool)
+    for t in range(T): obj[t, 1, t] = True
+    return obj
+
+
+def _peak_maps(T, h, w, shift):
+    "Temporal maps of every query patch peaking `shift` columns away (clamped), with a small uniform floor."
+    hw = h * w
+    A = np.full((1, T - 1, hw, hw), 0.1 / hw, np.float32)
+    for p in range(hw):
+        r, c = divmod(p, w)
+        A[0, :, p, r * w + min(max(c + shift, 0), w - 1)] += 0.9
+    return A
+
+
+def test_object_share_known_answer():
+    T, h, w = 3, 4, 5
+    obj = _moving_object(T, h, w); obj[2] = False                         # invisible in the last frame
+    q = np.full((2, 2, T, h, w), 1.0, np.float32)                         # 2 layers, 2 heads
+    q[0, 0, 0, 1, 0] = 21.0                                               # layer 0 head 0, frame 0: 21 / (19 + 21) on the object
+    q[1, :, 1] = 0; q[1, :, 1, 1, 1] = 1.0                                # layer 1, frame 1: everything on the object
+    m = _toy(q, _peak_maps(T, h, w, 0), _peak_maps(T, h, w, 0), obj)
+    s = object_attention_share(m)
+    np.testing.assert_allclose(s['baseline'][:2], [1 / 20, 1 / 20]); assert np.isnan(s['baseline'][2])
+    np.testing.assert_allclose(s['share'][0, :2], [11 / 30, 1 / 20], rtol=1e-6)    # of the mean over heads: 11 of 30
+    np.testing.assert_allclose(s['share'][1, :2], [1 / 20, 1.0], rtol=1e-6)
+    assert np.isnan(s['share'][:, 2]).all() and s['frames'] == 2
+    np.testing.assert_allclose(s['mean_share'], [(11 / 30 + 1 / 20) / 2, (1 / 20 + 1) / 2], rtol=1e-6)
+    np.testing.assert_allclose(object_attention_share(m, head=0)['share'][0, 0], 21 / 40, rtol=1e-6)
+    # uniform attention scores exactly the uniform baseline
+    u = object_attention_share(_toy(np.ones((1, 1, T, h, w)), None, None, obj))
+    np.testing.assert_allclose(u['share'][0, :2], u['baseline'][:2])
+
+
+def test_temporal_peaks_follow_the_motion_known_answer():
+    T, h, w = 4, 4, 5
+    obj = _moving_object(T, h, w)
+    q = np.ones((1, 1, T, h, w), np.float32)
+    # maps that follow the motion: looking back, the object is one column left; looking ahead, one column right
+    follow = _toy(q, _peak_maps(T, h, w, -1), _peak_maps(T, h, w, +1), obj)
+    r = temporal_peak_hits(follow)
+    for d in ('prev', 'next'):
+        np.testing.assert_array_equal(r[d]['rate'], [1.0]); np.testing.assert_array_equal(r[d]['queries'], [1, 1, 1])
+        assert r[d]['chance'] == pytest.approx(1 / 20) and r[d]['same_place'] == 0.0    # it moved a whole patch
+    # maps that stay put never find it; maps that look the wrong way neither
+    for shift_prev, shift_next in ((0, 0), (+1, -1)):
+        r = temporal_peak_hits(_toy(q, _peak_maps(T, h, w, shift_prev), _peak_maps(T, h, w, shift_next), obj))
+        assert r['prev']['rate'][0] == 0 and r['next']['rate'][0] == 0
+    # per query patch, as the viewer shows it
+    assert peak_on_object(follow, 0, 2, (1, 2), 'prev') is True and peak_on_object(follow, 0, 2, (1, 2), 'next') is True
+    assert peak_on_object(follow, 0, 0, (1, 0), 'prev') is None                      # no frame before t=0
+    # a big object that overlaps itself: staying put 'finds' it, and same_place says so
+    big = np.zeros((2, h, w), bool); big[0, 1, 0:3] = True; big[1, 1, 1:4] = True
+    r = temporal_peak_hits(_toy(np.ones((1, 1, 2, h, w)), _peak_maps(2, h, w, 0), _peak_maps(2, h, w, 0), big))
+    assert r['prev']['rate'][0] == pytest.approx(2 / 3) and r['prev']['same_place'] == pytest.approx(2 / 3)
+
+
+def test_object_patches_threshold_and_errors():
+    px = np.zeros((1, 8, 8), np.float32); px[0, 0:2, 0:2] = 1                        # a quarter of patch (0, 0) of a 2x2 grid
+    m = _toy(np.ones((1, 1, 1, 2, 2)), None, None, np.zeros((1, 2, 2)), px=4)
+    m.object_pixels = px
+    assert object_patches(m, 0.2)[0].tolist() == [[True, False], [False, False]]
+    assert not object_patches(m, 0.3).any()
+    m.object_pixels = None
+    with pytest.raises(ValueError, match='no object masks'): object_patches(m)
+
+
+def test_masks_go_through_the_clips_own_transform():
+    "An object drawn white on black: its prepared mask is the prepared clip's own pixels (same frame pick, resize, crop)."
+    from evl_nb.synthetic import render_clip_tracked, object_masks
+    _, _, track = render_clip_tracked(2, 12, 96, 120, rng=4)
+    masks = object_masks(track)
+    clip = np.repeat((masks * 255).astype(np.uint8)[..., None], 3, -1)
+    _, frames = prepare_clip(clip, 56, num_frames=5)
+    np.testing.assert_allclose(prepare_masks(masks, 56, num_frames=5), frames[..., 0] / 255, atol=1 / 255 + 1e-6)
+    with pytest.raises(ValueError, match=r'\(T, H, W\)'): prepare_masks(np.zeros((3, 4)), 8)
+
+
+@pytest.fixture(scope='module')
+def tracked(setup):
+    from evl_nb.synthetic import render_clip_tracked, object_masks
+    fr, _, track = render_clip_tracked(0, 16, 128, 160, rng=0)
+    return extract_attention(setup['model'], fr, class_names=NAMES, object_masks=object_masks(track))
+
+
+def test_viewer_and_snapshot_show_the_measures(tracked):
+    v = AttentionViewer(tracked)
+    assert v.measures in v.widget.children and 'uniform' in v.measures.value and v.panel.object.get_visible()
+    s = object_attention_share(tracked)
+    first = v.measures.value
+    v.set(frame=5)
+    assert v.measures.value != first and f"{100 * s['share'][3, 5]:.0f}%" in v.measures.value
+    v.set(kind='prev', patch=(3, 3))
+    assert 'this query patch' in v.measures.value or peak_on_object(tracked, 3, 5, (3, 3), 'prev') is None
+    assert 'A(t &lt;- t-1)' in v.measures.value
+    fig = snapshot_grid(tracked, rows='kinds', frames=[0, 4], patch=(3, 3))
+    assert 'uniform' in fig._suptitle.get_text()
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any(n.startswith('obj ') for n in notes)
+    # without masks: no measures line, no box
+    plain = AttentionViewer(AttentionMaps(**{**tracked.__dict__, 'object_pixels': None}))
+    assert plain.measures not in plain.widget.children and not plain.panel.object.get_visible()
+
+
+def test_measures_over_a_synthetic_dataset(setup, tmp_path):
+    from evl_nb.synthetic import make_synthetic_dataset
+    syn = make_synthetic_dataset(tmp_path / 's', num_classes=3, train_per_class=1, val_per_class=2, num_frames=(10, 12),
+                                 size=128, ssv2=False)
+    r = synthetic_attention_measures(setup['model'], syn.root)
+    assert r['clips'] == 6 and 0 <= r['top1'] <= 1 and len(r['object_share']) == 4 and r['frames_with_object'] > 0
+    assert 0 < r['uniform_baseline'] < 0.5 and r['queries_prev'] > 0
+    u = synthetic_attention_measures(build_evl('evl-tiny').eval(), syn.root, limit=2)    # zero query: layer 0 is uniform
+    assert u['clips'] == 2 and u['object_share'][0] == pytest.approx(u['uniform_baseline'], abs=1e-6)
+    assert '| untrained |' in measures_table({'untrained': u})
