@@ -18,7 +18,8 @@ from .model import EVL, EVLConfig, build_evl, get_config, load_checkpoint, read_
 
 # %% auto #0
 __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'dist_info', 'all_gather_objects', 'predict', 'evaluate',
-           'format_skipped', 'save_results', 'format_report', 'load_for_eval']
+           'format_skipped', 'save_results', 'format_report', 'load_for_eval', 'find_run_checkpoint', 'eval_dataset',
+           'prepare_evaluation', 'plot_confusion', 'per_class_table']
 
 # %% ../nbs/07_evaluate.ipynb #230e6b2b
 def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5, worst: int = 10) -> dict:
@@ -199,3 +200,80 @@ def load_for_eval(checkpoint=None, preset: str | None = None, class_list=None, p
     if checkpoint: load_checkpoint(model, checkpoint, interpolate_pos_embed=bool(num_frames))
     return model.eval(), dict(checkpoint=str(checkpoint) if checkpoint else None, classes=classes, run_config=run_cfg,
                               pretrained=pretrained)
+
+# %% ../nbs/07_evaluate.ipynb #b062a614
+def find_run_checkpoint(output_dir='runs/train') -> Path | None:
+    "The checkpoint to evaluate in a training run's folder: `best.pt`, else the newest `step_*.pt`, else None."
+    ck = Path(output_dir) / 'checkpoints'
+    if (ck / 'best.pt').is_file(): return ck / 'best.pt'
+    steps = sorted(ck.glob('step_*.pt'))
+    return steps[-1] if steps else None
+
+def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1'):
+    "The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in `eval_views` views."
+    from evl_nb.data import build_dataset
+    from evl_nb.train import add_context, default_ann, find_ann, model_input_size
+    ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else default_ann(dataset, 'val', data_root)
+    if dataset != 'synthetic' and ann is None:
+        raise FileNotFoundError(f'val_ann: no validation annotations found under data_root={data_root!r}')
+    kw = {} if dataset == 'ssv2' else dict(sampling=None if dataset == 'synthetic' else mcfg.sampling,
+                                           frame_interval=mcfg.frame_interval)
+    try: return build_dataset(dataset, 'val', data_root=data_root, ann_file=ann, num_frames=mcfg.num_frames, views=eval_views,
+                              input_size=model_input_size(mcfg), **kw)
+    except Exception as e: raise add_context(e, f'val_ann={str(ann) if ann else None!r} (data_root={data_root!r})')
+
+# %% ../nbs/07_evaluate.ipynb #0fd3c825
+def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None, val_ann=None,
+                       model: str | None = None, pretrained=None, num_frames: int | None = None, eval_views: str = '3x1',
+                       precision: str = 'fp32', runs_dir='runs/train') -> dict:
+    "Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info'} for `evaluate`."
+    from evl_nb.model import PRESETS
+    from evl_nb.train import DEFAULT_MODEL
+    if dataset not in DEFAULT_MODEL: raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
+    if dataset != 'synthetic' and not data_root: raise ValueError(f'data_root is required for dataset={dataset!r}')
+    parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')
+    if model is not None and model not in PRESETS: raise ValueError(f'model={model!r}: unknown preset')
+    if class_list is not None and not Path(class_list).is_file(): raise FileNotFoundError(f'class_list={class_list!r} does not exist')
+    if checkpoint is None: checkpoint = find_run_checkpoint(runs_dir)
+    if checkpoint is not None and not Path(checkpoint).is_file(): raise FileNotFoundError(f'checkpoint={str(checkpoint)!r} does not exist')
+    if checkpoint is None: get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
+    net, info = load_for_eval(checkpoint, model or DEFAULT_MODEL[dataset], class_list, pretrained, num_frames)
+    if dataset == 'synthetic':
+        from evl_nb.synthetic import make_synthetic_dataset
+        data_root = data_root or str(Path(runs_dir) / 'synthetic')
+        if not (Path(data_root) / 'synthetic.json').exists():
+            n = net.config.num_classes
+            make_synthetic_dataset(data_root, num_classes=n if 2 <= n <= 12 else 10, train_per_class=1, val_per_class=4)
+    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views)
+    classes, label_map = info['classes'], None
+    if classes: label_map = label_mapping(val_set.classes, classes)
+    elif net.config.num_classes != val_set.num_classes:
+        raise ValueError(f'model has {net.config.num_classes} classes, the data {val_set.num_classes}: '
+                         'pass class_list (or model with that count)')
+    else: classes = val_set.classes
+    return dict(model=net, val_set=val_set, classes=classes, label_map=label_map,
+                checkpoint=str(checkpoint) if checkpoint else None, info=info)
+
+# %% ../nbs/07_evaluate.ipynb #3cfce37e
+def plot_confusion(m: dict, title: str = 'confusion matrix (row-normalised)', max_labels: int = 40):
+    "The row-normalised confusion matrix of metrics `m` (class names on the axes up to `max_labels` classes); the figure."
+    import matplotlib.pyplot as plt
+    cm, names = np.array(m['confusion_matrix']), m['classes']
+    side = 0.45 * len(names)
+    fig, ax = plt.subplots(figsize=(side + 3, side + 2.5) if len(names) <= max_labels else (9, 8))
+    im = ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap='Blues', vmin=0, vmax=1)
+    if len(names) <= max_labels:
+        ax.set_xticks(range(len(names))); ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names))); ax.set_yticklabels(names, fontsize=7)
+    ax.set_xlabel('predicted'); ax.set_ylabel('true'); ax.set_title(title)
+    fig.colorbar(im); fig.tight_layout()
+    return fig
+
+def per_class_table(m: dict, rows: int = 30) -> str:
+    "The weakest `rows` classes (name, samples, top-1) and the worst confusions, as text."
+    lines = [f"{'class':45s} {'n':>5s} {'top-1':>7s}"]
+    for c in sorted([c for c in m['per_class'] if c['n']], key=lambda c: c['top1'])[:rows]:
+        lines.append(f"{c['name'][:45]:45s} {c['n']:5d} {100 * c['top1']:6.1f}%")
+    lines.append('\nworst confusions:')
+    lines += [f"  {c['true']} -> {c['predicted']}: {c['count']} ({100 * c['fraction']:.0f}%)" for c in m['worst_confusions'][:10]]
+    return '\n'.join(lines)

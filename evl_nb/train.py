@@ -31,7 +31,7 @@ __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'DEFAULT_MODEL', 'LAUNCH_OPTIONS', 'TRA
            'TensorClips', 'random_clips', 'NonFiniteLossError', 'build_model', 'check_data', 'check_classes',
            'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader', 'save_checkpoint',
            'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'train', 'run', 'build_parser',
-           'main', 'cli_args', 'torchrun_command', 'launch']
+           'main', 'cli_args', 'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -878,3 +878,65 @@ def launch(cmd: list[str], env: dict | None = None, echo=print) -> int:
     rc = proc.wait()
     if rc: raise RuntimeError(f'{" ".join(cmd[:6])} ... exited with status {rc}')
     return rc
+
+# %% ../nbs/06_train.ipynb #86de3bc5
+def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: str = '127.0.0.1', master_port: int = 29500,
+               **params) -> TrainConfig:
+    "The resolved config of a training job's parameters (`TRAIN_OPTIONS` names); the synthetic job takes the demo's settings."
+    for name, v in (('gpus', gpus), ('nodes', nodes)):
+        if not isinstance(v, int) or v < 1: raise ValueError(f'{name}={v!r}: must be a positive integer')
+    unknown = set(params) - set(TRAIN_OPTIONS)
+    if unknown: raise TypeError(f'unknown training options: {sorted(unknown)}')
+    if params.get('resume') in ('none', None): params['resume'] = False
+    if params.get('dataset', 'synthetic') == 'synthetic':
+        from evl_nb.demo import DEMO_MODEL, DEMO_TRAIN      # the demo chapter owns the synthetic job's settings
+        if params.get('data_root') is None:
+            params['data_root'] = str(Path(params.get('output_dir') or TrainConfig.output_dir) / 'synthetic')
+        for k in ('batch_size', 'max_steps', 'lr', 'warmup_steps'):
+            if params.get(k) is None: params[k] = DEMO_TRAIN[k]
+        params.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
+        if params.get('model') in (None, 'evl-tiny'): params['model_overrides'] = dict(DEMO_MODEL)
+    return TrainConfig(**params).resolve()
+
+def job_data(cfg: TrainConfig):
+    "The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`) is made if missing."
+    if cfg.dataset == 'synthetic' and not (Path(cfg.data_root) / 'synthetic.json').exists():
+        from evl_nb.demo import DEMO_DATA
+        from evl_nb.synthetic import make_synthetic_dataset
+        make_synthetic_dataset(cfg.data_root, **DEMO_DATA)
+    return check_data(cfg)
+
+# %% ../nbs/06_train.ipynb #b0bed590
+def run_job(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: str = '127.0.0.1',
+            master_port: int = 29500, echo=print) -> dict | None:
+    "Train `cfg` here (one process; on CPU with the faster thread count) or through torchrun; the summary (None off node 0)."
+    t0 = time.time()
+    if gpus > 1 or nodes > 1:
+        cmd = torchrun_command(cfg, gpus=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
+                               master_port=master_port)
+        echo(' '.join(cmd)); launch(cmd, echo=echo)
+        summary = json.loads((Path(cfg.output_dir) / 'summary.json').read_text()) if node_rank == 0 else None
+    else:
+        if not torch.cuda.is_available():
+            from evl_nb.demo import pick_threads
+            torch.set_num_threads(pick_threads()); echo(f'CPU: {torch.get_num_threads()} thread(s)')
+        summary = run(cfg)
+    echo(f'{time.time() - t0:.0f}s')
+    if summary: echo(json.dumps({k: v for k, v in summary.items() if k != 'config'}, indent=1, default=str))
+    return summary
+
+def plot_metrics(output_dir):
+    "Training loss (and its 10-step mean) and validation top-1/top-5 from `output_dir/metrics.csv`; the figure."
+    import matplotlib.pyplot as plt
+    rows = read_metrics(Path(output_dir) / 'metrics.csv')
+    tr = [r for r in rows if r['kind'] == 'train']; va = [r for r in rows if r['kind'] == 'val']
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+    steps = np.array([r['step'] for r in tr]); loss = np.array([r['loss'] for r in tr])
+    ax[0].plot(steps, loss, alpha=.3, label='loss')
+    if len(loss) >= 10: ax[0].plot(steps[9:], np.convolve(loss, np.ones(10) / 10, 'valid'), label='loss (10-step mean)')
+    ax[0].set_xlabel('step'); ax[0].set_title('training loss'); ax[0].legend()
+    ax[1].plot([r['step'] for r in va], [100 * r['top1'] for r in va], 'o-', label='top-1')
+    ax[1].plot([r['step'] for r in va], [100 * r['top5'] for r in va], 's--', label='top-5')
+    ax[1].set_xlabel('step'); ax[1].set_ylabel('%'); ax[1].set_title('validation'); ax[1].legend()
+    fig.tight_layout()
+    return fig
