@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .core import get_logger, find_fixture
 from .video import (VideoError, VideoInfo, check_video, read_clip, load_manifest, VIDEO_EXTS)
+from .store import ClipStore
 
 # %% auto #0
 __all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING_OPS', 'AnnotationError', 'Annotations',
@@ -571,7 +572,8 @@ class VideoClipDataset(Dataset):
                  rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: FlipPolicy | None = None,
                  manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str | None = None,
                  missing=(), name: str = '', fixed_class_ids: bool = False, convention: str | dict = 'official',
-                 antialias: bool | None = None, crop_offset: str | None = None, train_range: str | None = None):
+                 antialias: bool | None = None, crop_offset: str | None = None, train_range: str | None = None,
+                 store=None):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
         if sampling not in ('dense', 'uniform'): raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
@@ -592,6 +594,7 @@ class VideoClipDataset(Dataset):
         self.out_of_bound = sw['train_pad'] if train else sw['test_pad']
         self.infos = {}
         if manifest is not None: self.infos.update(load_manifest(manifest) if not isinstance(manifest, dict) else manifest)
+        self.store = ClipStore(store) if isinstance(store, (str, os.PathLike)) else store   # frames from a clip store
         self.missing = list(missing)
         self.skipped = {}       # path -> reason, filled by `record_skips` in the main process
         self.skip_records = {}  # path -> {'path', 'where', 'reason', 'message', 'count'}
@@ -628,7 +631,8 @@ class VideoClipDataset(Dataset):
                 f'{self.input_size}px, flip {self.flip.mode}, convention {self.convention!r})')
 
     def info(self, path) -> VideoInfo:
-        "The file's `VideoInfo`: from the manifest, or checked once per process."
+        "The file's `VideoInfo`: from the clip store, the manifest, or checked once per process."
+        if self.store is not None: return self.store.info(path)
         key = str(Path(path).resolve())
         if key not in self.infos:
             self.infos[key] = check_video(path, min_frames=self.min_frames, use_decord=self.decode != 'pyav')
@@ -660,13 +664,14 @@ class VideoClipDataset(Dataset):
     def read_frames(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         "Sampled indices `(views, T)` and the decoded uint8 frames `(views*T, H, W, 3)` of item `i`, before transforms."
         path = self.samples[i][0]
-        info = self.info(path) if self.decode != 'decord' else self._decord_info(path)
+        info = self.info(path) if (self.decode != 'decord' or self.store is not None) else self._decord_info(path)
         if info.error: raise _err_from(info)
         if info.frames < self.min_frames: raise VideoError(path, f'{info.frames} frames < min_frames={self.min_frames}')
         inds = self.indices(info.frames)
         if info.frames < self.frames_needed: _note_short(path, info.frames, self.frames_needed)
         uniq, inv = np.unique(inds.reshape(-1), return_inverse=True)
-        frames = read_clip(path, uniq.tolist(), info, backend='pyav' if self.decode == 'pyav' else 'auto')
+        if self.store is not None: frames = self.store.read_frames(path, uniq.tolist())
+        else: frames = read_clip(path, uniq.tolist(), info, backend='pyav' if self.decode == 'pyav' else 'auto')
         return inds, frames[inv.reshape(-1)]
 
     def load(self, i: int) -> dict:
@@ -808,10 +813,11 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                   crop_scale=None, manifest=None, decode: str = 'auto', min_frames: int = 1,
                   out_of_bound: str | None = None, labels_file=None, train: bool | None = None,
                   convention: str | dict = 'official', antialias: bool | None = None, crop_offset: str | None = None,
-                  train_range: str | None = None) -> VideoClipDataset:
+                  train_range: str | None = None, store=None) -> VideoClipDataset:
     """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above). `convention`
     ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches are explained in
-    the conventions table."""
+    the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a `ClipStore`) reads the frames
+    from the clip store instead of the videos: same samples, same indices for the same seed."""
     dataset, split = dataset.lower(), {'validation': 'val'}.get(split.lower(), split.lower())
     if split not in ('train', 'val', 'test'): raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
     train = (split == 'train') if train is None else train
@@ -865,4 +871,4 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                             crop_scale=crop_scale or scale_default, flip=policy, manifest=manifest, decode=decode,
                             min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing, name=f'{dataset}/{split}',
                             fixed_class_ids=ann.fixed_ids, convention=convention, antialias=antialias,
-                            crop_offset=crop_offset, train_range=train_range)
+                            crop_offset=crop_offset, train_range=train_range, store=store)

@@ -154,3 +154,39 @@ def test_gpu_decode_matches_cpu(fixture_store):
     assert (g.cpu().float() - c.float()).abs().mean() < 1.5
     b = store.read_batch([(p, idx), (vids[1], [1, 2])], device='cuda')
     assert [tuple(x.shape[:2]) for x in b] == [(4, 3), (2, 3)]
+
+
+@pytest.mark.parametrize('sampling', ['dense', 'uniform'])
+def test_dataset_reads_store_with_the_same_indices_as_the_videos(fixture_store, tmp_path, sampling):
+    "build_dataset(..., store=...): for train and test, the same seed draws the same indices as reading the videos."
+    from evl_nb.data import build_dataset
+    vids, store = fixture_store
+    lst = tmp_path / 'list.txt'
+    lst.write_text(''.join(f'{p} {k % 2}\n' for k, p in enumerate(vids)))
+    for split, views in (('train', '1x1'), ('test', '3x1')):
+        kw = dict(ann_file=lst, num_frames=8, sampling=sampling, views=views, input_size=112)
+        a, b = build_dataset('list', split, **kw), build_dataset('list', split, store=store.root, **kw)
+        for i in range(len(vids)):
+            for seed in (0, 7):
+                torch.manual_seed(seed); ia, fa = a.read_frames(i)
+                torch.manual_seed(seed); ib, fb = b.read_frames(i)
+                np.testing.assert_array_equal(ia, ib)
+                ref = fit_short_side(torch.from_numpy(fa).permute(0, 3, 1, 2), 320).permute(0, 2, 3, 1).numpy()
+                assert psnr(fb, ref) >= 38, (vids[i].name, split, seed)
+        item = b[0]
+        assert item['video'].dtype == torch.uint8 and item['video'].shape[-2:] == (112, 112)
+
+
+def test_dataset_skips_a_video_the_store_could_not_convert(tmp_path):
+    from evl_nb.data import build_dataset, build_loader
+    vids = fixture_path('videos')
+    src = tmp_path / 'src'; src.mkdir()
+    (src / 'good.mp4').write_bytes((vids / 'carphone_pristine.mp4').read_bytes())
+    (src / 'cut.mp4').write_bytes((vids / 'bikes.mp4').read_bytes()[:30000])
+    build_store(src, tmp_path / 'store', num_workers=1, progress=False)
+    lst = tmp_path / 'list.txt'; lst.write_text('good.mp4 0\ncut.mp4 1\n')
+    ds = build_dataset('list', 'train', data_root=src, ann_file=lst, num_frames=4, input_size=64, store=tmp_path / 'store')
+    batch = next(iter(build_loader(ds, batch_size=2, shuffle=False)))
+    assert batch['video'].shape == (1, 3, 4, 64, 64)
+    assert [(Path(s['path']).name, s['reason']) for s in batch['skipped']] == [('cut.mp4', 'truncated')]
+    assert ds.skip_summary()['by_reason'] == {'truncated': 1}
