@@ -204,9 +204,9 @@ def load_for_eval(checkpoint=None, preset: str | None = None, class_list=None, p
 # %% ../nbs/07_evaluate.ipynb #b062a614
 def find_run_checkpoint(output_dir='runs/train') -> Path | None:
     "The checkpoint to evaluate in a training run's folder: `best.pt`, else the newest `step_*.pt`, else None."
-    ck = Path(output_dir) / 'checkpoints'
-    if (ck / 'best.pt').is_file(): return ck / 'best.pt'
-    steps = sorted(ck.glob('step_*.pt'))
+    folder = Path(output_dir) / 'checkpoints'
+    if (folder / 'best.pt').is_file(): return folder / 'best.pt'
+    steps = sorted(folder.glob('step_*.pt'))
     return steps[-1] if steps else None
 
 def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1'):

@@ -471,12 +471,12 @@ class NonFiniteLossError(RuntimeError):
 
 def build_model(cfg: TrainConfig, num_classes: int | None = None) -> EVL:
     "The EVL model of a resolved config (backbone in the run's precision, class count from the data)."
-    ov = dict(cfg.model_overrides)
-    if cfg.num_frames: ov['num_frames'] = cfg.num_frames
-    nc = cfg.num_classes or num_classes
-    if nc: ov['num_classes'] = nc
-    ov.setdefault('backbone_precision', cfg.precision)
-    return build_evl(cfg.model, pretrained=cfg.pretrained, **ov)
+    overrides = dict(cfg.model_overrides)
+    if cfg.num_frames: overrides['num_frames'] = cfg.num_frames
+    n_classes = cfg.num_classes or num_classes
+    if n_classes: overrides['num_classes'] = n_classes
+    overrides.setdefault('backbone_precision', cfg.precision)
+    return build_evl(cfg.model, pretrained=cfg.pretrained, **overrides)
 
 # %% ../nbs/06_train.ipynb #f6189adf
 def check_data(cfg: TrainConfig):
@@ -589,16 +589,16 @@ def resume_run(run: RunState) -> Path | None:
     path = latest_checkpoint(run.ckpt_dir) if cfg.resume in (True, 'auto', 'latest') else Path(cfg.resume)
     if path is None: return None
     if not path.is_file(): raise FileNotFoundError(f'resume={str(cfg.resume)!r}: no such checkpoint')
-    ck = read_train_checkpoint(path)
-    run.model.load_state_dict(ck['model'])
-    run.optimizer.load_state_dict(ck['optimizer']); run.scheduler.load_state_dict(ck['scheduler'])
-    if ck.get('scaler'): run.scaler.load_state_dict(ck['scaler'])
-    run.step = run.start_step = int(ck['step'])
-    run.best, run.resumed_from = ck.get('best'), str(path)
-    rngs = ck.get('rng') or []
+    saved = read_train_checkpoint(path)
+    run.model.load_state_dict(saved['model'])
+    run.optimizer.load_state_dict(saved['optimizer']); run.scheduler.load_state_dict(saved['scheduler'])
+    if saved.get('scaler'): run.scaler.load_state_dict(saved['scaler'])
+    run.step = run.start_step = int(saved['step'])
+    run.best, run.resumed_from = saved.get('best'), str(path)
+    rngs = saved.get('rng') or []
     if rngs: set_rng_state(rngs[run.rank % len(rngs)])
-    if ck.get('world_size', run.world) != run.world:
-        _log.warning(f'resuming a {ck.get("world_size")}-process run with {run.world} processes: '
+    if saved.get('world_size', run.world) != run.world:
+        _log.warning(f'resuming a {saved.get("world_size")}-process run with {run.world} processes: '
                      'the sample stream is kept, RNG states are not exact')
     if run.rank == 0: _log.info(f'resumed from {path} at step {run.start_step}')
     return path
