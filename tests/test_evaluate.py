@@ -70,3 +70,33 @@ def test_official_checkpoint_with_its_class_order(tmp_path):
     assert wrong['confusion_matrix'] != a['confusion_matrix']
     out = save_results(b, tmp_path / 'r.json')
     assert json.loads(out.read_text())['num_samples'] == 8
+
+
+def test_skipped_files_are_named_in_the_summaries(tmp_path):
+    "A truncated validation video and a zero-byte training video (real files): both named with file:line, not by index."
+    from evl_nb.data import build_dataset
+    from evl_nb.evaluate import format_report
+    from evl_nb.synthetic import make_synthetic_dataset
+    from evl_nb.train import TrainConfig, run
+    root = tmp_path / 'k400'
+    make_synthetic_dataset(root, num_classes=2, train_per_class=2, val_per_class=2, num_frames=(8, 8), ssv2=False)
+    val_csv, train_csv = root / 'annotations' / 'k400_val.csv', root / 'annotations' / 'k400_train.csv'
+    vids = {p.stem: p for p in root.rglob('*.mp4')}
+    def video_of(csv_file, line):
+        r = csv_file.read_text().splitlines()[line - 1].split(',')
+        return vids[f'{r[1]}_{int(r[2]):06d}_{int(r[3]):06d}']
+    bad_val, bad_train = video_of(val_csv, 3), video_of(train_csv, 2)
+    bad_val.write_bytes(bad_val.read_bytes()[:2000]); bad_train.write_bytes(b'')
+    net = build_evl('evl-tiny', num_classes=2, decoder_num_layers=1)
+    ds = build_dataset('k400', 'val', data_root=root, ann_file=val_csv, num_frames=8, input_size=112)
+    m = evaluate(net, ds, batch_size=2)
+    assert m['num_skipped'] == 1 and m['num_samples'] == 3
+    assert m['skipped_files'] == [dict(index=1, path=str(bad_val), where=f'{val_csv}:3', reason=m['skipped_files'][0]['reason'])]
+    assert f'{bad_val} ({val_csv}:3)' in format_report(m)
+    s = run(TrainConfig(dataset='k400', data_root=str(root), train_ann=str(train_csv), val_ann=str(val_csv), model='evl-tiny',
+                        num_classes=2, batch_size=4, max_steps=2, num_workers=0, eval_views='1x1', output_dir=str(tmp_path / 'run'),
+                        progress=False, model_overrides=dict(decoder_num_layers=1)))
+    assert s['train_skipped'] >= 1
+    (rec,) = s['train_skipped_files']
+    assert rec['path'] == str(bad_train) and rec['where'] == f'{train_csv}:2' and rec['count'] == s['train_skipped']
+    assert s['val']['skipped_files'][0]['where'] == f'{val_csv}:3'
