@@ -10,48 +10,49 @@ from pathlib import Path
 
 import torch
 
-from .core import get_logger, seed_everything
+from .core import get_logger
 from .video import VIDEO_EXTS, reencode_video, reencode_videos, scan_videos
 from .store import build_store
-from .data import VideoClipDataset, read_class_list
-from .model import PRESETS, EVLConfig, build_evl, get_config, load_checkpoint, read_checkpoint
-from .train import TrainConfig, build_parser as train_parser, launch, run, torchrun_command
-from .evaluate import dist_info, predict
+from .data import VideoClipDataset
+from .model import PRESETS, get_config
+from .train import (LAUNCH_OPTIONS, Option, TrainConfig, build_parser as train_parser, cli_args, job_config,
+                          job_data, run, run_job)
+from .evaluate import (dist_info, evaluate, format_report, load_for_eval, per_class_table, predict,
+                             prepare_evaluation, save_results)
 
 _log = get_logger('evl_nb.cli')
 
 # %% auto #0
-__all__ = ['LAUNCH_OPTIONS', 'SLURM_OPTIONS', 'load_predictor', 'predict_videos', 'format_predictions', 'write_attention',
-           'defaults_of', 'video_files', 'first_host', 'slurm_env', 'submitit_env', 'TrainJob', 'slurm_minutes',
-           'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task', 'add_options', 'add_train_parser',
-           'train_command', 'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command',
-           'build_cli', 'main']
+__all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'predict_videos', 'format_predictions',
+           'write_attention', 'defaults_of', 'video_files', 'first_host', 'slurm_env', 'submitit_env', 'run_task',
+           'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task',
+           'add_options', 'add_train_parser', 'train_command', 'add_evaluate_parser', 'evaluate_command',
+           'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #959efcdf
+STRUCTURE = ('backbone', 'num_frames', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
+             'enable_temporal_conv', 'enable_temporal_pos_embed', 'enable_temporal_cross_attention')
+
 def load_predictor(checkpoint, preset: str | None = None, pretrained=None, class_list=None, device=None,
                    precision: str = 'fp32'):
-    "(model in eval mode on `device`, class names) for `checkpoint`; `preset`/`class_list` for official releases."
-    ck = read_checkpoint(checkpoint)
-    ck = ck if isinstance(ck, dict) else {}
-    run_cfg, mcfg = ck.get('config') or {}, ck.get('model_config')
-    if preset is not None:
-        if preset not in PRESETS: raise ValueError(f"--preset {preset!r}: unknown; choose from {', '.join(PRESETS)}")
-        cfg = get_config(preset)
-    elif mcfg: cfg = EVLConfig(**mcfg)
-    else: raise ValueError(f'--checkpoint {str(checkpoint)!r} carries no model config (an official release?): pass --preset')
-    classes = read_class_list(class_list) if class_list else (list(ck.get('classes') or []) or None)
-    if classes and preset is not None: cfg = get_config(cfg, num_classes=len(classes))
-    if classes and len(classes) != cfg.num_classes:
-        raise ValueError(f'--class-list {str(class_list)!r}: {len(classes)} names, the model has {cfg.num_classes} classes')
-    pretrained = pretrained if pretrained is not None else run_cfg.get('pretrained')
-    if pretrained is None: seed_everything(int(run_cfg.get('seed', 0)))   # the trainer's random tower
-    model = build_evl(get_config(cfg, backbone_precision=precision), pretrained=pretrained)
-    try: load_checkpoint(model, checkpoint)
+    "(model in eval mode on `device`, class name of every output) for `checkpoint`, through `load_for_eval`."
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: unknown; choose from {', '.join(PRESETS)}")
+    try: model, info = load_for_eval(checkpoint, preset, class_list=class_list, pretrained=pretrained)
     except ValueError as e:
-        if preset is None: raise
+        if class_list is not None and 'class id' in str(e): raise ValueError(f'--class-list {str(class_list)!r}: {e}') from None
+        if preset is None or 'carries no model config' in str(e): raise
         raise ValueError(f'--checkpoint does not fit --preset {preset!r}: {e}') from None
+    if preset is not None:                      # the checkpoint's own config won: it must be the preset's architecture
+        p = get_config(preset)
+        diff = [f'{k}: {getattr(model.config, k)!r} in the checkpoint, {getattr(p, k)!r} in the preset'
+                for k in STRUCTURE if getattr(model.config, k) != getattr(p, k)]
+        if diff: raise ValueError(f'--checkpoint does not fit --preset {preset!r}: ' + '; '.join(diff))
+    model.backbone.set_precision(precision)     # fp32 by default: an fp16-trained tower predicts on a CPU
+    model.config = replace(model.config, backbone_precision=precision)
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    return model.to(device).eval(), classes or [f'class {i}' for i in range(cfg.num_classes)]
+    names = [n if n is not None else f'class {i}' for i, n in enumerate(info['classes'] or [None] * model.config.num_classes)]
+    return model.to(device).eval(), names
 
 # %% ../nbs/10_cli.ipynb #ee49db27
 def predict_videos(model, videos, classes=None, views: str = '3x1', top: int = 5, num_workers: int = 0,
@@ -145,13 +146,19 @@ def submitit_env() -> dict:
                 LOCAL_RANK=str(je.local_rank), LOCAL_WORLD_SIZE=str(je.num_tasks // je.num_nodes), GROUP_RANK=str(je.node))
 
 # %% ../nbs/10_cli.ipynb #5b376c4a
+def run_task(params: dict) -> dict:
+    "One task of a job whose ranks come from the environment: the job's config (`job_config`), data check on rank 0, `run`."
+    cfg = job_config(**params)
+    if int(os.environ.get('RANK', '0')) == 0: job_data(cfg)     # the synthetic set is made once (run() waits for it)
+    return run(cfg)
+
 class TrainJob:
     "A submitit callable: one training task (rank from the job environment); `checkpoint()` requeues it to resume."
-    def __init__(self, cfg: TrainConfig, summary_json=None): self.cfg, self.summary_json = cfg, summary_json
+    def __init__(self, params: dict, summary_json=None): self.params, self.summary_json = dict(params), summary_json
 
     def __call__(self) -> dict:
         os.environ.update(submitit_env())
-        s = run(self.cfg)
+        s = run_task(self.params)
         if dist_info()[0] == 0 and self.summary_json: Path(self.summary_json).write_text(json.dumps(s, indent=1, default=str))
         if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
         return {k: v for k, v in s.items() if k != 'config'}
@@ -159,8 +166,8 @@ class TrainJob:
     def checkpoint(self, *args, **kwargs):
         "Called by submitit on preemption or timeout: the same job again, resuming from the latest checkpoint."
         from submitit.helpers import DelayedSubmission
-        _log.warning(f'preempted: requeuing; the run resumes from the latest checkpoint in {self.cfg.output_dir}')
-        return DelayedSubmission(TrainJob(replace(self.cfg, resume='auto'), self.summary_json))
+        _log.warning(f"preempted: requeuing; the run resumes from the latest checkpoint in {self.params.get('output_dir')}")
+        return DelayedSubmission(TrainJob(dict(self.params, resume='auto'), self.summary_json))
 
 # %% ../nbs/10_cli.ipynb #7c7b78f4
 def slurm_minutes(t) -> int:
@@ -185,18 +192,19 @@ def slurm_parameters(nodes: int, gpus_per_node: int, partition: str | None, time
     return p
 
 # %% ../nbs/10_cli.ipynb #6ed5035c
-def submit_train(cfg: TrainConfig, executor=None, summary_json=None, **slurm):
-    "Submit `cfg` as a job (a SLURM executor from `slurm_parameters(**slurm)` unless `executor` is given); returns the job."
+def submit_train(params: dict, executor=None, summary_json=None, **slurm):
+    "Submit the training job `params` (`TRAIN_OPTIONS` names); a SLURM executor from `slurm_parameters(**slurm)` by default."
     try: import submitit
     except ImportError: raise ImportError('SLURM submission needs submitit: pip install "evl-nb[slurm]"') from None
+    out = Path(params.get('output_dir') or TrainConfig.output_dir)
     if executor is None:
-        try: executor = submitit.AutoExecutor(folder=Path(cfg.output_dir) / 'slurm' / '%j', cluster='slurm')
+        try: executor = submitit.AutoExecutor(folder=out / 'slurm' / '%j', cluster='slurm')
         except RuntimeError as e:
             raise RuntimeError(f'cannot submit to SLURM from this machine ({e}); use --print-sbatch to get a batch script') from None
         executor.update_parameters(**slurm_parameters(**slurm))
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    job = executor.submit(TrainJob(cfg, summary_json))
-    _log.info(f'submitted job {job.job_id}; logs in {Path(cfg.output_dir) / "slurm"}')
+    out.mkdir(parents=True, exist_ok=True)
+    job = executor.submit(TrainJob(params, summary_json))
+    _log.info(f'submitted job {job.job_id}; logs in {out / "slurm"}')
     return job
 
 # %% ../nbs/10_cli.ipynb #fa6396d3
@@ -220,30 +228,34 @@ def sbatch_script(train_args: list[str], output_dir, nodes: int, gpus_per_node: 
                       f'srun --kill-on-bad-exit=1 --output={logs}/%j_%t.out ' + shlex.join(cmd)]) + '\n'
 
 # %% ../nbs/10_cli.ipynb #f1a42913
-def slurm_task(train_args: list[str]) -> dict:
-    "One task of a batch script: the rendezvous from the SLURM environment, then `evl_nb.train.main`."
-    from evl_nb.train import main as train_main
+def slurm_task(argv: list[str]) -> dict:
+    "One task of a batch script (`evl-nb slurm-task <train options>`): the rendezvous from the SLURM environment, `run_task`."
+    p = argparse.ArgumentParser(prog='evl-nb slurm-task', parents=[train_parser()], conflict_handler='resolve',
+                                description='One task of a SLURM batch script (evl-nb train --print-sbatch).')
+    params = vars(p.parse_args(argv)); summary_json = params.pop('summary_json')
     os.environ.update(slurm_env())
-    return train_main(train_args)
+    s = run_task(params)
+    if dist_info()[0] == 0 and summary_json: Path(summary_json).write_text(json.dumps(s, indent=1, default=str))
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+    return s
 
 # %% ../nbs/10_cli.ipynb #48996ac2
-LAUNCH_OPTIONS = dict(gpus=(1, int, 'processes per node (GPUs); > 1 launches torchrun (with --slurm-partition: GPUs per node)'),
-                      nodes=(1, int, 'machines; > 1 launches torchrun with --node-rank / --master-addr (run it on every node)'),
-                      node_rank=(0, int, "this machine's rank when nodes > 1"),
-                      master_addr=('127.0.0.1', str, 'address of node 0 when nodes > 1'),
-                      master_port=(29500, int, 'rendezvous port when nodes > 1'))
-SLURM_OPTIONS = dict(slurm_partition=(None, str, 'submit the run as a SLURM job on this partition (one task per GPU, '
-                                                 'requeued on preemption); needs pip install "evl-nb[slurm]"'),
-                     slurm_time=('24:00:00', str, 'SLURM time limit (M, H:M:S or D-H:M:S); at the limit the job requeues and resumes'),
-                     slurm_account=(None, str, 'SLURM account to charge'),
-                     slurm_cpus_per_task=(None, int, 'CPUs per task (per GPU); None: 10'))
+SLURM_OPTIONS = [
+    Option('slurm_partition', 'str | None', None, 'submit the run as a SLURM job on this partition (one task per GPU, '
+           'requeued on preemption; pip install "evl-nb[slurm]")', 'slurm'),
+    Option('slurm_time', 'str', '24:00:00', 'SLURM time limit (M, H:M:S or D-H:M:S); at the limit the job requeues and resumes',
+           'slurm'),
+    Option('slurm_account', 'str | None', None, 'SLURM account to charge', 'slurm'),
+    Option('slurm_cpus_per_task', 'int | None', None, 'CPUs per task (one task per GPU); None: 10', 'slurm')]
 
-def add_options(p: argparse.ArgumentParser, options: dict, title: str | None = None):
-    "Add `--name` flags for {name: (default, type, help)} (to a group called `title`)."
+def add_options(p: argparse.ArgumentParser, options, title: str | None = None):
+    "Add a `--name` flag for each `Option` (name, type, default, help) to `p` (in a group called `title`)."
     g = p.add_argument_group(title) if title else p
-    for name, (default, typ, help) in options.items():
-        flags = ['--' + name.replace('_', '-')] + (['--gpus-per-node'] if name == 'gpus' else [])
-        g.add_argument(*flags, dest=name, type=typ, default=default, help=f'{help} (default: {default})')
+    for o in options:
+        typ = {'int': int, 'float': float}.get(o.type.split('|')[0].strip(), str)
+        flags = ['--' + o.name.replace('_', '-')] + (['--gpus-per-node'] if o.name == 'gpus' else [])
+        g.add_argument(*flags, dest=o.name, type=typ, default=o.default,
+                       help=o.help if o.default is None else f'{o.help} (default: {o.default})')
     return g
 
 # %% ../nbs/10_cli.ipynb #2cb88a9e
@@ -251,36 +263,76 @@ def add_train_parser(sub):
     "The `train` subcommand: the trainer's options, the launcher's and the SLURM ones."
     p = sub.add_parser('train', parents=[train_parser()], conflict_handler='resolve', help='train and evaluate EVL',
                        description='Train EVL (the options of nbs/train.ipynb); resumes from the latest checkpoint in --output-dir.')
-    add_options(p, LAUNCH_OPTIONS, 'launch')
+    add_options(p, LAUNCH_OPTIONS, 'launch (torchrun)')
     g = add_options(p, SLURM_OPTIONS, 'SLURM (submitit)')
     g.add_argument('--print-sbatch', action='store_true', help='print the #SBATCH header and srun line instead of submitting')
     return p
 
 # %% ../nbs/10_cli.ipynb #32d9b53d
 def train_command(a: dict) -> dict | None:
-    "Run `evl-nb train` (here, under torchrun, or as a SLURM job) from its parsed options."
-    slurm = {k: a.pop(k) for k in SLURM_OPTIONS}; print_sbatch = a.pop('print_sbatch')
-    gpus, nodes, node_rank, master_addr, master_port = (a.pop(k) for k in LAUNCH_OPTIONS)
+    "Run `evl-nb train` from its parsed options as `nbs/train.ipynb` does: here, under torchrun, or as a SLURM job."
+    slurm = {o.name: a.pop(o.name) for o in SLURM_OPTIONS}; print_sbatch = a.pop('print_sbatch')
+    launch_kw = {o.name: a.pop(o.name) for o in LAUNCH_OPTIONS}
     summary_json = a.pop('summary_json', None)
-    cfg = TrainConfig(**a)
     if print_sbatch or slurm['slurm_partition']:
-        from evl_nb.train import cli_args
-        kw = dict(nodes=nodes, gpus_per_node=gpus, partition=slurm['slurm_partition'], time=slurm['slurm_time'],
-                  account=slurm['slurm_account'], cpus_per_task=slurm['slurm_cpus_per_task'])
-        if print_sbatch: print(sbatch_script(cli_args(cfg), cfg.output_dir, python=sys.executable, **kw), end=''); return None
-        job = submit_train(cfg.resolve(), summary_json=summary_json, **kw)
-        print(f'submitted SLURM job {job.job_id}: {nodes} node(s) x {gpus} GPU(s); logs in {Path(cfg.output_dir) / "slurm"}')
+        kw = dict(nodes=launch_kw['nodes'], gpus_per_node=launch_kw['gpus'], partition=slurm['slurm_partition'],
+                  time=slurm['slurm_time'], account=slurm['slurm_account'], cpus_per_task=slurm['slurm_cpus_per_task'])
+        if print_sbatch:
+            flags = cli_args(TrainConfig(**a)) + (['--summary-json', summary_json] if summary_json else [])
+            print(sbatch_script(flags, a['output_dir'], python=sys.executable, **kw), end=''); return None
+        job_config(**a)                     # every option checked here, before the job waits in the queue
+        job = submit_train(a, summary_json=summary_json, **kw)
+        print(f"submitted SLURM job {job.job_id}: {kw['nodes']} node(s) x {kw['gpus_per_node']} GPU(s); "
+              f"logs in {Path(a['output_dir']) / 'slurm'}")
         return None
-    if gpus > 1 or nodes > 1:
-        cmd = torchrun_command(cfg, gpus=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
-                               master_port=master_port)
-        launch(cmd + (['--summary-json', summary_json] if summary_json else []))
-        f = Path(cfg.output_dir) / 'summary.json'
-        return json.loads(f.read_text()) if node_rank == 0 and f.exists() else None
-    s = run(cfg)
-    print('SUMMARY ' + json.dumps({k: v for k, v in s.items() if k != 'config'}, default=str), flush=True)
-    if summary_json: Path(summary_json).write_text(json.dumps(s, indent=1, default=str))
+    cfg = job_config(**launch_kw, **a)
+    job_data(cfg)
+    s = run_job(cfg, **launch_kw)
+    if s and summary_json: Path(summary_json).write_text(json.dumps(s, indent=1, default=str))
     return s
+
+# %% ../nbs/10_cli.ipynb #c9225c9f
+EVALUATE_OPTIONS = [
+    Option('checkpoint', 'str | None', None, 'evl-nb checkpoint (best.pt, step_*.pt) or official release (.pth); '
+           'None: best/latest of runs/train'),
+    Option('class_list', 'str | None', None, "the release's class list (JSON list, JSON {name: index} or text); "
+           'None: from the checkpoint'),
+    Option('dataset', 'str', 'synthetic', 'synthetic | k400 | ssv2 | list'),
+    Option('data_root', 'str | None', None, 'dataset folder; synthetic: runs/train/synthetic (generated when missing)'),
+    Option('val_ann', 'str | None', None, 'validation annotations (relative: cwd, then data_root); None: official name'),
+    Option('model', 'str | None', None, 'preset when the checkpoint carries no config (official releases); None: by dataset'),
+    Option('pretrained', 'str | None', None, 'CLIP tower weights; None: what the training run used (a random tower: rebuilt)'),
+    Option('num_frames', 'int | None', None, "frames per view; None: the model's"),
+    Option('eval_views', 'str', '3x1', 'temporal x spatial views: 1x1, 3x1, 1x3, 10x3'),
+    Option('batch_size', 'int', 4, 'videos per batch (each holds T*S views)'),
+    Option('num_workers', 'int', 2, 'decoding workers'),
+    Option('precision', 'str', 'fp32', 'fp32 | bf16 | fp16'),
+    Option('output_json', 'str', 'runs/eval/results.json', 'where the metrics are written')]
+
+def add_evaluate_parser(sub):
+    "The `evaluate` subcommand (the options of `nbs/evaluate.ipynb`)."
+    p = sub.add_parser('evaluate', help='multi-view evaluation of a checkpoint',
+                       description='Evaluate a checkpoint (the parameters of nbs/evaluate.ipynb): top-1/top-5, mean '
+                                   'class accuracy, per-class table and confusions; metrics saved as JSON.')
+    add_options(p, EVALUATE_OPTIONS)
+    p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    return p
+
+# %% ../nbs/10_cli.ipynb #0d346056
+def evaluate_command(a: dict) -> dict:
+    "Run `evl-nb evaluate` as `nbs/evaluate.ipynb` does."
+    job = prepare_evaluation(a['checkpoint'], a['class_list'], a['dataset'], a['data_root'], a['val_ann'], a['model'],
+                             a['pretrained'], a['num_frames'], a['eval_views'], a['precision'])
+    print('checkpoint:', job['checkpoint']); print(job['val_set'])
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    t0 = time.time()
+    m = evaluate(job['model'].to(device), job['val_set'], batch_size=a['batch_size'], num_workers=a['num_workers'],
+                 device=device, precision=a['precision'], classes=job['classes'], label_map=job['label_map'],
+                 progress=a['progress'])
+    m.update(checkpoint=job['checkpoint'], eval_views=a['eval_views'], dataset=a['dataset'], seconds=time.time() - t0)
+    save_results(m, a['output_json'])
+    print(format_report(m)); print(per_class_table(m)); print('wrote', a['output_json'])
+    return m
 
 # %% ../nbs/10_cli.ipynb #32e63435
 def add_predict_parser(sub):
@@ -391,7 +443,7 @@ def build_cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='evl-nb', description='EVL (frozen CLIP video learners) from the shell: '
                                 'train, evaluate, predict, prepare data, the CPU demo.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
-    add_train_parser(sub); add_predict_parser(sub); add_prepare_parser(sub)
+    add_train_parser(sub); add_evaluate_parser(sub); add_predict_parser(sub); add_prepare_parser(sub)
     sub.add_parser('demo', add_help=False, help='the CPU demo (= make demo; evl-nb demo --help for its options)')
     sub.add_parser('slurm-task', add_help=False, help='one task of a batch script from --print-sbatch (run by srun)')
     return p
@@ -407,6 +459,7 @@ def main(argv=None) -> int:
     cmd = a.pop('command')
     try:
         if cmd == 'train': train_command(a); return 0
+        if cmd == 'evaluate': evaluate_command(a); return 0
         if cmd == 'predict': return 0 if predict_command(a)['predictions'] else 1
         if cmd == 'prepare': prepare_command(a); return 0
     except (ValueError, FileNotFoundError, ImportError) as e:     # bad input: the message names it, no traceback

@@ -1,0 +1,257 @@
+"""The `evl-nb` console script: help of every subcommand, options equal to the notebooks' parameters, train ->
+predict on real clips (a broken file skipped), SLURM submission through submitit's local executor with a preemption,
+the batch script of a 2-node x 8-GPU job, and `prepare scan` against `scan_videos`."""
+import argparse, ast, contextlib, csv, io, json, os, shlex, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+
+from conftest import fixture_path
+from evl_nb import cli
+from evl_nb.video import is_risky_format, scan_videos
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(sys.executable).parent / 'evl-nb'
+ENV = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+
+
+def _main(argv):
+    "Run `evl-nb argv` in this process; (exit status, stdout)."
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try: rc = cli.main(argv)
+        except SystemExit as e: rc = e.code
+    return rc, buf.getvalue()
+
+
+@pytest.fixture(scope='module')
+def syn(tmp_path_factory):
+    from evl_nb.synthetic import make_synthetic_dataset
+    d = tmp_path_factory.mktemp('cli')
+    make_synthetic_dataset(d / 'syn', num_classes=3, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False,
+                           progress=False)
+    return d
+
+
+def test_installed_script_help():
+    assert SCRIPT.exists(), f'{SCRIPT} missing: pip install -e . installs the evl-nb console script'
+    r = subprocess.run([str(SCRIPT), '--help'], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for c in ('train', 'evaluate', 'predict', 'prepare', 'demo'): assert c in r.stdout
+
+
+@pytest.mark.parametrize('argv, expect', [
+    (['train'], ['--data-root', '--slurm-partition', '--gpus-per-node', '--print-sbatch']),
+    (['evaluate'], ['--checkpoint', '--class-list', '--eval-views', '--output-json']),
+    (['predict'], ['VIDEO', '--checkpoint', '--preset', '--views', '--top', '--json', '--attention', '--class-list']),
+    (['prepare'], ['scan', 'reencode']),
+    (['prepare', 'scan'], ['ROOT', '--manifest', '--workers']),
+    (['prepare', 'reencode'], ['SRC', '--out-dir', '--short-side', '--keyint', '--workers', '--overwrite']),
+    (['demo'], ['--output-dir', '--quick']),
+])
+def test_subcommand_help(argv, expect):
+    rc, out = _main(argv + ['--help'])
+    assert rc == 0
+    for e in expect: assert e in out, (argv, e)
+
+
+def _cli_options(add):
+    "{name: (default, help)} of a subcommand's options, read from its parser."
+    p = add(argparse.ArgumentParser().add_subparsers())
+    defaults = vars(p.parse_args([]))
+    text = ' '.join(p.format_help().split())
+    return defaults, text
+
+
+def _compare(nb_name, add, library_options, cli_only):
+    nb = pm_inspect(nb_name)
+    defaults, text = _cli_options(add)
+    mine = {k: v for k, v in defaults.items() if k not in cli_only}
+    missing, extra = sorted(set(nb) - set(mine)), sorted(set(mine) - set(nb))
+    differ = {k: (nb[k]['default'], mine[k]) for k in nb if k in mine and ast.literal_eval(nb[k]['default']) != mine[k]}
+    for k, v in nb.items():                               # the notebook comment is the option's help, word for word
+        assert ' '.join(v['help'].split()) in text, (k, v['help'])
+        if k in library_options: assert library_options[k].help == v['help'], k
+    return missing, extra, differ
+
+
+def pm_inspect(nb):
+    pm = pytest.importorskip('papermill')
+    return pm.inspect_notebook(str(ROOT / 'nbs' / nb))
+
+
+def test_evaluate_options_are_the_notebook_parameters():
+    missing, extra, differ = _compare('evaluate.ipynb', cli.add_evaluate_parser, {o.name: o for o in cli.EVALUATE_OPTIONS},
+                                      {'progress'})
+    assert (missing, extra, differ) == ([], [], {})
+
+
+def test_train_options_cover_the_notebook_parameters():
+    "Every nbs/train.ipynb parameter is an `evl-nb train` option with the help of evl_nb.train.TRAIN_OPTIONS."
+    from evl_nb.train import TRAIN_OPTIONS
+    cli_only = {'print_sbatch', 'summary_json'} | {o.name for o in cli.SLURM_OPTIONS}
+    missing, extra, differ = _compare('train.ipynb', cli.add_train_parser, TRAIN_OPTIONS, cli_only)
+    assert missing == []
+    assert set(extra) <= set(TRAIN_OPTIONS)               # the rest of TRAIN_OPTIONS (device, weight_decay, ...)
+    assert set(differ) <= {'num_workers'}, differ          # the one known difference (see the xfail below)
+
+
+@pytest.mark.xfail(strict=True, reason='nbs/train.ipynb shows 27 of the 38 TRAIN_OPTIONS, and num_workers=8 where '
+                                       'TRAIN_OPTIONS (python -m evl_nb.train) says 4')
+def test_train_options_are_exactly_the_notebook_parameters():
+    from evl_nb.train import TRAIN_OPTIONS
+    cli_only = {'print_sbatch', 'summary_json'} | ({o.name for o in cli.SLURM_OPTIONS} - set(pm_inspect('train.ipynb')))
+    assert _compare('train.ipynb', cli.add_train_parser, TRAIN_OPTIONS, cli_only) == ([], [], {})
+
+
+def test_print_sbatch_2_nodes_x_8_gpus():
+    rc, out = _main(['train', '--dataset', 'k400', '--data-root', '/data/k400', '--pretrained', 'openai',
+                     '--output-dir', '/shared/runs/k400', '--slurm-partition', 'gpu', '--nodes', '2', '--gpus-per-node', '8',
+                     '--slurm-time', '2-00:00:00', '--slurm-account', 'vision', '--print-sbatch'])
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0] == '#!/bin/bash'
+    head = [l[len('#SBATCH '):] for l in lines if l.startswith('#SBATCH ')]
+    for h in ('--partition=gpu', '--account=vision', '--nodes=2', '--ntasks-per-node=8', '--gpus-per-node=8',
+              '--time=2-00:00:00', '--output=/shared/runs/k400/slurm/%j.out', '--requeue'):
+        assert h in head, h
+    srun = [l for l in lines if l.startswith('srun ')]
+    assert len(srun) == 1
+    args = shlex.split(srun[0])
+    i = args.index('slurm-task')
+    assert args[i - 2:i] == ['-m', 'evl_nb.cli']
+    assert args[i + 1:] == ['--dataset', 'k400', '--data-root', '/data/k400', '--pretrained', 'openai',
+                            '--output-dir', '/shared/runs/k400']
+    assert any(l.startswith('export MASTER_ADDR=') for l in lines) and any(l.startswith('export MASTER_PORT=') for l in lines)
+
+
+def test_the_batch_script_task_trains(syn, tmp_path):
+    "The srun payload of --print-sbatch, run as SLURM task 0 of 1, trains and writes summary.json."
+    out = tmp_path / 'run'
+    rc, text = _main(['train', '--data-root', str(syn / 'syn'), '--num-classes', '3', '--batch-size', '2', '--max-steps', '2',
+                      '--num-workers', '0', '--output-dir', str(out), '--nodes', '1', '--gpus', '1', '--print-sbatch'])
+    args = shlex.split([l for l in text.splitlines() if l.startswith('srun ')][0])
+    payload = args[args.index(sys.executable):]
+    env = dict(ENV, SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='1', SLURM_JOB_NUM_NODES='1', SLURM_JOB_ID='42',
+               SLURM_JOB_NODELIST='localhost')
+    r = subprocess.run(payload, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['steps'] == 2 and s['world_size'] == 1
+
+
+def test_submitit_local_job_is_preempted_requeued_and_resumes(syn, tmp_path):
+    "A job through submitit's local executor gets the preemption signal mid-run, requeues itself and finishes."
+    submitit = pytest.importorskip('submitit')
+    out = tmp_path / 'run'
+    params = dict(dataset='synthetic', data_root=str(syn / 'syn'), num_classes=3, batch_size=2, max_steps=30, ckpt_every=2,
+                  num_workers=0, output_dir=str(out), progress=False, device='cpu')
+    ex = submitit.LocalExecutor(folder=out / 'slurm')
+    ex.update_parameters(timeout_min=10)
+    job = cli.submit_train(params, executor=ex)
+    first = out / 'checkpoints' / 'step_0000002.pt'
+    t = time.time()
+    while not first.exists():
+        assert job.state == 'RUNNING', job.stderr()
+        assert time.time() - t < 300, 'no checkpoint after 300 s'
+        time.sleep(0.05)
+    assert not (out / 'summary.json').exists()
+    controller = job._process.pid                        # the local executor's controller; its child is the task
+    task = int(Path(f'/proc/{controller}/task/{controller}/children').read_text().split()[0])
+    os.kill(task, signal.SIGUSR2)                        # what SLURM sends before preempting or at the time limit
+    r = job.result()
+    assert 'Requeued job' in job.stderr() or 'Requeued job' in job.stdout()
+    assert r['steps'] == 30 and 2 <= r['start_step'] < 30 and 'step_' in r['resumed_from']
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['steps'] == 30 and s['resumed_from'] == r['resumed_from']
+    assert list((out / 'slurm').glob('*_log.out')), 'submitit logs are not in output_dir/slurm'
+
+
+def test_train_then_predict_real_clips(syn, tmp_path):
+    clips = [fixture_path('videos', n) for n in ('carphone_pristine.mp4', 'mmaction2_basketball.mp4')]
+    out = tmp_path / 'run'
+    rc, _ = _main(['train', '--data-root', str(syn / 'syn'), '--num-classes', '3', '--batch-size', '2', '--max-steps', '2',
+                   '--num-workers', '0', '--output-dir', str(out)])
+    assert rc == 0 and (out / 'summary.json').exists()
+    ckpt = out / 'checkpoints' / 'best.pt'
+    rc, text = _main(['evaluate', '--checkpoint', str(ckpt), '--data-root', str(syn / 'syn'), '--eval-views', '1x1',
+                      '--num-workers', '0', '--output-json', str(tmp_path / 'eval.json'), '--no-progress'])
+    assert rc == 0 and 'top-1' in text
+    assert json.loads((tmp_path / 'eval.json').read_text())['num_samples'] == 6     # 3 classes x 2 validation clips
+    broken = tmp_path / 'broken.mp4'
+    broken.write_bytes(clips[0].read_bytes()[:4000])     # a truncated download
+    js, gif = tmp_path / 'preds.json', tmp_path / 'att.gif'
+    r = subprocess.run([str(SCRIPT), 'predict', str(clips[0]), str(broken), str(clips[1]), '--checkpoint', str(ckpt),
+                        '--views', '1x1', '--json', str(js), '--attention', str(gif)],
+                       capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads(js.read_text())
+    import torch
+    classes = torch.load(ckpt, weights_only=False)['classes']
+    assert len(classes) == 3
+    assert [p['video'] for p in res['predictions']] == [str(clips[0]), str(clips[1])]
+    assert [s['video'] for s in res['skipped']] == [str(broken)]
+    assert str(broken) in r.stderr                        # named when it is skipped
+    for p in res['predictions']:
+        assert [t['rank'] for t in p['top']] == [1, 2, 3]   # 3 classes: the top-5 is all of them
+        probs = [t['probability'] for t in p['top']]
+        assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
+        for t in p['top']:
+            assert f"{100 * t['probability']:5.1f}%  {t['name']}" in r.stdout
+            assert t['name'] in classes
+    assert f'skipped {broken}' in r.stdout
+    assert sorted(p.name for p in tmp_path.glob('att_*.gif')) == sorted(f'att_{c.stem}.gif' for c in clips)
+    assert all(p.read_bytes()[:6] == b'GIF89a' for p in tmp_path.glob('att_*.gif'))
+
+
+def test_predict_preset_mismatch_is_a_clear_error(syn, tmp_path):
+    out = tmp_path / 'run'
+    _main(['train', '--data-root', str(syn / 'syn'), '--num-classes', '3', '--batch-size', '2', '--max-steps', '1',
+           '--num-workers', '0', '--output-dir', str(out)])
+    clip = fixture_path('videos', 'carphone_pristine.mp4')
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(['predict', str(clip), '--checkpoint', str(out / 'checkpoints' / 'best.pt'), '--preset', 'evl-b16-8f'])
+    assert rc == 2 and 'evl-nb predict: error: --checkpoint does not fit --preset' in err.getvalue()
+    assert 'decoder_qkv_dim: 128 in the checkpoint, 768 in the preset' in err.getvalue()   # names what differs
+
+
+def test_prepare_scan_writes_the_scan_videos_manifest(tmp_path):
+    videos = fixture_path('videos')
+    rc, out = _main(['prepare', 'scan', str(videos), '--manifest', str(tmp_path / 'cli.csv'), '--workers', '2',
+                     '--no-progress'])
+    assert rc == 0 and 'manifest' in out
+    scan_videos(videos, manifest=tmp_path / 'lib.csv', num_workers=1, progress=False)
+    a, b = (list(csv.DictReader(open(tmp_path / f))) for f in ('cli.csv', 'lib.csv'))
+    assert len(a) == len(b) == len([p for p in videos.iterdir() if p.suffix in ('.mp4', '.avi')])
+    for x, y in zip(a, b):
+        if is_risky_format(x['path'], x['codec']): x.pop('message'); y.pop('message')   # decord's seek there is intermittent
+        assert x == y
+
+
+def test_prepare_reencode_resumes(tmp_path):
+    clip = fixture_path('videos', 'carphone_pristine.mp4')
+    argv = ['prepare', 'reencode', str(clip), '--out-dir', str(tmp_path / 'out'), '--short-side', '64', '--workers', '1',
+            '--no-progress']
+    rc, out = _main(argv)
+    assert rc == 0 and 're-encoded 1 of 1' in out
+    from evl_nb.video import check_video
+    info = check_video(tmp_path / 'out' / 'carphone_pristine.mp4')
+    assert info.ok and min(info.width, info.height) == 64 and info.frames == check_video(clip).frames
+    rc, out = _main(argv)                                 # a second run finds the file written and skips it
+    assert rc == 0 and 're-encoded 0 of 1' in out and '(1 already there)' in out
+
+
+def test_prepare_store_names_a_broken_file_and_resumes(tmp_path):
+    clip = fixture_path('videos', 'carphone_pristine.mp4')
+    src = tmp_path / 'videos'; src.mkdir()
+    (src / clip.name).symlink_to(clip)
+    (src / 'broken.mp4').write_bytes(clip.read_bytes()[:3000])
+    argv = ['prepare', 'store', str(src), '--out-dir', str(tmp_path / 'store'), '--workers', '1', '--no-progress']
+    rc, out = _main(argv)
+    assert rc == 0 and '2 videos, 1 converted, 0 already there, 1 failed' in out and 'broken.mp4' in out
+    from evl_nb.store import ClipStore
+    st = ClipStore(tmp_path / 'store')
+    assert st.info(src / clip.name).frames > 0 and st.info(src / 'broken.mp4').error
+    rc, out = _main(argv)                                 # a rerun converts nothing again
+    assert rc == 0 and '1 already there' in out
