@@ -255,3 +255,26 @@ def test_prepare_store_names_a_broken_file_and_resumes(tmp_path):
     assert st.info(src / clip.name).frames > 0 and st.info(src / 'broken.mp4').error
     rc, out = _main(argv)                                 # a rerun converts nothing again
     assert rc == 0 and '1 already there' in out
+
+
+def test_slurm_submission_through_sbatch(tmp_path):
+    "`--slurm-partition` hands submitit's batch file to sbatch: 2 nodes x 8 tasks, USR2 before the limit, logs in output_dir."
+    pytest.importorskip('submitit')
+    bin_dir = tmp_path / 'bin'; bin_dir.mkdir()
+    (bin_dir / 'sbatch').write_text('#!/bin/bash\ncp "$1" "$SBATCH_COPY"\necho "Submitted batch job 4242"\n')
+    (bin_dir / 'srun').write_text('#!/bin/bash\nexit 0\n')
+    for f in bin_dir.iterdir(): f.chmod(0o755)
+    out, copy = tmp_path / 'run', tmp_path / 'job.sbatch'
+    env = dict(ENV, PATH=f"{bin_dir}:{ENV['PATH']}", SBATCH_COPY=str(copy))
+    r = subprocess.run([str(SCRIPT), 'train', '--output-dir', str(out), '--max-steps', '5', '--slurm-partition', 'gpu',
+                        '--nodes', '2', '--gpus-per-node', '8', '--slurm-time', '2:00:00', '--slurm-account', 'proj'],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'submitted SLURM job 4242: 2 node(s) x 8 GPU(s)' in r.stdout
+    head = [l[len('#SBATCH '):] for l in copy.read_text().splitlines() if l.startswith('#SBATCH ')]
+    for h in ('--partition=gpu', '--account=proj', '--nodes=2', '--ntasks-per-node=8', '--gpus-per-node=8', '--time=120',
+              '--signal=USR2@120', f'--output={out}/slurm/%j/%j_0_log.out'):
+        assert h in head, (h, head)
+    import pickle
+    job = pickle.loads(next((out / 'slurm').rglob('*_submitted.pkl')).read_bytes())
+    assert isinstance(job.function, cli.TrainJob) and job.function.params['max_steps'] == 5
