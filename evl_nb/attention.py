@@ -544,7 +544,10 @@ def snapshot_grid(maps: AttentionMaps, rows: str = 'layers', kind: str = 'query'
     sub = f'{KINDS[kind]} ({hd})' if rows == 'layers' else f'layer {layer % maps.num_layers} ({hd})'
     top = 0.45
     if maps.object_pixels is not None:
-        sub += '\n' + measures_text(maps, layer if rows == 'kinds' else -1); top = 0.8
+        import textwrap
+        width = max(40, int(fig.get_figwidth() * 17))                         # characters of 7 pt text that fit
+        lines = [l for p in measures_text(maps, layer if rows == 'kinds' else -1).split('\n') for l in textwrap.wrap(p, width)]
+        sub += '\n' + '\n'.join(lines); top = 0.3 + 0.13 * (len(lines) + 1)
     fig.set_figheight(fig.get_figheight() + top - 0.45)
     fig.suptitle(sub, fontsize=9 if maps.object_pixels is None else 7)
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - top / fig.get_figheight(), bottom=0.02, wspace=0.04, hspace=0.08)

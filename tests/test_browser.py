@@ -145,6 +145,8 @@ def test_mouse_dragged_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
                 handle = slider.locator('.noUi-handle').first
                 readout = slider.locator('.widget-readout').first
                 assert readout.inner_text().strip() == '0'
+                measures = page.locator('.evl-attention-measures')            # present when the clip's object is known
+                measures_before = measures.first.inner_text() if measures.count() else None
                 tb, hb = track.bounding_box(), handle.bounding_box()
                 assert tb is not None and tb['width'] > 100, f'the frame slider track is {tb} wide: no room to drag it'
                 top = float(handle.get_attribute('aria-valuemax') or 7)     # noUiSlider's range: 0..T-1 (7 for evl-tiny)
@@ -159,6 +161,9 @@ def test_mouse_dragged_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
                 assert readout.inner_text().strip() == '3', f'slider readout is {readout.inner_text()!r} after the drag'
                 assert after.shape == before.shape and np.abs(after - before).mean() > 1, \
                     'the viewer image did not change after dragging the frame slider'
+                if measures_before is not None:                              # the measures line follows the frame
+                    assert 'uniform' in measures_before and 'frame 0' in measures_before, measures_before
+                    assert 'frame 3' in measures.first.inner_text(), measures.first.inner_text()
                 # the viewer as a user sees it (sliders with their tracks), for the README
                 viewer = page.locator('.widget-vbox', has=img).last
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
