@@ -26,7 +26,7 @@ _log = get_logger('evl_nb.cli')
 __all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'predict_videos', 'format_predictions',
            'write_attention', 'defaults_of', 'video_files', 'first_host', 'slurm_env', 'submitit_env', 'run_task',
            'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task',
-           'add_options', 'add_train_parser', 'train_command', 'add_evaluate_parser', 'evaluate_command',
+           'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser', 'evaluate_command',
            'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #959efcdf
@@ -269,21 +269,29 @@ def add_train_parser(sub):
     return p
 
 # %% ../nbs/10_cli.ipynb #32d9b53d
+def slurm_job(params: dict, nodes: int = 1, gpus: int = 1, slurm_partition: str | None = None, slurm_time='24:00:00',
+              slurm_account: str | None = None, slurm_cpus_per_task: int | None = None, print_sbatch: bool = False,
+              summary_json=None):
+    "Submit the training job `params` to SLURM (`gpus` per node), or with `print_sbatch` return its batch script instead."
+    kw = dict(nodes=nodes, gpus_per_node=gpus, partition=slurm_partition, time=slurm_time, account=slurm_account,
+              cpus_per_task=slurm_cpus_per_task)
+    if print_sbatch:
+        flags = cli_args(TrainConfig(**params)) + (['--summary-json', str(summary_json)] if summary_json else [])
+        return sbatch_script(flags, params.get('output_dir') or TrainConfig.output_dir, python=sys.executable, **kw)
+    if not slurm_partition: raise ValueError('slurm_partition is required to submit (or ask for the batch script)')
+    job_config(**params)                    # every option checked here, before the job waits in the queue
+    return submit_train(params, summary_json=summary_json, **kw)
+
 def train_command(a: dict) -> dict | None:
     "Run `evl-nb train` from its parsed options as `nbs/train.ipynb` does: here, under torchrun, or as a SLURM job."
     slurm = {o.name: a.pop(o.name) for o in SLURM_OPTIONS}; print_sbatch = a.pop('print_sbatch')
     launch_kw = {o.name: a.pop(o.name) for o in LAUNCH_OPTIONS}
     summary_json = a.pop('summary_json', None)
     if print_sbatch or slurm['slurm_partition']:
-        kw = dict(nodes=launch_kw['nodes'], gpus_per_node=launch_kw['gpus'], partition=slurm['slurm_partition'],
-                  time=slurm['slurm_time'], account=slurm['slurm_account'], cpus_per_task=slurm['slurm_cpus_per_task'])
-        if print_sbatch:
-            flags = cli_args(TrainConfig(**a)) + (['--summary-json', summary_json] if summary_json else [])
-            print(sbatch_script(flags, a['output_dir'], python=sys.executable, **kw), end=''); return None
-        job_config(**a)                     # every option checked here, before the job waits in the queue
-        job = submit_train(a, summary_json=summary_json, **kw)
-        print(f"submitted SLURM job {job.job_id}: {kw['nodes']} node(s) x {kw['gpus_per_node']} GPU(s); "
-              f"logs in {Path(a['output_dir']) / 'slurm'}")
+        r = slurm_job(a, launch_kw['nodes'], launch_kw['gpus'], print_sbatch=print_sbatch, summary_json=summary_json, **slurm)
+        if print_sbatch: print(r, end='')
+        else: print(f"submitted SLURM job {r.job_id}: {launch_kw['nodes']} node(s) x {launch_kw['gpus']} GPU(s); "
+                    f"logs in {Path(a['output_dir']) / 'slurm'}")
         return None
     cfg = job_config(**launch_kw, **a)
     job_data(cfg)
