@@ -209,8 +209,9 @@ def find_run_checkpoint(output_dir='runs/train') -> Path | None:
     steps = sorted(folder.glob('step_*.pt'))
     return steps[-1] if steps else None
 
-def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1'):
-    "The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in `eval_views` views."
+def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1', store=None):
+    """The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in `eval_views` views;
+    `store`: a clip store to read the frames from (`evl_nb.store`)."""
     from evl_nb.data import build_dataset
     from evl_nb.train import add_context, default_ann, find_ann, model_input_size
     ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else default_ann(dataset, 'val', data_root)
@@ -219,13 +220,13 @@ def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: 
     kw = {} if dataset == 'ssv2' else dict(sampling=None if dataset == 'synthetic' else mcfg.sampling,
                                            frame_interval=mcfg.frame_interval)
     try: return build_dataset(dataset, 'val', data_root=data_root, ann_file=ann, num_frames=mcfg.num_frames, views=eval_views,
-                              input_size=model_input_size(mcfg), **kw)
+                              input_size=model_input_size(mcfg), store=store, **kw)
     except Exception as e: raise add_context(e, f'val_ann={str(ann) if ann else None!r} (data_root={data_root!r})')
 
 # %% ../nbs/07_evaluate.ipynb #0fd3c825
 def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None, val_ann=None,
                        model: str | None = None, pretrained=None, num_frames: int | None = None, eval_views: str = '3x1',
-                       precision: str = 'fp32', runs_dir='runs/train') -> dict:
+                       precision: str = 'fp32', runs_dir='runs/train', store=None) -> dict:
     "Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info'} for `evaluate`."
     from evl_nb.model import PRESETS
     from evl_nb.train import DEFAULT_MODEL
@@ -234,6 +235,8 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
     parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')
     if model is not None and model not in PRESETS: raise ValueError(f'model={model!r}: unknown preset')
     if class_list is not None and not Path(class_list).is_file(): raise FileNotFoundError(f'class_list={class_list!r} does not exist')
+    if store is not None and not (Path(store) / 'store.json').is_file():
+        raise FileNotFoundError(f'store={str(store)!r} is not a clip store (no store.json): make it with evl_nb.store.build_store')
     if checkpoint is None: checkpoint = find_run_checkpoint(runs_dir)
     if checkpoint is not None and not Path(checkpoint).is_file(): raise FileNotFoundError(f'checkpoint={str(checkpoint)!r} does not exist')
     if checkpoint is None: get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
@@ -244,7 +247,7 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
         if not (Path(data_root) / 'synthetic.json').exists():
             n = net.config.num_classes
             make_synthetic_dataset(data_root, num_classes=n if 2 <= n <= 12 else 10, train_per_class=1, val_per_class=4)
-    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views)
+    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store)
     classes, label_map = info['classes'], None
     if classes: label_map = label_mapping(val_set.classes, classes)
     elif net.config.num_classes != val_set.num_classes:

@@ -56,6 +56,7 @@ class TrainConfig:
     "Everything that defines a training run (None = the preset's recipe; see `recipe`)."
     dataset: str = option('synthetic', 'synthetic | k400 | ssv2 | list: chooses sampling, class list and flip policy')
     data_root: str | None = option(None, 'dataset folder (videos + annotations); synthetic: generated there when missing')
+    store: str | None = option(None, 'clip store folder (build_store / evl-nb prepare store): frames read from it, not the videos; None: videos')
     train_ann: str | None = option(None, 'train annotations (relative: cwd, then data_root); None: official name')
     val_ann: str | None = option(None, 'validation annotations (relative: cwd, then data_root); None: official name')
     model: str | None = option(None, 'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), evl-b16-8f-ssv2 (ssv2)')
@@ -115,6 +116,8 @@ class TrainConfig:
             raise ValueError(f'data_root is required for dataset={c.dataset!r} (the folder holding the videos and annotations)')
         if c.dataset == 'list' and not (c.data_root or c.train_ann):
             raise ValueError("dataset='list' needs train_ann (and val_ann) list files, or a data_root holding train_list.txt / val_list.txt")
+        if c.store is not None and not (Path(c.store) / 'store.json').is_file():
+            raise FileNotFoundError(f'store={c.store!r} is not a clip store (no store.json): make it with evl_nb.store.build_store')
         if c.data_root and c.dataset != 'synthetic' and not Path(c.data_root).is_dir():
             raise FileNotFoundError(f'data_root={c.data_root!r} does not exist')
         return c
@@ -199,7 +202,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                                             frame_interval=mcfg.frame_interval)
         kw.update(aug)
         if cfg.class_list is not None: kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
-        try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, **kw)
+        try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, store=cfg.store, **kw)
         except Exception as e:
             raise add_context(e, f'{ann_param}={str(ann) if ann else None!r} (data_root={cfg.data_root!r})')
         if cfg.in_memory:

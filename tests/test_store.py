@@ -1,6 +1,6 @@
 """The clip store: same frame counts and indices as the videos, frames within JPEG loss of the sequential decode,
 a converter that survives SIGKILL, broken sources listed and skipped."""
-import csv, os, signal, subprocess, sys, time
+import csv, json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +190,31 @@ def test_dataset_skips_a_video_the_store_could_not_convert(tmp_path):
     assert batch['video'].shape == (1, 3, 4, 64, 64)
     assert [(Path(s['path']).name, s['reason']) for s in batch['skipped']] == [('cut.mp4', 'truncated')]
     assert ds.skip_summary()['by_reason'] == {'truncated': 1}
+
+
+def test_train_notebook_trains_tiny_preset_from_a_store(tmp_path):
+    "papermill nbs/train.ipynb -p dataset k400 -p data_root <K400 layout> -p store <dir>: trains and evaluates from the store."
+    pm = pytest.importorskip('papermill')
+    from evl_nb.synthetic import make_synthetic_dataset
+    from evl_nb.train import read_metrics
+    root = tmp_path / 'k400'
+    make_synthetic_dataset(root, num_classes=4, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False)
+    store = build_store(root, tmp_path / 'store', num_workers=2, progress=False)
+    assert store.last_build['failed'] == 0 and store.last_build['videos'] == 20
+    for p in root.rglob('*.mp4'): p.write_bytes(b'')       # only the store can give frames now (names stay for the CSVs)
+    run = tmp_path / 'run'
+    pm.execute_notebook(str(REPO / 'nbs' / 'train.ipynb'), str(tmp_path / 'train.ipynb'), cwd=str(tmp_path),
+                        parameters=dict(dataset='k400', data_root=str(root), store=str(tmp_path / 'store'), model='evl-tiny',
+                                        num_classes=4, max_steps=3, batch_size=4, num_workers=0, eval_every=0,
+                                        output_dir=str(run)), kernel_name='python3', progress_bar=False, log_output=False)
+    rows = read_metrics(run / 'metrics.csv')
+    assert [r['step'] for r in rows if r['kind'] == 'train'] == [1, 2, 3]
+    assert all(r['loss'] == r['loss'] and r['loss'] > 0 for r in rows if r['kind'] == 'train')
+    res = json.loads((run / 'results.json').read_text())
+    assert res['num_samples'] == 8
+    pm.execute_notebook(str(REPO / 'nbs' / 'evaluate.ipynb'), str(tmp_path / 'eval.ipynb'), cwd=str(tmp_path),
+                        parameters=dict(checkpoint=str(run / 'checkpoints' / 'best.pt'), dataset='k400', data_root=str(root),
+                                        store=str(tmp_path / 'store'), eval_views='1x1', num_workers=0,
+                                        output_json=str(tmp_path / 'eval.json')),
+                        kernel_name='python3', progress_bar=False, log_output=False)
+    assert json.loads((tmp_path / 'eval.json').read_text())['num_samples'] == 8
