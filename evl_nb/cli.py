@@ -307,6 +307,7 @@ EVALUATE_OPTIONS = [
            'None: from the checkpoint'),
     Option('dataset', 'str', 'synthetic', 'synthetic | k400 | ssv2 | list'),
     Option('data_root', 'str | None', None, 'dataset folder; synthetic: runs/train/synthetic (generated when missing)'),
+    Option('store', 'str | None', None, 'clip store folder (build_store / evl-nb prepare store) to read frames from; None: videos'),
     Option('val_ann', 'str | None', None, 'validation annotations (relative: cwd, then data_root); None: official name'),
     Option('model', 'str | None', None, 'preset when the checkpoint carries no config (official releases); None: by dataset'),
     Option('pretrained', 'str | None', None, 'CLIP tower weights; None: what the training run used (a random tower: rebuilt)'),
@@ -330,7 +331,7 @@ def add_evaluate_parser(sub):
 def evaluate_command(a: dict) -> dict:
     "Run `evl-nb evaluate` as `nbs/evaluate.ipynb` does."
     job = prepare_evaluation(a['checkpoint'], a['class_list'], a['dataset'], a['data_root'], a['val_ann'], a['model'],
-                             a['pretrained'], a['num_frames'], a['eval_views'], a['precision'])
+                             a['pretrained'], a['num_frames'], a['eval_views'], a['precision'], store=a['store'])
     print('checkpoint:', job['checkpoint']); print(job['val_set'])
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     t0 = time.time()

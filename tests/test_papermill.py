@@ -142,6 +142,8 @@ def test_train_notebook_malformed_csv_line_is_an_annotation_error(syn):
 def test_train_options_are_the_notebook_parameters():
     "One source: every parameter of nbs/train.ipynb has the help (inline comment) and type of evl_nb.train.TRAIN_OPTIONS."
     from evl_nb.train import TRAIN_OPTIONS
+    from evl_nb.cli import SLURM_OPTIONS                  # the cluster submission's options (slurm_partition, ...)
+    TRAIN_OPTIONS = {**TRAIN_OPTIONS, **{o.name: o for o in SLURM_OPTIONS}}
     params = pm.inspect_notebook(str(TRAIN_NB))
     assert set(params) - set(TRAIN_OPTIONS) == set(), 'notebook parameters without an option'
     assert {'dataset', 'data_root', 'lr', 'gpus', 'nodes', 'resume', 'reevaluate', 'class_list'} <= set(params)
