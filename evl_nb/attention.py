@@ -21,11 +21,12 @@ from .model import EVL, temporal_attention
 from .data import CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, resize_short, uniform_indices
 
 # %% auto #0
-__all__ = ['KINDS', 'MIN_COVER', 'even_indices', 'prepare_clip', 'prepare_masks', 'moving_square_clip', 'read_video_clip',
-           'load_class_names', 'randomize_decoder_', 'MapView', 'AttentionMaps', 'extract_attention', 'object_patches',
-           'object_attention_share', 'temporal_peak_hits', 'peak_on_object', 'attention_measures', 'measures_text',
-           'OverlayPanel', 'figure_pixels', 'figure_png', 'AttentionViewer', 'snapshot_grid', 'export_animation',
-           'synthetic_attention_measures', 'measures_table']
+__all__ = ['KINDS', 'MIN_COVER', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'even_indices', 'prepare_clip', 'prepare_masks',
+           'moving_square_clip', 'read_video_clip', 'load_class_names', 'randomize_decoder_', 'MapView',
+           'AttentionMaps', 'extract_attention', 'object_patches', 'object_attention_share', 'temporal_peak_hits',
+           'peak_on_object', 'attention_measures', 'measures_text', 'OverlayPanel', 'figure_pixels', 'figure_png',
+           'AttentionViewer', 'snapshot_grid', 'export_animation', 'synthetic_attention_measures', 'measures_table',
+           'explorer_cache_dir', 'explorer_checkpoint']
 
 # %% ../nbs/08_attention.ipynb #6c649daf
 _log = get_logger('evl_nb.attention')
@@ -645,3 +646,35 @@ def measures_table(results: dict[str, dict]) -> str:
                     f"{100 * r['chance_prev']:.1f}% / {100 * r['chance_next']:.1f}% | "
                     f"{100 * r['same_place_prev']:.1f}% / {100 * r['same_place_next']:.1f}% |")
     return '\n'.join(rows)
+
+# %% ../nbs/08_attention.ipynb #41385db4
+EXPLORER_DATA = dict(num_classes=10, train_per_class=60, val_per_class=10, num_frames=(16, 20), size=128, ssv2=False)
+EXPLORER_STEPS = 450
+
+def explorer_cache_dir() -> Path:
+    "Where the explorer keeps the model it trains: `$EVL_NB_DATA/explorer`, else `~/.cache/evl_nb/explorer`."
+    import os
+    base = os.environ.get('EVL_NB_DATA')
+    return Path(base).expanduser() / 'explorer' if base else Path.home() / '.cache' / 'evl_nb' / 'explorer'
+
+def explorer_checkpoint(train: bool = True, cache_dir=None, max_steps: int = EXPLORER_STEPS, progress: bool = True,
+                        demo_runs=None, data: dict | None = None) -> Path | None:
+    "`make demo`'s trained EVL checkpoint (looked for in `demo_runs`), else the one trained here before, else (`train=True`) a new one."
+    from evl_nb.evaluate import find_run_checkpoint
+    cache = Path(cache_dir) if cache_dir is not None else explorer_cache_dir()
+    if demo_runs is None: demo_runs = [Path.cwd() / 'runs' / 'demo' / 'evl', Path(__file__).resolve().parents[1] / 'runs' / 'demo' / 'evl']
+    for run in [*map(Path, demo_runs), cache / 'evl']:
+        ck = find_run_checkpoint(run)
+        if ck is not None: return ck
+    if not train: return None
+    from evl_nb.demo import DEMO_MODEL, DEMO_TRAIN
+    from evl_nb.synthetic import make_synthetic_dataset
+    from evl_nb.train import TrainConfig, run as train_run
+    _log.info(f'no trained EVL found: training the demo model for the explorer ({max_steps} steps) into {cache}')
+    data = dict(EXPLORER_DATA if data is None else data)
+    syn = make_synthetic_dataset(cache / 'synthetic', progress=progress, **data)
+    cfg = TrainConfig(dataset='synthetic', data_root=str(syn.root), num_classes=data['num_classes'],
+                      output_dir=str(cache / 'evl'), resume=True, seed=0, progress=progress, model_overrides=dict(DEMO_MODEL),
+                      **dict(DEMO_TRAIN, max_steps=max_steps, warmup_steps=min(DEMO_TRAIN['warmup_steps'], max_steps // 10)))
+    train_run(cfg)
+    return find_run_checkpoint(cache / 'evl')

@@ -368,7 +368,7 @@ def test_explore_notebook_runs_on_a_video_file(tmp_path, monkeypatch):
         for p in st.encode(): out.mux(p)
     monkeypatch.setenv('PYTHONPATH', str(REPO))
     nb = papermill.execute_notebook(str(REPO / 'nbs' / 'explore.ipynb'), str(tmp_path / 'out.ipynb'),
-                                    parameters=dict(video=str(path), class_names=NAMES), cwd=str(tmp_path),
+                                    parameters=dict(video=str(path), class_names=NAMES, untrained=True), cwd=str(tmp_path),
                                     progress_bar=False, kernel_name='python3')
     outs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
     text = ''.join(o.get('text', '') for o in outs if o.get('output_type') == 'stream')
