@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 # %% auto #0
-__all__ = ['shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger']
+__all__ = ['shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger', 'dist_info', 'all_gather_objects',
+           'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context']
 
 # %% ../nbs/00_core.ipynb #07c2a288
 _PKG_ROOT = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd().resolve().parent
@@ -48,7 +50,8 @@ _DTYPES = {'fp32': torch.float32, 'float32': torch.float32, 'float': torch.float
            'fp16': torch.float16, 'float16': torch.float16, 'half': torch.float16}
 
 def as_dtype(x, name: str = 'precision') -> torch.dtype:
-    "A `torch.dtype` from a name such as 'fp32', 'bf16', 'fp16' (or a dtype); `name` is the parameter named in errors."
+    """A `torch.dtype` from a name such as 'fp32', 'bf16', 'fp16' (or a dtype); `name` is the parameter named
+    in errors."""
     if isinstance(x, torch.dtype):
         if x in (torch.float32, torch.bfloat16, torch.float16): return x
     elif isinstance(x, str) and x.lower() in _DTYPES: return _DTYPES[x.lower()]
@@ -63,3 +66,56 @@ def get_logger(name: str = 'evl_nb') -> logging.Logger:
         h = logging.StreamHandler(); h.setFormatter(logging.Formatter('%(levelname)s %(name)s: %(message)s'))
         root.addHandler(h); root.setLevel(logging.INFO); root.propagate = False
     return log
+
+# %% ../nbs/00_core.ipynb #fd7e1d3c
+def dist_info() -> tuple[int, int]:
+    "(rank, world_size); (0, 1) outside torchrun."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def all_gather_objects(obj) -> list:
+    "Every rank's `obj` in rank order (just `[obj]` when not distributed)."
+    rank, world = dist_info()
+    if world == 1: return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+# %% ../nbs/00_core.ipynb #44700a12
+def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    "(rank, world_size, device); joins the process group when launched by torchrun."
+    world = int(os.environ.get('WORLD_SIZE', '1')); rank = int(os.environ.get('RANK', '0'))
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if device is None: device = f'cuda:{local}' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(device)
+    if device.type == 'cuda': torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank, world, device
+
+# %% ../nbs/00_core.ipynb #4868bcaa
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    "Sum `t` over all processes in place (nothing to do in one process); returns `t`."
+    if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
+    return t
+
+# %% ../nbs/00_core.ipynb #11c83c61
+def atomic_save(obj, path) -> Path:
+    "`torch.save` to a temp file beside `path`, then `os.replace` (never a half-written checkpoint)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        torch.save(obj, tmp); os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
+# %% ../nbs/00_core.ipynb #bf03f9c6
+def add_context(err: BaseException, context: str) -> BaseException:
+    "`err` itself (type, attributes, traceback kept) with `context: ` in front of its message; raise it."
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        err.strerror = f'{context}: {err.strerror}'
+    elif type(err).__str__ in (BaseException.__str__, OSError.__str__) and len(err.args) <= 1:
+        err.args = (f'{context}: {err}',)
+    else: err.add_note(context)
+    return err

@@ -17,18 +17,20 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .core import get_logger, find_fixture
-from .video import (VideoError, VideoInfo, check_video, read_clip, load_manifest, VIDEO_EXTS)
+from .core import atomic_save, find_fixture, get_logger
+from .video import (VIDEO_EXTS, VideoError, VideoInfo, check_video, decord_reader, error_class,
+                          load_manifest, read_clip)
 from .store import ClipStore
 
 # %% auto #0
-__all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING_OPS', 'AnnotationError', 'Annotations',
-           'read_class_list', 'class_ids', 'pad_classes', 'index_videos', 'k400_name', 'read_k400_csv',
-           'ssv2_class_name', 'read_ssv2_labels', 'read_ssv2_json', 'read_list_file', 'resolve_convention',
-           'dense_indices', 'uniform_indices', 'parse_views', 'rand_augment_op', 'ClipRandAugment', 'short_side_size',
-           'resize_short', 'center_crop', 'three_crop', 'ClipResizedCrop', 'normalize_clip', 'lr_flip_pairs',
-           'FlipPolicy', 'VideoClipDataset', 'warn_skip', 'collate_clips', 'ClipLoader', 'build_loader',
-           'build_dataset']
+__all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING_OPS', 'ANN_NAMES', 'DEFAULT_MODEL',
+           'AnnotationError', 'Annotations', 'read_class_list', 'class_ids', 'pad_classes', 'index_videos', 'k400_name',
+           'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels', 'read_ssv2_json', 'read_list_file',
+           'resolve_convention', 'dense_indices', 'uniform_indices', 'parse_views', 'rand_augment_op',
+           'ClipRandAugment', 'short_side_size', 'resize_short', 'center_crop', 'three_crop', 'ClipResizedCrop',
+           'normalize_clip', 'lr_flip_pairs', 'FlipPolicy', 'VideoClipDataset', 'warn_skip', 'record_skipped',
+           'collate_clips', 'ClipLoader', 'build_loader', 'build_dataset', 'default_ann', 'find_ann', 'TensorClips',
+           'random_clips', 'cache_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -42,7 +44,8 @@ class AnnotationError(ValueError):
 
 @dataclass
 class Annotations:
-    "Samples `(path, class id, where)`, class names indexed by id (`None` for unnamed ids), missing videos `(where, path)`."
+    """Samples `(path, class id, where)`, class names indexed by id (`None` for unnamed ids), missing videos
+    `(where, path)`."""
     samples: list
     classes: list
     missing: list = field(default_factory=list)
@@ -65,9 +68,9 @@ def _names_from_pairs(pairs, src) -> list:
 _IDX_LINE = re.compile(r'\s*(\d+)\s*[\s,:]\s*(\S.*?)\s*')
 
 def read_class_list(classes) -> list | None:
-    """Class names indexed by class id, from a list (`None` holes allowed), a `{name: index}` dict, a `.txt` file (one
-    name per line, or `index name` on every line) or a `.json` file (a list, or a `{name: index}` dict). Ids are kept
-    as given: a sparse dict gives a list with `None` at the ids it does not name."""
+    """Class names indexed by class id, from a list (`None` holes allowed), a `{name: index}` dict, a `.txt`
+    file (one name per line, or `index name` on every line) or a `.json` file (a list, or a `{name: index}`
+    dict). Ids are kept as given: a sparse dict gives a list with `None` at the ids it does not name."""
     if classes is None: return None
     src = 'classes'
     if isinstance(classes, dict): obj = classes
@@ -77,8 +80,10 @@ def read_class_list(classes) -> list | None:
         if not p.exists(): raise FileNotFoundError(f'class list {p} does not exist')
         if p.suffix == '.json':
             try: obj = json.loads(p.read_text())
-            except json.JSONDecodeError as err: raise AnnotationError(p, err.lineno, f'invalid JSON: {err.msg}') from None
-            if not isinstance(obj, (dict, list)): raise AnnotationError(p, 0, 'expected a JSON list of names or a {name: index} dict')
+            except json.JSONDecodeError as err:
+                raise AnnotationError(p, err.lineno, f'invalid JSON: {err.msg}') from None
+            if not isinstance(obj, (dict, list)):
+                raise AnnotationError(p, 0, 'expected a JSON list of names or a {name: index} dict')
         else:
             lines = [(k, l.strip()) for k, l in enumerate(p.read_text().splitlines(), 1) if l.strip()]
             ms = [_IDX_LINE.fullmatch(l) for _, l in lines]
@@ -86,7 +91,8 @@ def read_class_list(classes) -> list | None:
             else: obj = [l for _, l in lines]
     if isinstance(obj, dict):
         try: pairs = [(int(v), str(k)) for k, v in obj.items()]
-        except (TypeError, ValueError): raise AnnotationError(src, 0, 'a class dict must map name -> index') from None
+        except (TypeError, ValueError):
+            raise AnnotationError(src, 0, 'a class dict must map name -> index') from None
         names = _names_from_pairs(pairs, src)
     else: names = [None if c is None else str(c) for c in obj]
     dup = [c for c, k in Counter(n for n in names if n is not None).items() if k > 1]
@@ -98,11 +104,13 @@ def class_ids(classes) -> list[int]:
     return [i for i, c in enumerate(classes) if c is not None]
 
 def pad_classes(classes, n: int) -> list:
-    "`classes` extended with `None` to `n` entries (a model head of `n` outputs); an error when an id is `>= n`."
+    """`classes` extended with `None` to `n` entries (a model head of `n` outputs); an error when an id is `>=
+    n`."""
     classes = list(classes)
     ids = class_ids(classes)
     if ids and ids[-1] >= n:
-        raise ValueError(f'class id {ids[-1]} ({classes[ids[-1]]!r}) needs a model with more than {n} outputs')
+        raise ValueError(f'class id {ids[-1]} ({classes[ids[-1]]!r}) needs a model with more than {n} '
+                         f'outputs')
     return classes[:n] + [None] * (n - len(classes))
 
 def _class_index(names) -> dict:
@@ -110,7 +118,8 @@ def _class_index(names) -> dict:
     return {c: i for i, c in enumerate(names) if c is not None}
 
 def index_videos(root) -> dict[str, str]:
-    "Map file stem -> path for every video under `root` (any depth), so flat and per-class layouts both resolve."
+    """Map file stem -> path for every video under `root` (any depth), so flat and per-class layouts both
+    resolve."""
     out = {}
     for dirpath, _, files in os.walk(root, followlinks=True):
         for f in files:
@@ -140,10 +149,12 @@ def read_k400_csv(csv_file, data_root=None, classes=None, index: dict | None = N
         col = {h: header.index(h) for h in header}
         for line, row in enumerate(r, start=2):
             if not row or all(not c.strip() for c in row): continue
-            if len(row) != len(header): raise AnnotationError(csv_file, line, f'{len(row)} fields, header has {len(header)}')
+            if len(row) != len(header):
+                raise AnnotationError(csv_file, line, f'{len(row)} fields, header has {len(header)}')
             lab, yid = row[col['label']].strip(), row[col['youtube_id']].strip()
             try: t0, t1 = int(float(row[col['time_start']])), int(float(row[col['time_end']]))
-            except ValueError: raise AnnotationError(csv_file, line, f'time_start/time_end not numbers: {row}') from None
+            except ValueError:
+                raise AnnotationError(csv_file, line, f'time_start/time_end not numbers: {row}') from None
             if not yid: raise AnnotationError(csv_file, line, 'empty youtube_id')
             if not lab: raise AnnotationError(csv_file, line, 'empty label')
             rows.append((line, lab, k400_name(yid, t0, t1)))
@@ -153,7 +164,9 @@ def read_k400_csv(csv_file, data_root=None, classes=None, index: dict | None = N
     index = index if index is not None else index_videos(data_root)
     samples, missing = [], []
     for line, lab, stem in rows:
-        if lab not in cidx: raise AnnotationError(csv_file, line, f'label {lab!r} is not in the class list ({len(cidx)} classes)')
+        if lab not in cidx:
+            raise AnnotationError(csv_file, line,
+                                  f'label {lab!r} is not in the class list ({len(cidx)} classes)')
         where = f'{csv_file}:{line}'
         if stem in index: samples.append((index[stem], cidx[lab], where))
         else: missing.append((where, str(data_root / f'{stem}.mp4')))
@@ -172,7 +185,8 @@ def _json_array_items(path):
     if pos < len(text) and text[pos] == ']': return
     while True:
         try: obj, end = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as err: raise AnnotationError(path, err.lineno, f'invalid JSON: {err.msg}') from None
+        except json.JSONDecodeError as err:
+            raise AnnotationError(path, err.lineno, f'invalid JSON: {err.msg}') from None
         yield line_of(pos), obj
         pos = ws.match(text, end).end()
         if pos < len(text) and text[pos] == ',': pos = ws.match(text, pos + 1).end(); continue
@@ -180,11 +194,13 @@ def _json_array_items(path):
         raise AnnotationError(path, line_of(pos), "expected ',' or ']' in the JSON list")
 
 def ssv2_class_name(template: str) -> str:
-    "SSv2 class from a template: remove the brackets, `Pushing [something] from left to right` -> `Pushing something from left to right`."
+    """SSv2 class from a template: remove the brackets, `Pushing [something] from left to right` -> `Pushing
+    something from left to right`."""
     return template.replace('[', '').replace(']', '').strip()
 
 def read_ssv2_labels(labels_file) -> list:
-    "Class names indexed by id from `something-something-v2-labels.json` ({template: 'index'}); a cut keeps its ids (`None` holes)."
+    """Class names indexed by id from `something-something-v2-labels.json` ({template: 'index'}); a cut keeps
+    its ids (`None` holes)."""
     return read_class_list(Path(labels_file))
 
 def read_ssv2_json(ann_file, labels_file, data_root=None, ext: str = '.webm') -> Annotations:
@@ -199,7 +215,9 @@ def read_ssv2_json(ann_file, labels_file, data_root=None, ext: str = '.webm') ->
         if not isinstance(item, dict) or 'id' not in item or 'template' not in item:
             raise AnnotationError(ann_file, line, f'item needs "id" and "template", got {str(item)[:80]}')
         cls = ssv2_class_name(str(item['template']))
-        if cls not in cidx: raise AnnotationError(ann_file, line, f'template {item["template"]!r} -> {cls!r} is not in {labels_file}')
+        if cls not in cidx:
+            raise AnnotationError(ann_file, line,
+                                  f'template {item["template"]!r} -> {cls!r} is not in {labels_file}')
         p = data_root / f'{item["id"]}{ext}'
         where = f'{ann_file}:{line}'
         if p.exists(): samples.append((str(p), cidx[cls], where))
@@ -223,10 +241,14 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
         rel, lab = parts
         if re.fullmatch(r'-?\d+', lab): lab = int(lab)
         elif lab in cidx: lab = cidx[lab]
-        else: raise AnnotationError(list_file, line, f'label {lab!r} is neither an index nor a known class name')
+        else:
+            raise AnnotationError(list_file, line,
+                                  f'label {lab!r} is neither an index nor a known class name')
         if lab < 0 or (names and lab >= len(names)):
-            raise AnnotationError(list_file, line, f'label {lab} outside [0, {len(names) if names else "inf"})')
-        if names and names[lab] is None: raise AnnotationError(list_file, line, f'label {lab} has no name in the class list')
+            raise AnnotationError(list_file, line,
+                                  f'label {lab} outside [0, {len(names) if names else "inf"})')
+        if names and names[lab] is None:
+            raise AnnotationError(list_file, line, f'label {lab} has no name in the class list')
         rows.append((line, rel, lab))
     given = names is not None
     if not names: names = [str(i) for i in range(max((r[2] for r in rows), default=-1) + 1)]
@@ -241,7 +263,8 @@ def read_list_file(list_file, data_root=None, classes=None) -> Annotations:
 # %% ../nbs/02_data.ipynb #c0de0a02
 CONVENTIONS = {
     'official': dict(antialias=False, crop_offset='floor', long_side='floor', three_crop='official',
-                     train_range='official', train_pad='repeat_last', test_pad='clamp', rand_augment='official'),
+                     train_range='official', train_pad='repeat_last', test_pad='clamp',
+                     rand_augment='official'),
     'mmaction2': dict(antialias=False, crop_offset='floor', long_side='round', three_crop='mmaction2',
                       train_range='mmaction2', train_pad='loop', test_pad='loop', rand_augment='torchvision'),
     'legacy': dict(antialias=True, crop_offset='round', long_side='floor', three_crop='official',
@@ -254,17 +277,25 @@ _SWITCH_VALUES = dict(antialias=(False, True), crop_offset=('floor', 'round'), l
                       rand_augment=('official', 'torchvision'))
 
 def resolve_convention(convention='official', **switches) -> dict:
-    """The switches of `convention` ('official', 'mmaction2', 'legacy', or a dict from this function), with every switch
-    given (not None) overriding it; the result is what `build_dataset(convention=...)` also accepts."""
+    """The switches of `convention` ('official', 'mmaction2', 'legacy', or a dict from this function), with
+    every switch given (not None) overriding it; the result is what `build_dataset(convention=...)` also
+    accepts."""
     if isinstance(convention, dict): base = dict(convention)
     elif convention in CONVENTIONS: base = dict(CONVENTIONS[convention], name=convention)
-    else: raise ValueError(f'convention={convention!r}: expected one of {", ".join(map(repr, CONVENTIONS))} or a dict')
+    else:
+        raise ValueError(f'convention={convention!r}: expected one of {", ".join(map(repr, CONVENTIONS))} or '
+                         f'a dict')
     bad = set(switches) - set(CONVENTIONS['official'])
-    if bad: raise TypeError(f'unknown convention switch(es) {sorted(bad)}; known: {sorted(CONVENTIONS["official"])}')
+    if bad:
+        raise TypeError(f'unknown convention switch(es) {sorted(bad)}; known: '
+                        f'{sorted(CONVENTIONS["official"])}')
     changed = {k: v for k, v in switches.items() if v is not None and v != base.get(k)}
     base.update(changed)
-    if changed: base['name'] = f"{base.get('name', 'custom')}+" + ','.join(f'{k}={v}' for k, v in sorted(changed.items()))
-    for k, ok in _SWITCH_VALUES.items():     # checked here, once: a bad value must not turn every clip into a skip
+    if changed:
+        base['name'] = f"{base.get('name', 'custom')}+" + ','.join(f'{k}={v}' for k,
+                                                                   v in sorted(changed.items()))
+    # checked here, once: a bad value must not turn every clip into a skip
+    for k, ok in _SWITCH_VALUES.items():
         if base.get(k) not in ok:
             what = 'out_of_bound' if k.endswith('_pad') else k
             raise ValueError(f'{what}={base.get(k)!r}: expected one of {", ".join(map(repr, ok))}')
@@ -272,33 +303,38 @@ def resolve_convention(convention='official', **switches) -> dict:
 
 # %% ../nbs/02_data.ipynb #165651d4
 def _as_rng(rng) -> np.random.Generator:
-    if isinstance(rng, np.random.Generator) or hasattr(rng, 'integers'): return rng   # a Generator (or a stand-in)
+    # a Generator (or a stand-in)
+    if isinstance(rng, np.random.Generator) or hasattr(rng, 'integers'): return rng
     return np.random.default_rng(rng)
 
 def dense_indices(num_frames: int, clip_len: int, frame_interval: int = 1, num_clips: int = 1,
                   test_mode: bool = False, rng=None, out_of_bound: str = 'clamp',
                   train_range: str = 'mmaction2') -> np.ndarray:
-    """Frame indices `(num_clips, clip_len)`: mmaction2 `SampleFrames` for `clip_len > 1` (with `clip_len=1` it keeps
-    the dense formula, not mmaction2's TSN branch: use `uniform_indices`). `train_range` 'official' draws train starts
-    from `[0, n-(T-1)r-1]` as the official EVL sampler, 'mmaction2' from `[0, n-T r]`."""
+    """Frame indices `(num_clips, clip_len)`: mmaction2 `SampleFrames` for `clip_len > 1` (with `clip_len=1`
+    it keeps the dense formula, not mmaction2's TSN branch: use `uniform_indices`). `train_range` 'official'
+    draws train starts from `[0, n-(T-1)r-1]` as the official EVL sampler, 'mmaction2' from `[0, n-T r]`."""
     n = int(num_frames)
     if n < 1: raise ValueError(f'num_frames={num_frames}: need at least one frame')
     if clip_len < 1 or frame_interval < 1 or num_clips < 1:
-        raise ValueError(f'clip_len={clip_len}, frame_interval={frame_interval}, num_clips={num_clips} must be >= 1')
+        raise ValueError(f'clip_len={clip_len}, frame_interval={frame_interval}, num_clips={num_clips} must '
+                         f'be >= 1')
     if test_mode:
         span = (clip_len - 1) * frame_interval + 1
         max_offset = max(n - span, 0)
-        if num_clips > 1: offsets = np.round(np.arange(num_clips) * (max_offset / (num_clips - 1))).astype(np.int64)
+        if num_clips > 1:
+            offsets = np.round(np.arange(num_clips) * (max_offset / (num_clips - 1))).astype(np.int64)
         else: offsets = np.array([max_offset // 2])
     else:
         rng = _as_rng(rng)
         if train_range not in ('official', 'mmaction2'):
             raise ValueError(f"train_range={train_range!r}: expected 'official' or 'mmaction2'")
-        span = clip_len * frame_interval if train_range == 'mmaction2' else (clip_len - 1) * frame_interval + 1
+        span = (clip_len * frame_interval if train_range == 'mmaction2'
+                else (clip_len - 1) * frame_interval + 1)
         avg = (n - span + 1) // num_clips
         if avg > 0: offsets = np.arange(num_clips) * avg + rng.integers(avg, size=num_clips)
         elif n > max(num_clips, span): offsets = np.sort(rng.integers(n - span + 1, size=num_clips))
-        elif avg == 0: offsets = np.around(np.arange(num_clips) * ((n - span + 1.0) / num_clips)).astype(np.int64)
+        elif avg == 0:
+            offsets = np.around(np.arange(num_clips) * ((n - span + 1.0) / num_clips)).astype(np.int64)
         else: offsets = np.zeros(num_clips, dtype=np.int64)
     inds = offsets[:, None] + np.arange(clip_len)[None, :] * frame_interval
     if out_of_bound == 'loop': inds = np.mod(inds, n)
@@ -311,11 +347,14 @@ def dense_indices(num_frames: int, clip_len: int, frame_interval: int = 1, num_c
     return inds.astype(np.int64)
 
 # %% ../nbs/02_data.ipynb #de6d4b62
-def uniform_indices(num_frames: int, num_segments: int, num_views: int = 1, test_mode: bool = False, rng=None) -> np.ndarray:
-    "Frame indices `(num_views, num_segments)`: one frame per equal segment (random in train, centred in test)."
+def uniform_indices(num_frames: int, num_segments: int, num_views: int = 1, test_mode: bool = False,
+                    rng=None) -> np.ndarray:
+    """Frame indices `(num_views, num_segments)`: one frame per equal segment (random in train, centred in
+    test)."""
     n, T = int(num_frames), int(num_segments)
     if n < 1: raise ValueError(f'num_frames={num_frames}: need at least one frame')
-    if T < 1 or num_views < 1: raise ValueError(f'num_segments={num_segments}, num_views={num_views} must be >= 1')
+    if T < 1 or num_views < 1:
+        raise ValueError(f'num_segments={num_segments}, num_views={num_views} must be >= 1')
     avg = n / T
     if test_mode:
         pos = (np.arange(num_views) + 0.5) / num_views
@@ -329,13 +368,15 @@ def uniform_indices(num_frames: int, num_segments: int, num_views: int = 1, test
 
 # %% ../nbs/02_data.ipynb #46be3cc4
 def parse_views(views, name: str = 'views') -> tuple[int, int]:
-    "`'TxS'` -> (temporal views, spatial crops), e.g. `'3x1'`, `'1x3'`, `'10x3'`; S must be 1 or 3. `name` is the parameter named in errors."
+    """`'TxS'` -> (temporal views, spatial crops), e.g. `'3x1'`, `'1x3'`, `'10x3'`; S must be 1 or 3. `name`
+    is the parameter named in errors."""
     if isinstance(views, (tuple, list)) and len(views) == 2: t, s = views
     else:
         m = re.fullmatch(r'\s*(\d+)\s*[xX]\s*(\d+)\s*', str(views))
         if not m: raise ValueError(f"{name}={views!r}: expected 'TxS' such as '1x1', '3x1', '1x3', '10x3'")
         t, s = int(m.group(1)), int(m.group(2))
-    if t < 1 or s not in (1, 3): raise ValueError(f'{name}={views!r}: temporal views >= 1 and spatial crops 1 or 3')
+    if t < 1 or s not in (1, 3):
+        raise ValueError(f'{name}={views!r}: temporal views >= 1 and spatial crops 1 or 3')
     return int(t), int(s)
 
 # %% ../nbs/02_data.ipynb #868c98d2
@@ -352,11 +393,13 @@ def _tv_op(name, v, m, s):
     if name == 'AutoContrast': return TF.autocontrast(v)
     if name == 'Equalize': return TF.equalize(v)
     if name == 'Invert': return TF.invert(v)
-    if name == 'Rotate': return TF.rotate(v, 30.0 * m / 10 * s, interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
+    if name == 'Rotate':
+        return TF.rotate(v, 30.0 * m / 10 * s, interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
     if name in ('ShearX', 'ShearY'):
         deg = math.degrees(math.atan(0.3 * m / 10)) * s
         shear = [deg, 0.0] if name == 'ShearX' else [0.0, deg]
-        return TF.affine(v, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
+        return TF.affine(v, angle=0.0, translate=[0, 0], scale=1.0, shear=shear,
+                         interpolation=v2.InterpolationMode.BILINEAR, fill=_FILL)
     if name in ('TranslateXRel', 'TranslateYRel'):
         f = 0.45 * m / 10 * s
         tr = [round(f * W), 0] if name == 'TranslateXRel' else [0, round(f * H)]
@@ -365,7 +408,8 @@ def _tv_op(name, v, m, s):
     if name == 'SolarizeIncreasing': return TF.solarize(v, 256 - int(m / 10 * 256))
     if name == 'SolarizeAdd':
         add = int(m / 10 * 110)
-        return tv_tensors.wrap(torch.where(v < 128, (v.to(torch.int16) + add).clamp(max=255).to(torch.uint8), v), like=v)
+        return tv_tensors.wrap(torch.where(v < 128, (v.to(torch.int16) + add).clamp(max=255).to(torch.uint8),
+                                           v), like=v)
     f = 1.0 + (m / 10 * 0.9) * s
     if name == 'ColorIncreasing': return TF.adjust_saturation(v, f)
     if name == 'ContrastIncreasing': return TF.adjust_contrast(v, f)
@@ -386,10 +430,12 @@ def _pil_op(name, img, m, s):
     if name == 'Rotate': return img.rotate((m / 10) * 30.0 * s, **geo)
     if name in ('ShearX', 'ShearY'):
         f = (m / 10) * 0.3 * s                 # the official order of operations, bit for bit
-        return img.transform(img.size, Image.AFFINE, (1, f, 0, 0, 1, 0) if name == 'ShearX' else (1, 0, 0, f, 1, 0), **geo)
+        matrix = (1, f, 0, 0, 1, 0) if name == 'ShearX' else (1, 0, 0, f, 1, 0)
+        return img.transform(img.size, Image.AFFINE, matrix, **geo)
     if name in ('TranslateXRel', 'TranslateYRel'):
         f = (m / 10) * 0.45 * s
-        return img.transform(img.size, Image.AFFINE, (1, 0, f * W, 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, f * H), **geo)
+        matrix = (1, 0, f * W, 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, f * H)
+        return img.transform(img.size, Image.AFFINE, matrix, **geo)
     if name == 'PosterizeIncreasing':
         bits = 4 - int(m / 10 * 4)
         return img if bits >= 8 else ImageOps.posterize(img, bits)
@@ -399,16 +445,19 @@ def _pil_op(name, img, m, s):
         return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
     f = 1.0 + ((m / 10) * 0.9) * s
     enh = {'ColorIncreasing': ImageEnhance.Color, 'ContrastIncreasing': ImageEnhance.Contrast,
-           'BrightnessIncreasing': ImageEnhance.Brightness, 'SharpnessIncreasing': ImageEnhance.Sharpness}.get(name)
+           'BrightnessIncreasing': ImageEnhance.Brightness,
+           'SharpnessIncreasing': ImageEnhance.Sharpness}.get(name)
     if enh is None: raise ValueError(f'unknown RandAugment op {name!r}')
     return enh(img).enhance(f)
 
 def _to_pil(v) -> list:
     from PIL import Image
-    return [Image.fromarray(np.ascontiguousarray(f.permute(1, 2, 0).numpy())) for f in torch.as_tensor(v).as_subclass(torch.Tensor)]
+    frames = torch.as_tensor(v).as_subclass(torch.Tensor)
+    return [Image.fromarray(np.ascontiguousarray(f.permute(1, 2, 0).numpy())) for f in frames]
 
 def _from_pil(imgs, like):
-    return tv_tensors.Video(torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1, 2).contiguous())
+    return tv_tensors.Video(torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1,
+                                                                                              2).contiguous())
 
 def rand_augment_op(name: str, video, magnitude: float, sign: float = 1.0, style: str = 'official'):
     "One RandAugment op on a uint8 clip `(T, 3, H, W)` at `magnitude` (0-10) with `sign` (+1/-1), in `style`."
@@ -417,15 +466,19 @@ def rand_augment_op(name: str, video, magnitude: float, sign: float = 1.0, style
     if style == 'torchvision': return _tv_op(name, v, magnitude, sign)
     return _from_pil([_pil_op(name, im, magnitude, sign) for im in _to_pil(v)], v)
 
-RAND_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
+RAND_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+                       'SolarizeIncreasing',
                        'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
                        'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-_SIGNED = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing', 'ContrastIncreasing',
+_SIGNED = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing',
+           'ContrastIncreasing',
            'BrightnessIncreasing', 'SharpnessIncreasing'}
 
 class ClipRandAugment(torch.nn.Module):
-    "timm-style RandAugment (`n` ops, magnitude `m`±`mstd`, each op with prob `p`) with one draw per clip; `style` as above."
-    def __init__(self, n: int = 4, m: float = 7, mstd: float = 0.5, p: float = 0.5, ops: Sequence[str] = RAND_INCREASING_OPS,
+    """timm-style RandAugment (`n` ops, magnitude `m`±`mstd`, each op with prob `p`) with one draw per clip;
+    `style` as above."""
+    def __init__(self, n: int = 4, m: float = 7, mstd: float = 0.5, p: float = 0.5,
+                 ops: Sequence[str] = RAND_INCREASING_OPS,
                  style: str = 'official'):
         super().__init__(); self.n, self.m, self.mstd, self.p, self.ops = n, m, mstd, p, tuple(ops)
         if style not in RA_STYLES: raise ValueError(f'style={style!r}: expected one of {RA_STYLES}')
@@ -442,7 +495,8 @@ class ClipRandAugment(torch.nn.Module):
             key, val = k.groups()
             if key == 'inc': inc = bool(int(float(val)))
             else: kw[key] = int(val) if key == 'n' else float(val)
-        if not inc: raise ValueError(f'rand_augment={spec!r}: only the increasing op set (inc1) is implemented')
+        if not inc:
+            raise ValueError(f'rand_augment={spec!r}: only the increasing op set (inc1) is implemented')
         return cls(**kw, style=style)
     def forward(self, video, generator=None):
         v = video if isinstance(video, tv_tensors.Video) else tv_tensors.Video(video)
@@ -464,8 +518,10 @@ class ClipRandAugment(torch.nn.Module):
 
 # %% ../nbs/02_data.ipynb #04efae6c
 def _resize(video, hw, antialias: bool):
-    "Bilinear resize of a uint8 (or float) `(..., H, W)` clip to `hw`; without antialias in float, then rounded back."
-    if antialias: return TF.resize(video, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    """Bilinear resize of a uint8 (or float) `(..., H, W)` clip to `hw`; without antialias in float, then
+    rounded back."""
+    if antialias:
+        return TF.resize(video, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     x = video.as_subclass(torch.Tensor) if isinstance(video, torch.Tensor) else torch.as_tensor(video)
     lead = x.shape[:-3]
     y = torch.nn.functional.interpolate(x.reshape(-1, *x.shape[-3:]).float(), size=tuple(hw), mode='bilinear',
@@ -475,8 +531,10 @@ def _resize(video, hw, antialias: bool):
     return tv_tensors.wrap(y, like=video) if isinstance(video, tv_tensors.Video) else y
 
 def short_side_size(h: int, w: int, size: int, long_side: str = 'floor') -> tuple[int, int]:
-    "Short side `size`; long side `long * size // short` ('floor', official) or mmcv's `int(long * size/short + 0.5)` ('round')."
-    if long_side not in ('floor', 'round'): raise ValueError(f"long_side={long_side!r}: expected 'floor' or 'round'")
+    """Short side `size`; long side `long * size // short` ('floor', official) or mmcv's `int(long *
+    size/short + 0.5)` ('round')."""
+    if long_side not in ('floor', 'round'):
+        raise ValueError(f"long_side={long_side!r}: expected 'floor' or 'round'")
     short, long = min(h, w), max(h, w)
     new = long * size // short if long_side == 'floor' else int(long * (size / short) + 0.5)
     return (size, new) if h < w else (new, size)
@@ -487,16 +545,19 @@ def resize_short(video, size: int, antialias: bool = False, long_side: str = 'fl
     return _resize(video, short_side_size(H, W, size, long_side), antialias)
 
 def center_crop(video, size: int, offset: str = 'floor'):
-    "Centre crop to `size x size`: offset `(W - size) // 2` ('floor') or torchvision's rounding ('round'); pads if smaller."
-    if offset not in ('floor', 'round'): raise ValueError(f"crop_offset={offset!r}: expected 'floor' or 'round'")
+    """Centre crop to `size x size`: offset `(W - size) // 2` ('floor') or torchvision's rounding ('round');
+    pads if smaller."""
+    if offset not in ('floor', 'round'):
+        raise ValueError(f"crop_offset={offset!r}: expected 'floor' or 'round'")
     H, W = video.shape[-2:]
     if offset == 'round' or H < size or W < size: return TF.center_crop(video, [size, size])
     return TF.crop(video, (H - size) // 2, (W - size) // 2, size, size)
 
 def three_crop(video, size: int, antialias: bool = False, style: str = 'official') -> list:
-    """Three `size x size` crops along the long side: left/centre/right (landscape) or top/centre/bottom (portrait).
-    The last one is at the far edge ('official') or at `2 * (margin // 2)` ('mmaction2')."""
-    if style not in ('official', 'mmaction2'): raise ValueError(f"three_crop={style!r}: expected 'official' or 'mmaction2'")
+    """Three `size x size` crops along the long side: left/centre/right (landscape) or top/centre/bottom
+    (portrait). The last one is at the far edge ('official') or at `2 * (margin // 2)` ('mmaction2')."""
+    if style not in ('official', 'mmaction2'):
+        raise ValueError(f"three_crop={style!r}: expected 'official' or 'mmaction2'")
     H, W = video.shape[-2:]
     if min(H, W) < size: video = resize_short(video, size, antialias); H, W = video.shape[-2:]
     far = (lambda m: m) if style == 'official' else (lambda m: 2 * (m // 2))
@@ -505,23 +566,29 @@ def three_crop(video, size: int, antialias: bool = False, style: str = 'official
     return [TF.crop(video, t, l, size, size) for t, l in zip(tops, lefts)]
 
 class ClipResizedCrop:
-    "RandomResizedCrop of a clip (one box for every frame, torchvision's box draw) resized to `size` (antialias optional)."
+    """RandomResizedCrop of a clip (one box for every frame, torchvision's box draw) resized to `size`
+    (antialias optional)."""
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias: bool = False):
         self.size, self.scale, self.ratio, self.antialias = int(size), tuple(scale), tuple(ratio), antialias
     def __call__(self, video):
         from torchvision.transforms import RandomResizedCrop
         i, j, h, w = RandomResizedCrop.get_params(video, list(self.scale), list(self.ratio))
         return _resize(TF.crop(video, i, j, h, w), (self.size, self.size), self.antialias)
-    def __repr__(self): return f'ClipResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio}, antialias={self.antialias})'
+    def __repr__(self):
+        return (f'ClipResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio}, '
+                f'antialias={self.antialias})')
 
 def normalize_clip(video, device=None, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32) -> torch.Tensor:
-    "uint8 `(..., 3, T, H, W)` -> normalised float (CLIP mean/std), moved to `device` first so the division runs there."
+    """uint8 `(..., 3, T, H, W)` -> normalised float (CLIP mean/std), moved to `device` first so the division
+    runs there."""
     if device is not None: video = video.to(device, non_blocking=True)
-    if video.shape[-4] != 3: raise ValueError(f'normalize_clip expects (..., 3, T, H, W), got shape {tuple(video.shape)}')
+    if video.shape[-4] != 3:
+        raise ValueError(f'normalize_clip expects (..., 3, T, H, W), got shape {tuple(video.shape)}')
     m = torch.tensor(mean, dtype=dtype, device=video.device).view(3, 1, 1, 1)
     s = torch.tensor(std, dtype=dtype, device=video.device).view(3, 1, 1, 1)
     scale = 255.0 if video.dtype == torch.uint8 else 1.0
-    # one fused multiply-subtract on a fresh tensor: (x/scale - m)/s == x * (1/(scale*s)) - m/s, 5-10x faster on CPU
+    # one fused multiply-subtract on a fresh tensor: (x/scale - m)/s == x * (1/(scale*s)) - m/s,
+    # 5-10x faster on CPU
     return video.to(dtype).mul_(1 / (scale * s)).sub_(m / s)
 
 # %% ../nbs/02_data.ipynb #354f7838
@@ -545,13 +612,15 @@ def lr_flip_pairs(classes: Sequence[str]) -> tuple[dict, set]:
 
 @dataclass
 class FlipPolicy:
-    "Horizontal flip with probability `p`: mode 'off', 'plain' or 'swap' (labels through `pairs`, `never` not flipped)."
+    """Horizontal flip with probability `p`: mode 'off', 'plain' or 'swap' (labels through `pairs`, `never`
+    not flipped)."""
     mode: str = 'off'
     pairs: dict = field(default_factory=dict)
     never: set = field(default_factory=set)
     p: float = 0.5
     def __post_init__(self):
-        if self.mode not in ('off', 'plain', 'swap'): raise ValueError(f"flip mode {self.mode!r}: expected 'off', 'plain' or 'swap'")
+        if self.mode not in ('off', 'plain', 'swap'):
+            raise ValueError(f"flip mode {self.mode!r}: expected 'off', 'plain' or 'swap'")
         self.pairs = {int(k): int(v) for k, v in self.pairs.items()}
         bad = [k for k, v in self.pairs.items() if self.pairs.get(v) != k]
         if bad: raise ValueError(f'flip pairs are not symmetric for labels {bad[:5]}')
@@ -559,25 +628,30 @@ class FlipPolicy:
         "Return (video, label, flipped)."
         if self.mode == 'off' or label in self.never: return video, label, False
         if float(torch.rand((), generator=generator)) >= self.p: return video, label, False
-        return TF.horizontal_flip(video), (self.pairs.get(label, label) if self.mode == 'swap' else label), True
+        return TF.horizontal_flip(video), (self.pairs.get(label,
+                                                          label) if self.mode == 'swap' else label), True
 
 # %% ../nbs/02_data.ipynb #9d18dd5e
 class VideoClipDataset(Dataset):
-    """Clips from `(path, label)` samples; items `{'video': uint8 (3,T,H,W) or (V,3,T,H,W), 'label', 'index'}`.
-    `convention` ('official' by default, 'mmaction2', 'legacy') sets the input switches; `antialias`, `crop_offset`,
-    `train_range` and `out_of_bound` override single switches (see the conventions table).
+    """Clips from `(path, label)` samples; items `{'video': uint8 (3,T,H,W) or (V,3,T,H,W), 'label',
+    'index'}`. `convention` ('official' by default, 'mmaction2', 'legacy') sets the input switches;
+    `antialias`, `crop_offset`, `train_range` and `out_of_bound` override single switches (see the conventions
+    table).
     Test views are temporal-major: `[t0s0, t0s1, t0s2, t1s0, ...]`."""
     def __init__(self, samples, classes, train: bool = True, sampling: str = 'dense', num_frames: int = 8,
                  frame_interval: int = 16, views='1x1', input_size: int = 224, short_side: int | None = None,
-                 rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip: FlipPolicy | None = None,
+                 rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+                 flip: FlipPolicy | None = None,
                  manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str | None = None,
-                 missing=(), name: str = '', fixed_class_ids: bool = False, convention: str | dict = 'official',
-                 antialias: bool | None = None, crop_offset: str | None = None, train_range: str | None = None,
-                 store=None):
+                 missing=(), name: str = '', fixed_class_ids: bool = False,
+                 convention: str | dict = 'official', antialias: bool | None = None,
+                 crop_offset: str | None = None, train_range: str | None = None, store=None):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
-        if sampling not in ('dense', 'uniform'): raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
-        if decode not in ('auto', 'decord', 'pyav'): raise ValueError(f"decode={decode!r}: expected 'auto', 'decord' or 'pyav'")
+        if sampling not in ('dense', 'uniform'):
+            raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
+        if decode not in ('auto', 'decord', 'pyav'):
+            raise ValueError(f"decode={decode!r}: expected 'auto', 'decord' or 'pyav'")
         self.sampling, self.num_frames, self.frame_interval = sampling, int(num_frames), int(frame_interval)
         self.views = parse_views(views)
         if train and self.views != (1, 1): raise ValueError(f'views={views!r}: training uses one view (1x1)')
@@ -593,27 +667,33 @@ class VideoClipDataset(Dataset):
         self.decode, self.min_frames = decode, min_frames
         self.out_of_bound = sw['train_pad'] if train else sw['test_pad']
         self.infos = {}
-        if manifest is not None: self.infos.update(load_manifest(manifest) if not isinstance(manifest, dict) else manifest)
-        self.store = ClipStore(store) if isinstance(store, (str, os.PathLike)) else store   # frames from a clip store
+        if manifest is not None:
+            self.infos.update(load_manifest(manifest) if not isinstance(manifest, dict) else manifest)
+        # frames from a clip store
+        self.store = ClipStore(store) if isinstance(store, (str, os.PathLike)) else store
         self.missing = list(missing)
         self.skipped = {}       # path -> reason, filled by `record_skips` in the main process
         self.skip_records = {}  # path -> {'path', 'where', 'reason', 'message', 'count'}
         self.skip_events = 0
         self.fixed_class_ids = bool(fixed_class_ids)
         bad = [s for s in self.samples if not 0 <= s[1] < len(self.classes)]
-        if bad: raise ValueError(f'{bad[0][2] or bad[0][0]}: label {bad[0][1]} outside [0, {len(self.classes)})')
+        if bad:
+            raise ValueError(f'{bad[0][2] or bad[0][0]}: label {bad[0][1]} outside [0, {len(self.classes)})')
         bad = [s for s in self.samples if self.classes[s[1]] is None]
         if bad: raise ValueError(f'{bad[0][2] or bad[0][0]}: label {bad[0][1]} has no name in the class list')
         empty = set(class_ids(self.classes)) - {s[1] for s in self.samples}
         if empty and self.samples:
-            _log.info(f'{name or "dataset"}: {len(empty)} of {len(class_ids(self.classes))} classes have no samples here '
+            _log.info(f'{name or "dataset"}: {len(empty)} of {len(class_ids(self.classes))} classes have no '
+                      f'samples here '
                       f'(fine: class ids stay as given), e.g. {min(empty)} {self.classes[min(empty)]!r}')
         if self.missing:
-            _log.warning(f'{name or "dataset"}: {len(self.missing)} annotated videos are missing, e.g. {self.missing[0][0]} -> {self.missing[0][1]}')
+            _log.warning(f'{name or "dataset"}: {len(self.missing)} annotated videos are missing, e.g. '
+                         f'{self.missing[0][0]} -> {self.missing[0][1]}')
 
     @property
     def num_classes(self) -> int:
-        "Largest class id + 1: the smallest model head that covers every id (ids are kept as given, see above)."
+        """Largest class id + 1: the smallest model head that covers every id (ids are kept as given, see
+        above)."""
         return len(self.classes)
     @property
     def class_ids(self) -> list[int]: return class_ids(self.classes)
@@ -622,12 +702,14 @@ class VideoClipDataset(Dataset):
     @property
     def frames_needed(self) -> int:
         "Frames a video needs so that no index repeats: the dense span `(T-1)*r+1`, or `T` uniform segments."
-        return (self.num_frames - 1) * self.frame_interval + 1 if self.sampling == 'dense' else self.num_frames
+        if self.sampling == 'dense': return (self.num_frames - 1) * self.frame_interval + 1
+        return self.num_frames
     def __len__(self): return len(self.samples)
     def __repr__(self):
         return (f'{type(self).__name__}({self.name!r}, {len(self)} clips, {self.num_classes} classes, '
                 f'{"train" if self.train else "test"}, {self.sampling} {self.num_frames}'
-                f'{"x" + str(self.frame_interval) if self.sampling == "dense" else ""}, views {self.views[0]}x{self.views[1]}, '
+                f'{"x" + str(self.frame_interval) if self.sampling == "dense" else ""}, '
+                f'views {self.views[0]}x{self.views[1]}, '
                 f'{self.input_size}px, flip {self.flip.mode}, convention {self.convention!r})')
 
     def info(self, path) -> VideoInfo:
@@ -642,7 +724,8 @@ class VideoClipDataset(Dataset):
         "Frame indices `(temporal views, T)` for a video of `n` frames."
         seed = int(torch.randint(0, 2**62, (), generator=generator)) if self.train else None
         if self.sampling == 'dense':
-            return dense_indices(n, self.num_frames, self.frame_interval, self.views[0], not self.train, seed, self.out_of_bound,
+            return dense_indices(n, self.num_frames, self.frame_interval, self.views[0], not self.train, seed,
+                                 self.out_of_bound,
                                  self.switches['train_range'])
         return uniform_indices(n, self.num_frames, self.views[0], not self.train, seed)
 
@@ -662,16 +745,20 @@ class VideoClipDataset(Dataset):
         return three_crop(v, self.input_size, aa, sw['three_crop']), label
 
     def read_frames(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        "Sampled indices `(views, T)` and the decoded uint8 frames `(views*T, H, W, 3)` of item `i`, before transforms."
+        """Sampled indices `(views, T)` and the decoded uint8 frames `(views*T, H, W, 3)` of item `i`, before
+        transforms."""
         path = self.samples[i][0]
-        info = self.info(path) if (self.decode != 'decord' or self.store is not None) else self._decord_info(path)
+        checked = self.decode != 'decord' or self.store is not None     # decord-only: just open it
+        info = self.info(path) if checked else self._decord_info(path)
         if info.error: raise _err_from(info)
-        if info.frames < self.min_frames: raise VideoError(path, f'{info.frames} frames < min_frames={self.min_frames}')
+        if info.frames < self.min_frames:
+            raise VideoError(path, f'{info.frames} frames < min_frames={self.min_frames}')
         inds = self.indices(info.frames)
         if info.frames < self.frames_needed: _note_short(path, info.frames, self.frames_needed)
         uniq, inv = np.unique(inds.reshape(-1), return_inverse=True)
         if self.store is not None: frames = self.store.read_frames(path, uniq.tolist())
-        else: frames = read_clip(path, uniq.tolist(), info, backend='pyav' if self.decode == 'pyav' else 'auto')
+        else:
+            frames = read_clip(path, uniq.tolist(), info, backend='pyav' if self.decode == 'pyav' else 'auto')
         return inds, frames[inv.reshape(-1)]
 
     def load(self, i: int) -> dict:
@@ -682,7 +769,8 @@ class VideoClipDataset(Dataset):
         outs = []
         for t in range(inds.shape[0]):
             crops, lab = self.transform(clip[t * self.num_frames:(t + 1) * self.num_frames], label)
-            outs += [c.as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous() for c in crops]  # (3, T, S, S)
+            # (3, T, S, S)
+            outs += [c.as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous() for c in crops]
         video = outs[0] if (self.train or len(outs) == 1) else torch.stack(outs)
         return {'video': video, 'label': lab, 'index': i}
 
@@ -690,9 +778,11 @@ class VideoClipDataset(Dataset):
         key = str(Path(path).resolve())
         if key not in self.infos:
             try:
-                from evl_nb.video import _decord_reader
-                n = len(_decord_reader(path)); self.infos[key] = VideoInfo(str(path), frames=n, opens=True, seek_ok=True)
-            except Exception as err: self.infos[key] = VideoInfo(str(path), error='unreadable', message=f'unreadable: {path} ({err})')
+                n = len(decord_reader(path))
+                self.infos[key] = VideoInfo(str(path), frames=n, opens=True, seek_ok=True)
+            except Exception as err:
+                self.infos[key] = VideoInfo(str(path), error='unreadable',
+                                            message=f'unreadable: {path} ({err})')
         return self.infos[key]
 
     def __getitem__(self, i: int) -> dict:
@@ -707,28 +797,35 @@ class VideoClipDataset(Dataset):
             return {'skip': skip, 'label': label, 'index': i}
 
     def record_skips(self, skipped: Sequence[dict]):
-        "Count skips reported by batches, every one; warn once per file (ClipLoader calls this in the main process)."
+        """Count skips reported by batches, every one; warn once per file (ClipLoader calls this in the main
+        process)."""
         for s in skipped:
             warn_skip(s)
-            r = self.skip_records.setdefault(s['path'], dict(path=s['path'], where=s.get('where', ''), reason=s['reason'],
+            r = self.skip_records.setdefault(s['path'], dict(path=s['path'], where=s.get('where', ''),
+                                                             reason=s['reason'],
                                                               message=s.get('message', ''), count=0))
             r['count'] += 1; self.skipped[s['path']] = s['reason']; self.skip_events += 1
 
     def skip_summary(self) -> dict:
-        """Skipped and missing files, named: counts by reason, `files` {path: reason}, `details` (one record per file:
-        `where` is the annotation `file:line`, `count` the draws that hit it), `missing` paths, `skip_events`."""
+        """Skipped and missing files, named: counts by reason, `files` {path: reason}, `details` (one record
+        per file: `where` is the annotation `file:line`, `count` the draws that hit it), `missing` paths,
+        `skip_events`."""
         by = Counter(self.skipped.values()); by.update({'missing': len(self.missing)} if self.missing else {})
         details = [dict(r) for r in sorted(self.skip_records.values(), key=lambda r: r['path'])]
-        details += [dict(path=p, where=w, reason='missing', message='no such file', count=0) for w, p in self.missing]
+        details += [dict(path=p, where=w, reason='missing', message='no such file', count=0)
+                    for w, p in self.missing]
         return {'skipped_files': len(self.skipped), 'missing_files': len(self.missing), 'by_reason': dict(by),
-                'files': dict(self.skipped), 'missing': [p for _, p in self.missing], 'skip_events': self.skip_events,
+                'files': dict(self.skipped), 'missing': [p for _, p in self.missing],
+                'skip_events': self.skip_events,
                 'details': details}
 
     def skip_report(self, max_files: int = 20) -> str:
-        "The skip summary as text, one line per file (`file:line path: reason (message), N draws`); '' when none."
+        """The skip summary as text, one line per file (`file:line path: reason (message), N draws`); '' when
+        none."""
         d = self.skip_summary()['details']
         if not d: return ''
-        lines = [f"{r['where'] or '?'} {r['path']}: {r['reason']}" + (f" ({r['message']})" if r['message'] else '')
+        lines = [f"{r['where'] or '?'} {r['path']}: {r['reason']}"
+                 + (f" ({r['message']})" if r['message'] else '')
                  + (f", {r['count']} draw(s)" if r['count'] else '') for r in d[:max_files]]
         more = f'\n... and {len(d) - max_files} more' if len(d) > max_files else ''
         return f'{self.name or "dataset"}: {len(d)} file(s) skipped or missing\n' + '\n'.join(lines) + more
@@ -753,26 +850,37 @@ def _note_short(path, n: int, need: int):
     _log.debug(f'{path}: {n} frame(s) decode, a clip spans {need}; indices are clamped/repeated')
 
 def _err_from(info: VideoInfo) -> VideoError:
-    from evl_nb import video as V
-    cls = {c.kind: c for c in (V.MissingVideoError, V.EmptyVideoError, V.TruncatedVideoError, V.UnreadableVideoError,
-                               V.NoVideoStreamError, V.TooShortVideoError)}.get(info.error, VideoError)
+    cls = error_class(info.error)
     e = cls.__new__(cls); RuntimeError.__init__(e, info.message); e.path = info.path
     return e
 
+# %% ../nbs/02_data.ipynb #4cf31a2d
+def record_skipped(dataset, batch: dict) -> list[dict]:
+    """The skipped items of a collated `batch` (`batch['skipped']`), recorded on `dataset` when it keeps a
+    record (`VideoClipDataset.record_skips`: counted, each file warned once). The one place batches report
+    skips."""
+    skipped = batch.get('skipped') or []
+    if skipped and hasattr(dataset, 'record_skips'): dataset.record_skips(skipped)
+    return skipped
+
 # %% ../nbs/02_data.ipynb #a282c51c
 def collate_clips(items: Sequence[dict]) -> dict:
-    "Stack good items; `batch['skipped']` lists the skipped ones (`index`, `path`, `where`, `reason`, `message`)."
+    """Stack good items; `batch['skipped']` lists the skipped ones (`index`, `path`, `where`, `reason`,
+    `message`)."""
     good = [it for it in items if 'skip' not in it]
     batch = {'skipped': [it['skip'] for it in items if 'skip' in it]}
     if good:
         batch['video'] = torch.stack([it['video'] for it in good])
         batch['label'] = torch.tensor([it['label'] for it in good], dtype=torch.long)
         batch['index'] = torch.tensor([it['index'] for it in good], dtype=torch.long)
-    else: batch.update(video=None, label=torch.zeros(0, dtype=torch.long), index=torch.zeros(0, dtype=torch.long))
+    else:
+        empty = torch.zeros(0, dtype=torch.long)
+        batch.update(video=None, label=empty, index=empty.clone())
     return batch
 
 class ClipLoader:
-    "Iterate a DataLoader of clips; skips reported by any worker are recorded on the dataset (`skip_summary()`)."
+    """Iterate a DataLoader of clips; skips reported by any worker are recorded on the dataset
+    (`skip_summary()`)."""
     def __init__(self, loader: DataLoader, dataset: VideoClipDataset):
         self.loader, self.dataset, self.epoch_skipped = loader, dataset, []
     def __len__(self): return len(self.loader)
@@ -783,9 +891,7 @@ class ClipLoader:
     def __iter__(self):
         self.epoch_skipped = []
         for b in self.loader:
-            if b['skipped']:
-                self.epoch_skipped += b['skipped']
-                if hasattr(self.dataset, 'record_skips'): self.dataset.record_skips(b['skipped'])
+            self.epoch_skipped += record_skipped(self.dataset, b)
             if b['video'] is None: continue
             yield b
 
@@ -800,39 +906,47 @@ def build_loader(ds, batch_size: int, shuffle: bool | None = None, sampler=None,
         extra['persistent_workers'] = persistent_workers
         if prefetch_factor is not None: extra['prefetch_factor'] = prefetch_factor
     dl = DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-                    num_workers=num_workers, collate_fn=collate_clips, drop_last=drop_last, pin_memory=pin_memory,
-                    generator=g, **extra, **kw)
+                    num_workers=num_workers, collate_fn=collate_clips, drop_last=drop_last,
+                    pin_memory=pin_memory, generator=g, **extra, **kw)
     return ClipLoader(dl, ds)
 
 # %% ../nbs/02_data.ipynb #840f55d5
 def _dense_interval(num_frames: int) -> int: return 8 if num_frames >= 32 else 16
 
 def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_frames: int = 8,
-                  frame_interval: int | None = None, sampling: str | None = None, views='1x1', input_size: int = 224,
-                  short_side: int | None = None, classes=None, flip: bool | str | None = None, rand_augment='default',
-                  crop_scale=None, manifest=None, decode: str = 'auto', min_frames: int = 1,
+                  frame_interval: int | None = None, sampling: str | None = None, views='1x1',
+                  input_size: int = 224, short_side: int | None = None, classes=None,
+                  flip: bool | str | None = None, rand_augment='default', crop_scale=None, manifest=None,
+                  decode: str = 'auto', min_frames: int = 1,
                   out_of_bound: str | None = None, labels_file=None, train: bool | None = None,
-                  convention: str | dict = 'official', antialias: bool | None = None, crop_offset: str | None = None,
-                  train_range: str | None = None, store=None) -> VideoClipDataset:
-    """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above). `convention`
-    ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches are explained in
-    the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a `ClipStore`) reads the frames
-    from the clip store instead of the videos: same samples, same indices for the same seed."""
+                  convention: str | dict = 'official', antialias: bool | None = None,
+                  crop_offset: str | None = None, train_range: str | None = None,
+                  store=None) -> VideoClipDataset:
+    """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above).
+    `convention` ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches
+    are explained in the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a
+    `ClipStore`) reads the frames from the clip store instead of the videos: same samples, same indices for
+    the same seed."""
     dataset, split = dataset.lower(), {'validation': 'val'}.get(split.lower(), split.lower())
-    if split not in ('train', 'val', 'test'): raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
+    if split not in ('train', 'val', 'test'):
+        raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
     train = (split == 'train') if train is None else train
     pairs, never = {}, set()
-    resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)  # fail early
+    # fail early
+    resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)
     if dataset == 'synthetic':
         if data_root is None:
             from evl_nb.synthetic import default_synthetic_root
             data_root = default_synthetic_root()
         meta_file = Path(data_root) / 'synthetic.json'
-        if not meta_file.exists(): raise FileNotFoundError(f'{meta_file} not found: make it with evl_nb.synthetic.make_synthetic_dataset({str(data_root)!r})')
+        if not meta_file.exists():
+            raise FileNotFoundError(f'{meta_file} not found: make it with '
+                                    f'evl_nb.synthetic.make_synthetic_dataset({str(data_root)!r})')
         meta = json.loads(meta_file.read_text())
         ann = read_k400_csv(ann_file or Path(data_root) / meta['k400'][split if split != 'test' else 'val'],
                             Path(data_root), classes or Path(data_root) / meta['classes'])
-        pairs = {ann.classes.index(a): ann.classes.index(b) for a, b in meta.get('flip_pairs', {}).items() if a in ann.classes and b in ann.classes}
+        pairs = {ann.classes.index(a): ann.classes.index(b) for a, b in meta.get('flip_pairs', {}).items()
+                 if a in ann.classes and b in ann.classes}
         never = {i for i, c in enumerate(ann.classes) if c in meta.get('never_flip', [])}
         sampling, flip_mode = sampling or 'uniform', 'swap'
         ra_default, scale_default = None, (0.5, 1.0)
@@ -842,18 +956,22 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
         sampling, flip_mode = sampling or 'dense', 'plain'
         ra_default, scale_default = 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0)
     elif dataset in ('ssv2', 'sthv2', 'something-something-v2'):
-        if ann_file is None: raise ValueError('ssv2: pass ann_file= (something-something-v2-train.json or -validation.json)')
+        if ann_file is None:
+            raise ValueError('ssv2: pass ann_file= (something-something-v2-train.json or -validation.json)')
         labels_file = labels_file or next(iter(sorted(Path(ann_file).parent.glob('*labels.json'))), None)
-        if labels_file is None: raise ValueError(f'ssv2: no *labels.json beside {ann_file}; pass labels_file=')
+        if labels_file is None:
+            raise ValueError(f'ssv2: no *labels.json beside {ann_file}; pass labels_file=')
         ann = read_ssv2_json(ann_file, labels_file, data_root)
         if classes is not None:
             names = read_class_list(classes)
             if sorted(c for c in names if c is not None) != sorted(c for c in ann.classes if c is not None):
                 raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
             remap = {i: names.index(c) for i, c in enumerate(ann.classes) if c is not None}
-            ann = Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing, fixed_ids=True)
+            ann = Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing,
+                              fixed_ids=True)
         sampling = sampling or 'uniform'
-        if sampling != 'uniform': raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
+        if sampling != 'uniform':
+            raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
         pairs, never = lr_flip_pairs(ann.classes)
         flip_mode, ra_default, scale_default = 'swap', 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0)
     elif dataset == 'list':
@@ -868,7 +986,113 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
     return VideoClipDataset(ann.samples, ann.classes, train=train, sampling=sampling, num_frames=num_frames,
                             frame_interval=frame_interval or _dense_interval(num_frames), views=views,
                             input_size=input_size, short_side=short_side, rand_augment=ra if train else None,
-                            crop_scale=crop_scale or scale_default, flip=policy, manifest=manifest, decode=decode,
-                            min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing, name=f'{dataset}/{split}',
+                            crop_scale=crop_scale or scale_default, flip=policy, manifest=manifest,
+                            decode=decode,
+                            min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing,
+                            name=f'{dataset}/{split}',
                             fixed_class_ids=ann.fixed_ids, convention=convention, antialias=antialias,
                             crop_offset=crop_offset, train_range=train_range, store=store)
+
+# %% ../nbs/02_data.ipynb #d33ed05e
+ANN_NAMES = {'k400': {'train': ['train.csv', 'kinetics400_train.csv', 'k400_train.csv'],
+                      'val': ['validate.csv', 'val.csv', 'kinetics400_val.csv', 'k400_val.csv']},
+             'ssv2': {'train': ['something-something-v2-train.json', 'train.json'],
+                      'val': ['something-something-v2-validation.json', 'validation.json']},
+             'list': {'train': ['train_list.txt', 'train.txt'], 'val': ['val_list.txt', 'val.txt']}}
+
+def default_ann(dataset: str, split: str, data_root) -> Path | None:
+    """The official annotation file for `split` under `data_root` (or its annotations/ or labels/ folder), if
+    present."""
+    if dataset not in ANN_NAMES or data_root is None: return None
+    root = Path(data_root)
+    for sub in ('', 'annotations', 'labels', 'annotation'):
+        for n in ANN_NAMES[dataset][split]:
+            if (root / sub / n).is_file(): return root / sub / n
+    return None
+
+def find_ann(ann, data_root=None, param: str = 'ann_file') -> Path:
+    """The file a user-given annotation path means: absolute as is; relative: the working directory, then
+    `data_root`."""
+    p = Path(ann).expanduser()
+    places = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(data_root) / p] if data_root else [])
+    for cand in places:
+        if cand.is_file(): return cand
+    if p.is_absolute(): raise FileNotFoundError(f'{param}={str(ann)!r} does not exist')
+    under = (f'nor under data_root ({Path(data_root).resolve()})' if data_root
+             else '(and no data_root to look under)')
+    raise FileNotFoundError(f'{param}={str(ann)!r}: not found in the working directory ({Path.cwd()}) '
+                            f'{under}')
+
+# the preset per dataset when none is named
+DEFAULT_MODEL = {'synthetic': 'evl-tiny', 'k400': 'evl-b16-8f', 'ssv2': 'evl-b16-8f-ssv2',
+                 'list': 'evl-b16-8f'}
+
+# %% ../nbs/02_data.ipynb #5910ea42
+class TensorClips(Dataset):
+    """In-memory uint8 clips `videos (N,3,T,H,W)` + `labels`; train mode: random `crop` and, with
+    `flip_pairs`, a mirror that swaps paired labels."""
+    def __init__(self, videos: torch.Tensor, labels, classes=None, crop: int | None = None,
+                 train: bool = True, views: int = 1,
+                 flip_pairs: dict | None = None, never_flip=()):
+        self.videos, self.labels = videos, [int(l) for l in labels]
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(max(self.labels) + 1)]
+        self.crop, self.train, self.views = crop, train, views
+        self.flip_pairs, self.never_flip = (dict(flip_pairs) if flip_pairs is not None
+                                            else None), set(never_flip)
+    @property
+    def num_classes(self): return len(self.classes)
+    def __len__(self): return len(self.labels)
+    def __getitem__(self, i):
+        v, label = self.videos[i], self.labels[i]
+        if self.crop and self.crop < v.shape[-1]:
+            H, W = v.shape[-2:]; c = self.crop
+            if self.train:
+                t, l = int(torch.randint(0, H - c + 1, ())), int(torch.randint(0, W - c + 1, ()))
+                v = v[..., t:t + c, l:l + c]
+            else: v = v[..., (H - c) // 2:(H - c) // 2 + c, (W - c) // 2:(W - c) // 2 + c]
+        flippable = self.train and self.flip_pairs is not None and label not in self.never_flip
+        if flippable and float(torch.rand(())) < 0.5:
+            v, label = v.flip(-1), self.flip_pairs.get(label, label)
+        if self.views > 1: v = v.expand(self.views, *v.shape)
+        return {'video': v.contiguous(), 'label': label, 'index': i}
+
+# %% ../nbs/02_data.ipynb #600428d3
+def random_clips(n: int, num_classes: int = 4, T: int = 8, size: int = 112, seed: int = 0) -> torch.Tensor:
+    "A learnable toy set: class k = a bright square moving in direction k (uint8 (n,3,T,H,W)) and the labels."
+    g = torch.Generator().manual_seed(seed)
+    vids = (torch.rand(n, 3, T, size, size, generator=g) * 60).to(torch.uint8)
+    labels = torch.arange(n) % num_classes
+    for i in range(n):
+        k = int(labels[i]); s = size // 4
+        for t in range(T):
+            o = int(t * (size - s) / max(1, T - 1)); p = o if k % 2 == 0 else size - s - o
+            if k // 2 == 0: vids[i, :, t, size // 2 - s // 2:size // 2 + s // 2, p:p + s] = 255
+            else: vids[i, :, t, p:p + s, size // 2 - s // 2:size // 2 + s // 2] = 255
+    return vids, labels
+
+# %% ../nbs/02_data.ipynb #405bda56
+def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=None, key: str | None = None,
+                  flip: bool = False) -> 'TensorClips':
+    """Decode every clip of `ds` once into a `TensorClips` (random `crop` for training, `flip` swapping
+    left/right labels); cached in `cache_dir/key.pt`."""
+    cf = Path(cache_dir) / f'{key}_{len(ds)}.pt' if cache_dir is not None and key else None
+    if cf is not None and cf.is_file():
+        videos, labels, classes = torch.load(cf, weights_only=True)
+    else:
+        vs, ls, n_skip = [], [], 0
+        loader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=collate_clips)
+        for b in loader:
+            n_skip += len(record_skipped(ds, b))
+            if b['video'] is not None: vs.append(b['video']); ls.append(b['label'])
+        if not vs: raise RuntimeError(f'no clip of {ds!r} could be decoded')
+        if n_skip:
+            report = ds.skip_report() if hasattr(ds, 'skip_report') else ''
+            _log.warning(f'{n_skip} clips of {getattr(ds, "name", "the dataset")} could not be read and were '
+                         'left out'
+                         + (f':\n{report}' if report else ''))
+        videos, labels, classes = torch.cat(vs), torch.cat(ls), list(ds.classes)
+        if cf is not None: atomic_save((videos, labels, classes), cf)
+    pairs, never = (None, ())
+    if flip: pairs, never = lr_flip_pairs(classes)
+    return TensorClips(videos, labels.tolist(), classes, crop=crop, train=crop is not None, flip_pairs=pairs,
+                       never_flip=never)

@@ -12,14 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .core import as_dtype, get_logger, seed_everything
-from .data import CLIP_MEAN, CLIP_STD, collate_clips, normalize_clip, pad_classes, parse_views, read_class_list
-from .model import EVL, EVLConfig, build_evl, get_config, load_checkpoint, read_checkpoint
+from .core import add_context, all_gather_objects, as_dtype, dist_info, get_logger, seed_everything
+from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, default_ann, find_ann, normalize_clip,
+                         pad_classes, parse_views, read_class_list, record_skipped)
+from .model import EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size, read_checkpoint
 
 # %% auto #0
-__all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'dist_info', 'all_gather_objects', 'predict', 'evaluate',
-           'format_skipped', 'save_results', 'format_report', 'load_for_eval', 'find_run_checkpoint', 'eval_dataset',
-           'prepare_evaluation', 'plot_confusion', 'per_class_table']
+__all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'predict', 'evaluate', 'format_skipped', 'save_results',
+           'format_report', 'load_for_eval', 'find_run_checkpoint', 'eval_dataset', 'prepare_evaluation',
+           'plot_confusion', 'per_class_table']
 
 # %% ../nbs/07_evaluate.ipynb #230e6b2b
 def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5, worst: int = 10) -> dict:
@@ -68,20 +69,6 @@ def label_mapping(dataset_classes: list, model_classes: list) -> torch.Tensor:
         raise ValueError(f'{len(missing)} dataset classes are not in the model class list, e.g. {missing[:5]}')
     return torch.tensor([-1 if n is None else lookup[_norm_name(n)] for n in dataset_classes], dtype=torch.long)
 
-# %% ../nbs/07_evaluate.ipynb #ee068818
-def dist_info() -> tuple[int, int]:
-    "(rank, world_size); (0, 1) outside torchrun."
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def all_gather_objects(obj) -> list:
-    "Every rank's `obj` in rank order (just `[obj]` when not distributed)."
-    rank, world = dist_info()
-    if world == 1: return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
 # %% ../nbs/07_evaluate.ipynb #db2576c1
 class _Shard(torch.utils.data.Dataset):
     def __init__(self, ds, rank, world): self.ds, self.idx = ds, list(range(rank, len(ds), world))
@@ -109,11 +96,10 @@ def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=No
                                          collate_fn=collate_clips, pin_memory=device.type == 'cuda')
     idx, lab, probs, skipped, files = [], [], [], [], []
     for b in tqdm(loader, desc='eval', disable=not progress or rank != 0, leave=False):
-        if b['skipped']:
+        if record_skipped(dataset, b):
             skipped += [int(s['index']) for s in b['skipped']]
             files += [dict(index=int(s['index']), path=s.get('path'), where=s.get('where', ''), reason=s.get('reason', ''))
                       for s in b['skipped']]
-            if hasattr(dataset, 'record_skips'): dataset.record_skips(b['skipped'])
         if b['video'] is None: continue
         v = b['video']
         multi = v.ndim == 6
@@ -213,7 +199,6 @@ def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: 
     """The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in `eval_views` views;
     `store`: a clip store to read the frames from (`evl_nb.store`)."""
     from evl_nb.data import build_dataset
-    from evl_nb.train import add_context, default_ann, find_ann, model_input_size
     ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else default_ann(dataset, 'val', data_root)
     if dataset != 'synthetic' and ann is None:
         raise FileNotFoundError(f'val_ann: no validation annotations found under data_root={data_root!r}')
@@ -229,7 +214,6 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
                        precision: str = 'fp32', runs_dir='runs/train', store=None) -> dict:
     "Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info'} for `evaluate`."
     from evl_nb.model import PRESETS
-    from evl_nb.train import DEFAULT_MODEL
     if dataset not in DEFAULT_MODEL: raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
     if dataset != 'synthetic' and not data_root: raise ValueError(f'data_root is required for dataset={dataset!r}')
     parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')

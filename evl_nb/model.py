@@ -19,8 +19,8 @@ from .core import get_logger
 # %% auto #0
 __all__ = ['CrossAttention', 'TINY_TOWER', 'PRESETS', 'relative_offset_index', 'temporal_attention', 'TemporalCrossAttention',
            'tca_gather', 'DecoderAttention', 'QuickGELU', 'MLP', 'DecoderLayer', 'EVLConfig', 'get_config',
-           'TemporalConv', 'EVLDecoder', 'EVL', 'build_evl', 'reference_model', 'read_checkpoint', 'evl_state_dict',
-           'load_checkpoint', 'official_formulation']
+           'model_input_size', 'TemporalConv', 'EVLDecoder', 'EVL', 'build_evl', 'reference_model', 'read_checkpoint',
+           'evl_state_dict', 'load_checkpoint', 'official_formulation']
 
 # %% ../nbs/05_model.ipynb #f63b8b81
 def relative_offset_index(h: int, w: int) -> torch.Tensor:
@@ -209,6 +209,13 @@ def get_config(preset: str | EVLConfig, **overrides) -> EVLConfig:
     bad = sorted(set(overrides) - names)
     if bad: raise ValueError(f'unknown model option(s) {bad}; EVLConfig fields are {sorted(names)}')
     return replace(cfg, **overrides)
+
+# %% ../nbs/05_model.ipynb #b3fdfa43
+def model_input_size(mcfg) -> int:
+    "The side in pixels of the frames a model config takes (its backbone's image size)."
+    b = mcfg.backbone
+    if isinstance(b, dict): return int(b['image_size'])
+    return 336 if '336' in str(b) else 224
 
 # %% ../nbs/05_model.ipynb #7c7e6912
 class TemporalConv(nn.Conv1d):

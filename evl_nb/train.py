@@ -15,23 +15,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .core import as_dtype, get_logger, seed_everything
-from .data import collate_clips, normalize_clip, parse_views
-from .evaluate import all_gather_objects, dist_info, evaluate, format_report, save_results
-from .model import EVL, PRESETS, build_evl, get_config
+from .core import (add_context, all_gather_objects, all_reduce_sum, as_dtype, atomic_save, dist_info, get_logger,
+                         init_distributed, seed_everything)
+from .data import (ANN_NAMES, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, default_ann, find_ann,
+                         normalize_clip, parse_views, random_clips, record_skipped)
+from .evaluate import evaluate, format_report, save_results
+from .model import EVL, PRESETS, build_evl, get_config, model_input_size
 
 _log = get_logger('evl_nb.train')
 
 # %% auto #0
-__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'DEFAULT_MODEL', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'ANN_NAMES', 'METRIC_COLUMNS',
-           'recipe', 'option', 'TrainConfig', 'Option', 'default_ann', 'find_ann', 'add_context', 'build_datasets',
-           'cache_dataset', 'model_input_size', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
-           'PositionSeeded', 'init_distributed', 'atomic_save', 'list_checkpoints', 'latest_checkpoint',
-           'prune_checkpoints', 'rng_state', 'set_rng_state', 'read_train_checkpoint', 'MetricsLog', 'read_metrics',
-           'TensorClips', 'random_clips', 'NonFiniteLossError', 'build_model', 'check_data', 'check_classes',
-           'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader', 'save_checkpoint',
-           'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'train', 'run', 'build_parser',
-           'main', 'cli_args', 'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
+__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'METRIC_COLUMNS', 'recipe', 'option', 'TrainConfig',
+           'Option', 'build_datasets', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
+           'PositionSeeded', 'list_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'rng_state', 'set_rng_state',
+           'read_train_checkpoint', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'build_model', 'check_data',
+           'check_classes', 'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader',
+           'save_checkpoint', 'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'train',
+           'run', 'build_parser', 'main', 'cli_args', 'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job',
+           'plot_metrics']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -39,7 +40,6 @@ OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps
 RECIPES = {name: dict(OFFICIAL_RECIPE) for name in PRESETS}
 RECIPES['evl-tiny'] = dict(lr=2e-3, weight_decay=0.05, betas=(0.9, 0.999), max_steps=300, warmup_steps=20,
                            batch_size=32, accum_steps=1, precision='fp32')
-DEFAULT_MODEL = {'synthetic': 'evl-tiny', 'k400': 'evl-b16-8f', 'ssv2': 'evl-b16-8f-ssv2', 'list': 'evl-b16-8f'}
 
 def recipe(preset: str) -> dict:
     "The default optimisation recipe of a preset (the official one for every real model)."
@@ -144,41 +144,6 @@ def _config_options() -> list[Option]:
 
 TRAIN_OPTIONS: dict[str, Option] = {o.name: o for o in _config_options() + LAUNCH_OPTIONS}
 
-# %% ../nbs/06_train.ipynb #d3d0e38a
-ANN_NAMES = {'k400': {'train': ['train.csv', 'kinetics400_train.csv', 'k400_train.csv'],
-                      'val': ['validate.csv', 'val.csv', 'kinetics400_val.csv', 'k400_val.csv']},
-             'ssv2': {'train': ['something-something-v2-train.json', 'train.json'],
-                      'val': ['something-something-v2-validation.json', 'validation.json']},
-             'list': {'train': ['train_list.txt', 'train.txt'], 'val': ['val_list.txt', 'val.txt']}}
-
-def default_ann(dataset: str, split: str, data_root) -> Path | None:
-    "The official annotation file for `split` under `data_root` (or its annotations/ or labels/ folder), if present."
-    if dataset not in ANN_NAMES or data_root is None: return None
-    root = Path(data_root)
-    for sub in ('', 'annotations', 'labels', 'annotation'):
-        for n in ANN_NAMES[dataset][split]:
-            if (root / sub / n).is_file(): return root / sub / n
-    return None
-
-def find_ann(ann, data_root=None, param: str = 'ann_file') -> Path:
-    "The file a user-given annotation path means: absolute as is; relative: the working directory, then `data_root`."
-    p = Path(ann).expanduser()
-    places = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(data_root) / p] if data_root else [])
-    for cand in places:
-        if cand.is_file(): return cand
-    if p.is_absolute(): raise FileNotFoundError(f'{param}={str(ann)!r} does not exist')
-    under = f'nor under data_root ({Path(data_root).resolve()})' if data_root else '(and no data_root to look under)'
-    raise FileNotFoundError(f'{param}={str(ann)!r}: not found in the working directory ({Path.cwd()}) {under}')
-
-# %% ../nbs/06_train.ipynb #8445ccf2
-def add_context(err: BaseException, context: str) -> BaseException:
-    "`err` itself (type, attributes, traceback kept) with `context: ` in front of its message; raise it again."
-    if isinstance(err, OSError) and err.errno is not None and err.strerror: err.strerror = f'{context}: {err.strerror}'
-    elif type(err).__str__ in (BaseException.__str__, OSError.__str__) and len(err.args) <= 1:
-        err.args = (f'{context}: {err}',)
-    else: err.add_note(context)
-    return err
-
 # %% ../nbs/06_train.ipynb #fae325b4
 def build_datasets(cfg: TrainConfig, input_size: int | None = None):
     "(train, val) datasets for a resolved config; reader errors are raised as themselves, naming train_ann / val_ann."
@@ -211,42 +176,6 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                                key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw["views"]}')
         sets.append(ds)
     return tuple(sets)
-
-# %% ../nbs/06_train.ipynb #c5dde729
-def cache_dataset(ds, crop: int | None = None, num_workers: int = 0, cache_dir=None, key: str | None = None,
-                  flip: bool = False) -> 'TensorClips':
-    "Decode every clip of `ds` once into a `TensorClips` (random `crop` for training, `flip` swapping left/right labels); cached in `cache_dir/key.pt`."
-    cf = Path(cache_dir) / f'{key}_{len(ds)}.pt' if cache_dir is not None and key else None
-    if cf is not None and cf.is_file():
-        videos, labels, classes = torch.load(cf, weights_only=True)
-    else:
-        vs, ls, n_skip = [], [], 0
-        loader = DataLoader(ds, batch_size=8, num_workers=num_workers, collate_fn=collate_clips)
-        for b in loader:
-            n_skip += len(b['skipped'])
-            if b['skipped'] and hasattr(ds, 'record_skips'): ds.record_skips(b['skipped'])
-            if b['video'] is not None: vs.append(b['video']); ls.append(b['label'])
-        if not vs: raise RuntimeError(f'no clip of {ds!r} could be decoded')
-        if n_skip:
-            report = ds.skip_report() if hasattr(ds, 'skip_report') else ''
-            _log.warning(f'{n_skip} clips of {getattr(ds, "name", "the dataset")} could not be read and were left out'
-                         + (f':\n{report}' if report else ''))
-        videos, labels, classes = torch.cat(vs), torch.cat(ls), list(ds.classes)
-        if cf is not None: atomic_save((videos, labels, classes), cf)
-    pairs, never = (None, ())
-    if flip:
-        from evl_nb.data import lr_flip_pairs
-        pairs, never = lr_flip_pairs(classes)
-    return TensorClips(videos, labels.tolist(), classes, crop=crop, train=crop is not None, flip_pairs=pairs, never_flip=never)
-
-# %% ../nbs/06_train.ipynb #eac8010c
-def model_input_size(mcfg) -> int:
-    "The side in pixels of the frames a model config takes (its backbone's image size)."
-    b = mcfg.backbone
-    if isinstance(b, dict): return int(b['image_size'])
-    return 336 if '336' in str(b) else 224
-
-_input_size = model_input_size   # the old private name
 
 # %% ../nbs/06_train.ipynb #9517c1b1
 def build_optimizer(model: EVL, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.999), fused: bool | None = None):
@@ -308,33 +237,7 @@ class PositionSeeded(Dataset):
         finally:
             if in_main: torch.set_rng_state(st[0]); np.random.set_state(st[1]); random.setstate(st[2])
 
-# %% ../nbs/06_train.ipynb #edd10643
-def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    "(rank, world_size, device); joins the process group when launched by torchrun."
-    world = int(os.environ.get('WORLD_SIZE', '1')); rank = int(os.environ.get('RANK', '0'))
-    local = int(os.environ.get('LOCAL_RANK', '0'))
-    if device is None: device = f'cuda:{local}' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(device)
-    if device.type == 'cuda': torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return rank, world, device
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
-    return t
-
 # %% ../nbs/06_train.ipynb #f59026e8
-def atomic_save(obj, path) -> Path:
-    "`torch.save` to a temp file beside `path`, then `os.replace` (never a half-written checkpoint)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try:
-        torch.save(obj, tmp); os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
 def list_checkpoints(ckpt_dir) -> list[Path]:
     "Step checkpoints in `ckpt_dir`, oldest first."
     return sorted(Path(ckpt_dir).glob('step_*.pt'), key=lambda p: int(p.stem.split('_')[1]))
@@ -429,44 +332,6 @@ def read_metrics(path) -> list[dict]:
                     except ValueError: d[k] = v
             out.append(d)
     return out
-
-# %% ../nbs/06_train.ipynb #5a7bd965
-class TensorClips(Dataset):
-    "In-memory uint8 clips `videos (N,3,T,H,W)` + `labels`; train mode: random `crop` and, with `flip_pairs`, a mirror that swaps paired labels."
-    def __init__(self, videos: torch.Tensor, labels, classes=None, crop: int | None = None, train: bool = True, views: int = 1,
-                 flip_pairs: dict | None = None, never_flip=()):
-        self.videos, self.labels = videos, [int(l) for l in labels]
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(max(self.labels) + 1)]
-        self.crop, self.train, self.views = crop, train, views
-        self.flip_pairs, self.never_flip = (dict(flip_pairs) if flip_pairs is not None else None), set(never_flip)
-    @property
-    def num_classes(self): return len(self.classes)
-    def __len__(self): return len(self.labels)
-    def __getitem__(self, i):
-        v, label = self.videos[i], self.labels[i]
-        if self.crop and self.crop < v.shape[-1]:
-            H, W = v.shape[-2:]; c = self.crop
-            if self.train:
-                t, l = int(torch.randint(0, H - c + 1, ())), int(torch.randint(0, W - c + 1, ()))
-                v = v[..., t:t + c, l:l + c]
-            else: v = v[..., (H - c) // 2:(H - c) // 2 + c, (W - c) // 2:(W - c) // 2 + c]
-        if self.train and self.flip_pairs is not None and label not in self.never_flip and float(torch.rand(())) < 0.5:
-            v, label = v.flip(-1), self.flip_pairs.get(label, label)
-        if self.views > 1: v = v.expand(self.views, *v.shape)
-        return {'video': v.contiguous(), 'label': label, 'index': i}
-
-def random_clips(n: int, num_classes: int = 4, T: int = 8, size: int = 112, seed: int = 0) -> torch.Tensor:
-    "A learnable toy set: class k = a bright square moving in direction k (uint8 (n,3,T,H,W)) and the labels."
-    g = torch.Generator().manual_seed(seed)
-    vids = (torch.rand(n, 3, T, size, size, generator=g) * 60).to(torch.uint8)
-    labels = torch.arange(n) % num_classes
-    for i in range(n):
-        k = int(labels[i]); s = size // 4
-        for t in range(T):
-            o = int(t * (size - s) / max(1, T - 1)); p = o if k % 2 == 0 else size - s - o
-            if k // 2 == 0: vids[i, :, t, size // 2 - s // 2:size // 2 + s // 2, p:p + s] = 255
-            else: vids[i, :, t, p:p + s, size // 2 - s // 2:size // 2 + s // 2] = 255
-    return vids, labels
 
 # %% ../nbs/06_train.ipynb #94e58bf0
 class NonFiniteLossError(RuntimeError):
@@ -664,14 +529,12 @@ def train_step(run: RunState, batches, train_set=None) -> tuple[float, float]:
     loss_sum = torch.zeros(2, device=run.device, dtype=torch.float64)   # (sum of micro losses, non-finite count)
     for i in range(cfg.accum_steps):
         b = next(batches)
-        if b['skipped']:
-            run.skipped += len(b['skipped'])
-            if hasattr(train_set, 'record_skips'): train_set.record_skips(b['skipped'])
+        run.skipped += len(record_skipped(train_set, b))
         loss, finite, n = forward_backward(run, b, sync=i == cfg.accum_steps - 1)
         if finite: loss_sum[0] += loss.double()
         else: loss_sum[1] += 1
         run.clips += n
-    _all_reduce_sum(loss_sum)
+    all_reduce_sum(loss_sum)
     lr = run.optimizer.param_groups[0]['lr']
     if loss_sum[1] > 0:
         last = latest_checkpoint(run.ckpt_dir)

@@ -18,12 +18,14 @@ from .core import get_logger, find_fixture
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'RISKY_CODECS', 'RISKY_EXTS', 'MANIFEST_FIELDS', 'VideoError', 'MissingVideoError', 'EmptyVideoError',
            'TruncatedVideoError', 'UnreadableVideoError', 'NoVideoStreamError', 'TooShortVideoError', 'open_video',
-           'count_frames', 'read_frames_pyav', 'VideoInfo', 'is_risky_format', 'check_video', 'read_frames_decord',
-           'read_clip', 'scan_videos', 'write_manifest', 'load_manifest', 'reencode_video', 'reencode_videos']
+           'count_frames', 'read_frames_pyav', 'VideoInfo', 'decord_reader', 'is_risky_format', 'check_video',
+           'read_frames_decord', 'error_class', 'read_clip', 'scan_videos', 'write_manifest', 'load_manifest',
+           'reencode_video', 'reencode_videos']
 
 # %% ../nbs/01_video.ipynb #1ff19fdf
 _log = get_logger('evl_nb.video')
-VIDEO_EXTS = ('.mp4', '.webm', '.mkv', '.avi', '.mov', '.m4v', '.mpg', '.mpeg', '.ogv', '.ogg', '.flv', '.3gp', '.ts')
+VIDEO_EXTS = ('.mp4', '.webm', '.mkv', '.avi', '.mov', '.m4v', '.mpg', '.mpeg', '.ogv', '.ogg', '.flv',
+              '.3gp', '.ts')
 try: av.logging.set_level(av.logging.PANIC)  # libav's own stderr chatter; our errors carry the message
 except Exception: pass
 
@@ -46,7 +48,8 @@ class TooShortVideoError(VideoError): kind = 'too_short'
 def _looks_like_video(path: Path) -> bool:
     "True when the first bytes are an ISO-BMFF (mp4/mov), Matroska/WebM, AVI, Ogg or MPEG-PS/TS header."
     with open(path, 'rb') as f: head = f.read(16)
-    return (head[4:8] in (b'ftyp', b'moov', b'mdat', b'free', b'wide', b'skip') or head[:4] == b'\x1a\x45\xdf\xa3'
+    return (head[4:8] in (b'ftyp', b'moov', b'mdat', b'free', b'wide', b'skip')
+            or head[:4] == b'\x1a\x45\xdf\xa3'
             or (head[:4] == b'RIFF' and head[8:12] == b'AVI ') or head[:4] == b'OggS'
             or head[:4] == b'\x00\x00\x01\xba' or head[:1] == b'\x47')
 
@@ -56,7 +59,8 @@ def _classify_open_error(path: Path, err: Exception) -> VideoError:
     return UnreadableVideoError(path, str(err))
 
 def open_video(path) -> av.container.InputContainer:
-    "Open `path` with PyAV, raising a typed `VideoError` when it is missing, empty, unreadable or has no video stream."
+    """Open `path` with PyAV, raising a typed `VideoError` when it is missing, empty, unreadable or has no
+    video stream."""
     path = Path(path)
     if not path.exists(): raise MissingVideoError(path, 'no such file')
     if path.stat().st_size == 0: raise EmptyVideoError(path, 'zero bytes')
@@ -67,6 +71,7 @@ def open_video(path) -> av.container.InputContainer:
         c.close(); raise NoVideoStreamError(path, f'streams: {kinds}')
     return c
 
+# %% ../nbs/01_video.ipynb #8248af49
 def _decode_frames(path, want: set | None = None, threads: int = 1, keep_last: bool = False):
     "Decode sequentially; return (count, {index: rgb array}) for the indices in `want` (all when None)."
     c = open_video(path)
@@ -84,7 +89,8 @@ def _decode_frames(path, want: set | None = None, threads: int = 1, keep_last: b
         except (av.error.FFmpegError, OSError) as err:
             if n == 0: raise UnreadableVideoError(path, f'no frame decodes: {err}') from None
             raise TruncatedVideoError(path, f'decode error after {n} frames: {err}') from None
-        if keep_last and n and (n - 1) not in out and last is not None: out[n - 1] = last.to_ndarray(format='rgb24')
+        if keep_last and n and (n - 1) not in out and last is not None:
+            out[n - 1] = last.to_ndarray(format='rgb24')
         return n, out
     finally: c.close()
 
@@ -92,8 +98,10 @@ def count_frames(path, threads: int = 1) -> int:
     "The number of frames that actually decode (container metadata can be wrong)."
     return _decode_frames(path, want=set(), threads=threads, keep_last=True)[0]
 
+# %% ../nbs/01_video.ipynb #115a36b2
 def read_frames_pyav(path, indices: Sequence[int], threads: int = 1) -> np.ndarray:
-    "Ground truth: frames `indices` (any order, repeats allowed) of a sequential PyAV decode, as uint8 `(T, H, W, 3)`."
+    """Ground truth: frames `indices` (any order, repeats allowed) of a sequential PyAV decode, as uint8
+    `(T, H, W, 3)`."""
     idx = [int(i) for i in indices]
     if not idx: raise ValueError('read_frames_pyav: indices is empty')
     if min(idx) < 0: raise IndexError(f'{path}: negative frame index {min(idx)}')
@@ -123,19 +131,13 @@ class VideoInfo:
     @property
     def backend(self) -> str: return 'decord' if (self.seek_ok and self.opens) else 'pyav'
 
-def _decord_reader(path, threads: int = 1):
+# %% ../nbs/01_video.ipynb #3579bc2a
+def decord_reader(path, threads: int = 1):
+    "A `decord.VideoReader` on `path` (random access: trust its seeks where `check_video` says `seek_ok`)."
     import decord
     return decord.VideoReader(str(path), num_threads=threads)
 
-def _probe_indices(n: int, num_probes: int, rng: random.Random) -> list[int]:
-    base = {0, 1, n // 3, n // 2, (2 * n) // 3, n - 2, n - 1}
-    base |= {rng.randrange(n) for _ in range(max(num_probes - len(base), 0))}
-    return sorted(i for i in base if 0 <= i < n)
-
-def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape: return float('inf')
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
-
+# %% ../nbs/01_video.ipynb #b3a993f6
 # codecs and containers on which decord's seek is known to return wrong frames (MPEG-4 part 2 in AVI as in
 # UCF101/HMDB51, MPEG-1/2 program streams, Ogg): the failure is intermittent, so passing probes prove little
 RISKY_CODECS = {'mpeg4', 'msmpeg4v1', 'msmpeg4v2', 'msmpeg4v3', 'mpeg1video', 'mpeg2video', 'theora', 'h263',
@@ -145,6 +147,16 @@ RISKY_EXTS = {'.avi', '.mpg', '.mpeg', '.vob', '.ts', '.ogg', '.ogv', '.flv', '.
 def is_risky_format(path, codec: str) -> bool:
     "True for codecs/containers where decord's seek is known to be unreliable."
     return codec in RISKY_CODECS or Path(path).suffix.lower() in RISKY_EXTS
+
+# %% ../nbs/01_video.ipynb #3091f01a
+def _probe_indices(n: int, num_probes: int, rng: random.Random) -> list[int]:
+    base = {0, 1, n // 3, n // 2, (2 * n) // 3, n - 2, n - 1}
+    base |= {rng.randrange(n) for _ in range(max(num_probes - len(base), 0))}
+    return sorted(i for i in base if 0 <= i < n)
+
+def _mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape: return float('inf')
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 def check_video(path, num_probes: int = 12, seed: int = 0, tol: float = 0.5, min_frames: int = 1,
                 use_decord: bool = True, rounds: int = 3, trust_risky: bool = False) -> VideoInfo:
@@ -156,12 +168,14 @@ def check_video(path, num_probes: int = 12, seed: int = 0, tol: float = 0.5, min
         s = c.streams.video[0]
         info.claimed_frames = int(s.frames or 0)
         info.fps = float(s.average_rate or s.guessed_rate or 0)
-        info.width, info.height, info.codec = s.codec_context.width, s.codec_context.height, s.codec_context.name
+        cc = s.codec_context
+        info.width, info.height, info.codec = cc.width, cc.height, cc.name
         c.close()
         vr, L = None, 0
         if use_decord:
-            try: vr = _decord_reader(path); L = len(vr); info.opens = L > 0
-            except Exception as err: info.opens = False; info.message = f'decord cannot open: {str(err).splitlines()[0][:200]}'
+            try: vr = decord_reader(path); L = len(vr); info.opens = L > 0
+            except Exception as err:
+                info.opens = False; info.message = f'decord cannot open: {str(err).splitlines()[0][:200]}'
         rng = random.Random(seed)
         probes = _probe_indices(L if info.opens else max(info.claimed_frames, 1), num_probes, rng)
         n, truth = _decode_frames(path, want=set(probes), keep_last=True)
@@ -182,14 +196,18 @@ def check_video(path, num_probes: int = 12, seed: int = 0, tol: float = 0.5, min
                     for order in orders:
                         got = vr.get_batch(order).asnumpy()
                         bad = [i for k, i in enumerate(order) if _mean_abs_diff(got[k], truth[i]) > tol]
-                        if bad: ok = False; info.message = f'decord seek returns wrong frames at {bad[:5]} (order {order[:8]})'; break
+                        if bad:
+                            ok = False
+                            info.message = f'decord seek returns wrong frames at {bad[:5]} ' \
+                                           f'(order {order[:8]})'
+                            break
                     info.seek_ok = ok
                 except Exception as err:
                     info.message = f'decord get_batch failed: {str(err).splitlines()[0][:200]}'
                 if info.seek_ok and is_risky_format(path, info.codec) and not trust_risky:
                     info.seek_ok = False
-                    info.message = (f'{info.codec} in {path.suffix or "?"}: decord seeks are intermittently wrong on this '
-                                    'format, reading sequentially (trust_risky=True overrides)')
+                    info.message = (f'{info.codec} in {path.suffix or "?"}: decord seeks are intermittently '
+                                    'wrong on this format, reading sequentially (trust_risky=True overrides)')
         del vr
     except VideoError as err:
         info.error, info.message = err.kind, str(err)
@@ -197,21 +215,30 @@ def check_video(path, num_probes: int = 12, seed: int = 0, tol: float = 0.5, min
         info.error, info.message = 'unreadable', f'{type(err).__name__}: {err}'
     return info
 
+# %% ../nbs/01_video.ipynb #9c1978bf
 def read_frames_decord(path, indices: Sequence[int], threads: int = 1) -> np.ndarray:
-    "Frames `indices` via decord's batched seek, as uint8 `(T, H, W, 3)`. Only trust it where `check_video` says `seek_ok`."
+    """Frames `indices` via decord's batched seek, as uint8 `(T, H, W, 3)`. Only trust it where `check_video`
+    says `seek_ok`."""
     idx = np.asarray([int(i) for i in indices])
-    uniq, inv = np.unique(idx, return_inverse=True)   # one forward pass: decord never seeks backwards within a read
-    return _decord_reader(path, threads).get_batch(uniq.tolist()).asnumpy()[inv.reshape(-1)]
+    uniq, inv = np.unique(idx, return_inverse=True)   # one forward pass: no backward seek within a read
+    return decord_reader(path, threads).get_batch(uniq.tolist()).asnumpy()[inv.reshape(-1)]
+
+# %% ../nbs/01_video.ipynb #3e139252
+def error_class(kind: str) -> type[VideoError]:
+    "The `VideoError` subclass of an error `kind` (a `VideoInfo.error`); `VideoError` for an unknown kind."
+    classes = (MissingVideoError, EmptyVideoError, TruncatedVideoError, UnreadableVideoError,
+               NoVideoStreamError, TooShortVideoError)
+    return {c.kind: c for c in classes}.get(kind, VideoError)
 
 # %% ../nbs/01_video.ipynb #d961ecb4
 def read_clip(path, indices: Sequence[int], info: VideoInfo | None = None, backend: str = 'auto',
               threads: int = 1) -> np.ndarray:
-    "Frames `indices` of `path` as uint8 `(T, H, W, 3)`, with decord where `info` proves its seek right, else PyAV."
-    if backend not in ('auto', 'decord', 'pyav'): raise ValueError(f"backend={backend!r}: expected 'auto', 'decord' or 'pyav'")
+    "Frames `indices` of `path` as uint8 `(T, H, W, 3)`: decord where `info` proves seeks right, else PyAV."
+    if backend not in ('auto', 'decord', 'pyav'):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'decord' or 'pyav'")
     if info is None and backend == 'auto': info = check_video(path)
     if info is not None:
-        if info.error: raise {c.kind: c for c in (MissingVideoError, EmptyVideoError, TruncatedVideoError, UnreadableVideoError,
-                              NoVideoStreamError, TooShortVideoError)}.get(info.error, VideoError)(path, info.message)
+        if info.error: raise error_class(info.error)(path, info.message)
         bad = [int(i) for i in indices if not 0 <= int(i) < info.frames]
         if bad: raise IndexError(f'{path}: frame index {bad[0]} outside [0, {info.frames})')
     use = backend if backend != 'auto' else info.backend
@@ -231,7 +258,7 @@ def _check_one(args):
 
 def scan_videos(paths: Iterable, manifest: str | Path | None = None, num_workers: int | None = None,
                 progress: bool = True, **check_kwargs) -> list[VideoInfo]:
-    "Check every video in `paths` (a folder is searched recursively) in parallel; write a CSV manifest if asked."
+    "Check every video in `paths` (a folder: searched recursively) in parallel; write a CSV manifest if asked"
     from tqdm.auto import tqdm
     if isinstance(paths, (str, Path)) and Path(paths).is_dir():
         paths = sorted(p for p in Path(paths).rglob('*') if p.suffix.lower() in VIDEO_EXTS)
@@ -243,13 +270,14 @@ def scan_videos(paths: Iterable, manifest: str | Path | None = None, num_workers
     else:
         import multiprocessing as mp
         with mp.get_context('spawn' if os.name == 'nt' else 'fork').Pool(num_workers) as pool:
-            infos = list(tqdm(pool.imap(_check_one, jobs, chunksize=1), total=len(jobs), desc='scanning videos',
-                              disable=not progress))
+            infos = list(tqdm(pool.imap(_check_one, jobs, chunksize=1), total=len(jobs),
+                              desc='scanning videos', disable=not progress))
     if manifest is not None: write_manifest(infos, manifest)
     bad = [i for i in infos if i.error]
     if bad: _log.warning(f'scan: {len(bad)} of {len(infos)} videos are unusable, e.g. {bad[0].message}')
     return infos
 
+# %% ../nbs/01_video.ipynb #f79308a5
 def write_manifest(infos: Sequence[VideoInfo], manifest) -> Path:
     "Write `VideoInfo`s as a CSV manifest."
     manifest = Path(manifest); manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +302,8 @@ def load_manifest(manifest) -> dict[str, VideoInfo]:
                     kw[k] = (v == 'True') if t in ('bool', bool) else int(v) if t in ('int', int) else \
                             float(v) if t in ('float', float) else (v or '')
                 out[str(Path(kw['path']).resolve())] = VideoInfo(**kw)
-            except Exception as err: raise ValueError(f'{manifest}:{line}: bad manifest row ({err})') from None
+            except Exception as err:
+                raise ValueError(f'{manifest}:{line}: bad manifest row ({err})') from None
     return out
 
 # %% ../nbs/01_video.ipynb #add3316f
@@ -282,7 +311,8 @@ def _even(x: float) -> int: return max(2, int(round(x / 2)) * 2)
 
 def reencode_video(src, dst, short_side: int | None = 320, keyint: int = 16, crf: int = 23,
                    preset: str = 'veryfast', threads: int = 1) -> Path:
-    "Re-encode `src` to an h264 mp4 `dst` with short side `short_side` (None keeps the size) and a key frame every `keyint` frames."
+    """Re-encode `src` to an h264 mp4 `dst` with short side `short_side` (None keeps the size) and a key frame
+    every `keyint` frames."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + '.tmp' + dst.suffix)
@@ -316,6 +346,7 @@ def reencode_video(src, dst, short_side: int | None = 320, keyint: int = 16, crf
     os.replace(tmp, dst)
     return dst
 
+# %% ../nbs/01_video.ipynb #391a49bb
 def _reencode_one(args):
     src, dst, kw = args
     try: reencode_video(src, dst, **kw); return src, ''
@@ -323,7 +354,8 @@ def _reencode_one(args):
 
 def reencode_videos(srcs: Iterable, out_dir, root=None, num_workers: int | None = None, progress: bool = True,
                     overwrite: bool = False, **kw) -> dict[str, str]:
-    "Re-encode many videos in parallel into `out_dir` (keeping paths relative to `root`, `.mp4`); returns {src: error or ''}."
+    """Re-encode many videos in parallel into `out_dir` (keeping paths relative to `root`, `.mp4`); returns
+    {src: error or ''}."""
     from tqdm.auto import tqdm
     srcs = [Path(s) for s in srcs]; out_dir = Path(out_dir)
     jobs = []
@@ -332,11 +364,13 @@ def reencode_videos(srcs: Iterable, out_dir, root=None, num_workers: int | None 
         d = (out_dir / rel).with_suffix('.mp4')
         if overwrite or not d.exists(): jobs.append((str(s), str(d), kw))
     num_workers = min(num_workers or (os.cpu_count() or 1), max(len(jobs), 1))
-    if num_workers <= 1: res = [_reencode_one(j) for j in tqdm(jobs, desc='re-encoding', disable=not progress)]
+    if num_workers <= 1:
+        res = [_reencode_one(j) for j in tqdm(jobs, desc='re-encoding', disable=not progress)]
     else:
         import multiprocessing as mp
         with mp.get_context('fork').Pool(num_workers) as pool:
-            res = list(tqdm(pool.imap_unordered(_reencode_one, jobs), total=len(jobs), desc='re-encoding', disable=not progress))
+            res = list(tqdm(pool.imap_unordered(_reencode_one, jobs), total=len(jobs), desc='re-encoding',
+                            disable=not progress))
     errs = {s: e for s, e in res}
     bad = [s for s, e in errs.items() if e]
     if bad: _log.warning(f're-encode: {len(bad)} of {len(jobs)} files failed, e.g. {errs[bad[0]]}')

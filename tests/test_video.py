@@ -91,9 +91,9 @@ def test_seek_check_detects_wrong_frames(monkeypatch):
     import evl_nb.video as V
     path = fixture_path('videos', 'carphone_pristine.mp4')
     assert check_video(path).seek_ok
-    real = V._decord_reader
+    real = V.decord_reader
     for wrong_at in (0, 60, 118):
-        monkeypatch.setattr(V, '_decord_reader', lambda p, t=1, w=wrong_at: _WrongSeekReader(real(p, t), w))
+        monkeypatch.setattr(V, 'decord_reader', lambda p, t=1, w=wrong_at: _WrongSeekReader(real(p, t), w))
         info = check_video(path, num_probes=12)
         if wrong_at in V._probe_indices(120, 12, __import__('random').Random(0)):
             assert not info.seek_ok and 'wrong frames' in info.message and info.backend == 'pyav', info
