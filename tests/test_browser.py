@@ -151,6 +151,8 @@ def test_mouse_dragged_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
                 assert readout.inner_text().strip() == '0'
                 measures = page.locator('.evl-attention-measures')            # present when the clip's object is known
                 measures_before = measures.first.inner_text() if measures.count() else None
+                page.locator('.widget-vbox', has=img).last.scroll_into_view_if_needed()   # sliders in the viewport too
+                slider.scroll_into_view_if_needed()
                 tb, hb = track.bounding_box(), handle.bounding_box()
                 assert tb is not None and tb['width'] > 100, f'the frame slider track is {tb} wide: no room to drag it'
                 top = float(handle.get_attribute('aria-valuemax') or 7)     # noUiSlider's range: 0..T-1 (7 for evl-tiny)
@@ -173,7 +175,8 @@ def test_mouse_dragged_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
                 SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
                 viewer.screenshot(path=str(SCREENSHOT))
                 # dragging back to the left end restores frame 0
-                hb = handle.bounding_box()
+                slider.scroll_into_view_if_needed()
+                tb, hb = track.bounding_box(), handle.bounding_box()
                 x1, y1 = hb['x'] + hb['width'] / 2, hb['y'] + hb['height'] / 2
                 page.mouse.move(x1, y1); page.mouse.down()
                 for k in range(1, 11): page.mouse.move(x1 - k / 10 * (x1 - tb['x'] + 20), y1)
