@@ -42,6 +42,7 @@ class AnnotationError(ValueError):
         self.file, self.line = str(file), line
         super().__init__(f'{file}:{line}: {msg}' if line else f'{file}: {msg}')
 
+# %% ../nbs/02_data.ipynb #be44c5ca
 @dataclass
 class Annotations:
     """Samples `(path, class id, where)`, class names indexed by id (`None` for unnamed ids), missing videos
@@ -54,6 +55,7 @@ class Annotations:
 
     def __len__(self): return len(self.samples)
 
+# %% ../nbs/02_data.ipynb #7499efe9
 def _names_from_pairs(pairs, src) -> list:
     "`[(index, name)]` -> a list indexed by id with `None` holes; an id given twice is an error naming `src`."
     seen = {}
@@ -99,6 +101,7 @@ def read_class_list(classes) -> list | None:
     if dup: raise ValueError(f'{src}: class list has duplicate names: {dup[:3]}')
     return names
 
+# %% ../nbs/02_data.ipynb #e46a11dd
 def class_ids(classes) -> list[int]:
     "The ids that have a name in `classes` (all of them for a dense list)."
     return [i for i, c in enumerate(classes) if c is not None]
@@ -113,6 +116,7 @@ def pad_classes(classes, n: int) -> list:
                          f'outputs')
     return classes[:n] + [None] * (n - len(classes))
 
+# %% ../nbs/02_data.ipynb #3ab048f0
 def _class_index(names) -> dict:
     "name -> id for the named ids."
     return {c: i for i, c in enumerate(names) if c is not None}
@@ -198,11 +202,13 @@ def ssv2_class_name(template: str) -> str:
     something from left to right`."""
     return template.replace('[', '').replace(']', '').strip()
 
+# %% ../nbs/02_data.ipynb #78f0e4d4
 def read_ssv2_labels(labels_file) -> list:
     """Class names indexed by id from `something-something-v2-labels.json` ({template: 'index'}); a cut keeps
     its ids (`None` holes)."""
     return read_class_list(Path(labels_file))
 
+# %% ../nbs/02_data.ipynb #c9807953
 def read_ssv2_json(ann_file, labels_file, data_root=None, ext: str = '.webm') -> Annotations:
     "Read an SSv2 train/validation JSON; videos are `{data_root}/{id}{ext}`."
     ann_file = Path(ann_file)
@@ -466,6 +472,7 @@ def rand_augment_op(name: str, video, magnitude: float, sign: float = 1.0, style
     if style == 'torchvision': return _tv_op(name, v, magnitude, sign)
     return _from_pil([_pil_op(name, im, magnitude, sign) for im in _to_pil(v)], v)
 
+# %% ../nbs/02_data.ipynb #99430889
 RAND_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
                        'SolarizeIncreasing',
                        'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
@@ -515,7 +522,6 @@ class ClipRandAugment(torch.nn.Module):
         return _from_pil(imgs, v)
     def extra_repr(self): return f'n={self.n}, m={self.m}, mstd={self.mstd}, p={self.p}, style={self.style!r}'
 
-
 # %% ../nbs/02_data.ipynb #04efae6c
 def _resize(video, hw, antialias: bool):
     """Bilinear resize of a uint8 (or float) `(..., H, W)` clip to `hw`; without antialias in float, then
@@ -539,11 +545,13 @@ def short_side_size(h: int, w: int, size: int, long_side: str = 'floor') -> tupl
     new = long * size // short if long_side == 'floor' else int(long * (size / short) + 0.5)
     return (size, new) if h < w else (new, size)
 
+# %% ../nbs/02_data.ipynb #96bbefd0
 def resize_short(video, size: int, antialias: bool = False, long_side: str = 'floor'):
     "Resize so the short side is `size` (bilinear; antialiased only if asked), keeping the aspect ratio."
     H, W = video.shape[-2:]
     return _resize(video, short_side_size(H, W, size, long_side), antialias)
 
+# %% ../nbs/02_data.ipynb #0ad99a58
 def center_crop(video, size: int, offset: str = 'floor'):
     """Centre crop to `size x size`: offset `(W - size) // 2` ('floor') or torchvision's rounding ('round');
     pads if smaller."""
@@ -553,6 +561,7 @@ def center_crop(video, size: int, offset: str = 'floor'):
     if offset == 'round' or H < size or W < size: return TF.center_crop(video, [size, size])
     return TF.crop(video, (H - size) // 2, (W - size) // 2, size, size)
 
+# %% ../nbs/02_data.ipynb #dab67883
 def three_crop(video, size: int, antialias: bool = False, style: str = 'official') -> list:
     """Three `size x size` crops along the long side: left/centre/right (landscape) or top/centre/bottom
     (portrait). The last one is at the far edge ('official') or at `2 * (margin // 2)` ('mmaction2')."""
@@ -565,6 +574,7 @@ def three_crop(video, size: int, antialias: bool = False, style: str = 'official
     else: tops, lefts = [0, (H - size) // 2, far(H - size)], [(W - size) // 2] * 3
     return [TF.crop(video, t, l, size, size) for t, l in zip(tops, lefts)]
 
+# %% ../nbs/02_data.ipynb #fbc5d4ea
 class ClipResizedCrop:
     """RandomResizedCrop of a clip (one box for every frame, torchvision's box draw) resized to `size`
     (antialias optional)."""
@@ -578,6 +588,7 @@ class ClipResizedCrop:
         return (f'ClipResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio}, '
                 f'antialias={self.antialias})')
 
+# %% ../nbs/02_data.ipynb #fd6bae92
 def normalize_clip(video, device=None, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32) -> torch.Tensor:
     """uint8 `(..., 3, T, H, W)` -> normalised float (CLIP mean/std), moved to `device` first so the division
     runs there."""
@@ -610,6 +621,7 @@ def lr_flip_pairs(classes: Sequence[str]) -> tuple[dict, set]:
         else: pairs[i] = j
     return pairs, unpaired
 
+# %% ../nbs/02_data.ipynb #594a32f9
 @dataclass
 class FlipPolicy:
     """Horizontal flip with probability `p`: mode 'off', 'plain' or 'swap' (labels through `pairs`, `never`
@@ -830,6 +842,7 @@ class VideoClipDataset(Dataset):
         more = f'\n... and {len(d) - max_files} more' if len(d) > max_files else ''
         return f'{self.name or "dataset"}: {len(d)} file(s) skipped or missing\n' + '\n'.join(lines) + more
 
+# %% ../nbs/02_data.ipynb #25121b19
 _warned_skips = set()  # files already warned about, per process
 
 def warn_skip(skip: dict) -> bool:
@@ -878,6 +891,7 @@ def collate_clips(items: Sequence[dict]) -> dict:
         batch.update(video=None, label=empty, index=empty.clone())
     return batch
 
+# %% ../nbs/02_data.ipynb #c7b93f39
 class ClipLoader:
     """Iterate a DataLoader of clips; skips reported by any worker are recorded on the dataset
     (`skip_summary()`)."""
@@ -895,6 +909,7 @@ class ClipLoader:
             if b['video'] is None: continue
             yield b
 
+# %% ../nbs/02_data.ipynb #1fd336aa
 def build_loader(ds, batch_size: int, shuffle: bool | None = None, sampler=None, num_workers: int = 0,
                  drop_last: bool = False, pin_memory: bool = False, seed: int | None = 0,
                  persistent_workers: bool = False, prefetch_factor: int | None = None, **kw) -> ClipLoader:
@@ -1010,6 +1025,7 @@ def default_ann(dataset: str, split: str, data_root) -> Path | None:
             if (root / sub / n).is_file(): return root / sub / n
     return None
 
+# %% ../nbs/02_data.ipynb #bf534e94
 def find_ann(ann, data_root=None, param: str = 'ann_file') -> Path:
     """The file a user-given annotation path means: absolute as is; relative: the working directory, then
     `data_root`."""

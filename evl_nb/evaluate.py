@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from .core import add_context, all_gather_objects, as_dtype, dist_info, get_logger, seed_everything
 from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, default_ann, find_ann, normalize_clip,
                          pad_classes, parse_views, read_class_list, record_skipped)
-from .model import EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size, read_checkpoint
+from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
+                          read_checkpoint)
 
 # %% auto #0
 __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'predict', 'evaluate', 'format_skipped', 'save_results',
@@ -23,12 +24,15 @@ __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'predic
            'plot_confusion', 'per_class_table']
 
 # %% ../nbs/07_evaluate.ipynb #230e6b2b
-def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5, worst: int = 10) -> dict:
-    "Top-1, top-k, mean class accuracy, confusion matrix, per-class table and the worst confusions (unnamed ids: `<id i>`)."
+def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5,
+                           worst: int = 10) -> dict:
+    """Top-1, top-k, mean class accuracy, confusion matrix, per-class table and the worst confusions (unnamed
+    ids: `<id i>`)."""
     probs = torch.as_tensor(probs, dtype=torch.float32); labels = torch.as_tensor(labels, dtype=torch.long)
     N, K = probs.shape
     if labels.shape != (N,): raise ValueError(f'labels has shape {tuple(labels.shape)}, expected ({N},)')
-    classes = [f'<id {i}>' if c is None else c for i, c in enumerate(classes)] if classes is not None else [str(i) for i in range(K)]
+    if classes is None: classes = [str(i) for i in range(K)]
+    else: classes = [f'<id {i}>' if c is None else c for i, c in enumerate(classes)]
     if len(classes) != K: raise ValueError(f'{len(classes)} class names for {K} model outputs')
     if N == 0: raise ValueError('no samples were evaluated')
     pred = probs.argmax(1)
@@ -38,36 +42,44 @@ def classification_metrics(probs, labels, classes: list[str] | None = None, topk
     cm.index_put_((labels, pred), torch.ones(N, dtype=torch.long), accumulate=True)
     n_per = cm.sum(1); correct = cm.diagonal()
     present = n_per > 0
-    per_class = [dict(index=i, name=classes[i], n=int(n_per[i]), top1=(float(correct[i]) / int(n_per[i]) if n_per[i] else None))
+    per_class = [dict(index=i, name=classes[i], n=int(n_per[i]),
+                      top1=(float(correct[i]) / int(n_per[i]) if n_per[i] else None))
                  for i in range(K)]
     off = cm.clone(); off.fill_diagonal_(0)
     flat = off.flatten(); order = flat.argsort(descending=True)[:worst]
     confusions = [dict(true=classes[int(o) // K], predicted=classes[int(o) % K], count=int(flat[o]),
                        fraction=float(flat[o]) / int(n_per[int(o) // K]))
                   for o in order if flat[o] > 0]
-    return {'num_samples': N, 'top1': float((pred == labels).float().mean()), 'top5': float(topk_hit.float().mean()),
+    return {'num_samples': N, 'top1': float((pred == labels).float().mean()),
+            'top5': float(topk_hit.float().mean()),
             'mean_class_accuracy': float((correct[present].float() / n_per[present]).mean()),
-            'per_class': per_class, 'worst_confusions': confusions, 'confusion_matrix': cm.tolist(), 'classes': classes}
+            'per_class': per_class, 'worst_confusions': confusions, 'confusion_matrix': cm.tolist(),
+            'classes': classes}
 
 # %% ../nbs/07_evaluate.ipynb #5c8574af
 def load_class_list(path) -> list:
-    "Class names by model output from a JSON list, a JSON {name: index} dict (ids kept; `None` holes), a text file or a list."
+    """Class names by model output from a JSON list, a JSON {name: index} dict (ids kept; `None` holes), a
+    text file or a list."""
     if isinstance(path, (list, tuple, dict)): return read_class_list(path)
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'class list {str(path)!r} does not exist')
     return read_class_list(path)
 
+# %% ../nbs/07_evaluate.ipynb #2e97e99a
 def _norm_name(s: str) -> str: return ' '.join(str(s).replace('_', ' ').replace('"', '').split()).lower()
 
 def label_mapping(dataset_classes: list, model_classes: list) -> torch.Tensor:
-    "`m[i]` = the model output index of dataset class i, matched by name (case, quotes, '_' vs ' ' ignored); -1 for unnamed ids."
+    """`m[i]` = the model output index of dataset class i, matched by name (case, quotes, '_' vs ' ' ignored);
+    -1 for unnamed ids."""
     lookup = {}
     for j, n in enumerate(model_classes):
         if n is not None: lookup.setdefault(_norm_name(n), j)
     missing = [n for n in dataset_classes if n is not None and _norm_name(n) not in lookup]
     if missing:
-        raise ValueError(f'{len(missing)} dataset classes are not in the model class list, e.g. {missing[:5]}')
-    return torch.tensor([-1 if n is None else lookup[_norm_name(n)] for n in dataset_classes], dtype=torch.long)
+        raise ValueError(f'{len(missing)} dataset classes are not in the model class list, e.g. '
+                         f'{missing[:5]}')
+    return torch.tensor([-1 if n is None else lookup[_norm_name(n)] for n in dataset_classes],
+                        dtype=torch.long)
 
 # %% ../nbs/07_evaluate.ipynb #db2576c1
 class _Shard(torch.utils.data.Dataset):
@@ -85,8 +97,9 @@ def _autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=None, precision: str = 'fp32',
             label_map: torch.Tensor | None = None, progress: bool = False) -> dict:
-    """This rank's shard of `dataset` through `model`: {'index', 'label', 'probs' (view-averaged softmax), 'skipped'
-    (indices), 'skipped_files' (one record per skipped item: index, path, where = annotation file:line, reason)}."""
+    """This rank's shard of `dataset` through `model`: {'index', 'label', 'probs' (view-averaged softmax),
+    'skipped' (indices), 'skipped_files' (one record per skipped item: index, path, where = annotation
+    file:line, reason)}."""
     from tqdm.auto import tqdm
     rank, world = dist_info()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -98,7 +111,8 @@ def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=No
     for b in tqdm(loader, desc='eval', disable=not progress or rank != 0, leave=False):
         if record_skipped(dataset, b):
             skipped += [int(s['index']) for s in b['skipped']]
-            files += [dict(index=int(s['index']), path=s.get('path'), where=s.get('where', ''), reason=s.get('reason', ''))
+            files += [dict(index=int(s['index']), path=s.get('path'), where=s.get('where', ''),
+                           reason=s.get('reason', ''))
                       for s in b['skipped']]
         if b['video'] is None: continue
         v = b['video']
@@ -108,22 +122,29 @@ def predict(model, dataset, batch_size: int = 8, num_workers: int = 0, device=No
         with _autocast(device, precision):
             logits = model(x)
         p = logits.float().softmax(-1).view(B, V, -1).mean(1)
-        idx.append(b['index']); lab.append(b['label'] if label_map is None else label_map[b['label']]); probs.append(p.cpu())
+        idx.append(b['index'])
+        lab.append(b['label'] if label_map is None else label_map[b['label']])
+        probs.append(p.cpu())
     model.train(was_training)
     K = probs[0].shape[1] if probs else 0
     return {'index': torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long),
             'label': torch.cat(lab) if lab else torch.zeros(0, dtype=torch.long),
-            'probs': torch.cat(probs) if probs else torch.zeros(0, K), 'skipped': skipped, 'skipped_files': files}
+            'probs': torch.cat(probs) if probs else torch.zeros(0, K),
+            'skipped': skipped, 'skipped_files': files}
 
+# %% ../nbs/07_evaluate.ipynb #8c1ef2b1
 def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=None, precision: str = 'fp32',
              classes: list[str] | None = None, label_map: torch.Tensor | None = None, progress: bool = False,
              return_probs: bool = False) -> dict:
-    "Distributed multi-view evaluation; every rank gets the metrics over the whole dataset, each video counted once."
+    """Distributed multi-view evaluation; every rank gets the metrics over the whole dataset, each video
+    counted once."""
     t0 = time.time()
     part = predict(model, dataset, batch_size, num_workers, device, precision, label_map, progress)
     parts = all_gather_objects({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in part.items()})
     index = np.concatenate([p['index'] for p in parts]); order = np.argsort(index, kind='stable')
-    probs = torch.from_numpy(np.concatenate([p['probs'] for p in parts if len(p['probs'])])[order]) if len(index) else None
+    probs = None
+    if len(index):
+        probs = torch.from_numpy(np.concatenate([p['probs'] for p in parts if len(p['probs'])])[order])
     labels = torch.from_numpy(np.concatenate([p['label'] for p in parts])[order])
     skipped = sorted(i for p in parts for i in p['skipped'])
     files = sorted((f for p in parts for f in p['skipped_files']), key=lambda f: f['index'])
@@ -134,16 +155,19 @@ def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=N
         classes = pad_classes(classes, probs.shape[1])          # sparse ids: outputs past the last named id
     if classes is not None and len(classes) != probs.shape[1]: classes = None
     m = classification_metrics(probs, labels, classes)
-    m.update(num_skipped=len(skipped), skipped_indices=skipped[:100], skipped_files=files[:100], eval_seconds=time.time() - t0,
-             num_dataset=len(dataset))
-    if skipped: get_logger('evl_nb.evaluate').warning(f'{len(skipped)} validation videos could not be read and were skipped: '
-                                                      + format_skipped(files))
+    m.update(num_skipped=len(skipped), skipped_indices=skipped[:100], skipped_files=files[:100],
+             eval_seconds=time.time() - t0, num_dataset=len(dataset))
+    if skipped:
+        get_logger('evl_nb.evaluate').warning(f'{len(skipped)} validation videos could not be read and were '
+                                              'skipped: ' + format_skipped(files))
     if return_probs: m.update(probs=probs, labels=labels, indices=torch.from_numpy(index[order]))
     return m
 
+# %% ../nbs/07_evaluate.ipynb #e9667db5
 def format_skipped(files: list[dict], max_files: int = 10) -> str:
     "Skipped items named: `path (file:line): reason`, `; `-separated, at most `max_files`."
-    s = '; '.join(f"{f['path']} ({f.get('where') or 'index ' + str(f['index'])}): {f.get('reason') or '?'}" for f in files[:max_files])
+    s = '; '.join(f"{f['path']} ({f.get('where') or 'index ' + str(f['index'])}): "
+                  f"{f.get('reason') or '?'}" for f in files[:max_files])
     return s + (f'; ... and {len(files) - max_files} more' if len(files) > max_files else '')
 
 # %% ../nbs/07_evaluate.ipynb #1435be95
@@ -156,12 +180,15 @@ def save_results(metrics: dict, path) -> Path:
     tmp.replace(path)
     return path
 
+# %% ../nbs/07_evaluate.ipynb #2a344d64
 def format_report(m: dict, n_classes: int = 10, n_confusions: int = 5) -> str:
     "A short text report: headline metrics, the weakest classes, the worst confusions and the skipped files."
     lines = [f"{m['num_samples']} videos ({m.get('num_skipped', 0)} skipped): top-1 {100 * m['top1']:.2f}%  "
              f"top-5 {100 * m['top5']:.2f}%  mean class accuracy {100 * m['mean_class_accuracy']:.2f}%"]
     pc = sorted([c for c in m['per_class'] if c['top1'] is not None], key=lambda c: c['top1'])[:n_classes]
-    if pc: lines.append('weakest classes: ' + ', '.join(f"{c['name']} {100 * c['top1']:.0f}% (n={c['n']})" for c in pc))
+    if pc:
+        lines.append('weakest classes: '
+                     + ', '.join(f"{c['name']} {100 * c['top1']:.0f}% (n={c['n']})" for c in pc))
     for c in m['worst_confusions'][:n_confusions]:
         lines.append(f"  {c['true']} -> {c['predicted']}: {c['count']} ({100 * c['fraction']:.0f}%)")
     if m.get('skipped_files'): lines.append('skipped: ' + format_skipped(m['skipped_files']))
@@ -170,67 +197,83 @@ def format_report(m: dict, n_classes: int = 10, n_confusions: int = 5) -> str:
 # %% ../nbs/07_evaluate.ipynb #9b3e4e96
 def load_for_eval(checkpoint=None, preset: str | None = None, class_list=None, pretrained=None,
                   num_frames: int | None = None) -> tuple[EVL, dict]:
-    "(model, info) for evaluating `checkpoint`; info: checkpoint, classes (by output, or None), run_config, pretrained."
+    """(model, info) for evaluating `checkpoint`; info: checkpoint, classes (by output, or None), run_config,
+    pretrained."""
     ckpt = read_checkpoint(checkpoint) if checkpoint else {}
     mcfg, run_cfg = ckpt.get('model_config'), ckpt.get('config') or {}
     if mcfg: cfg = EVLConfig(**mcfg)
     elif preset: cfg = get_config(preset)
     else: raise ValueError(f'checkpoint={checkpoint!r} carries no model config: name the preset (model=...)')
     if num_frames: cfg = get_config(cfg, num_frames=num_frames)
-    classes = load_class_list(class_list) if class_list else (list(ckpt['classes']) if ckpt.get('classes') else None)
-    if classes and not mcfg and None not in classes: cfg = get_config(cfg, num_classes=len(classes))   # a release's list
+    stored = list(ckpt['classes']) if ckpt.get('classes') else None
+    classes = load_class_list(class_list) if class_list else stored
+    # a release's list
+    if classes and not mcfg and None not in classes: cfg = get_config(cfg, num_classes=len(classes))
     if classes: classes = pad_classes(classes, cfg.num_classes)
     if pretrained is None: pretrained = run_cfg.get('pretrained')
-    if pretrained is None: seed_everything(int(run_cfg.get('seed', 0)))   # the trainer's random tower, bit for bit
+    # the trainer's random tower, bit for bit
+    if pretrained is None: seed_everything(int(run_cfg.get('seed', 0)))
     model = build_evl(cfg, pretrained=pretrained)
     if checkpoint: load_checkpoint(model, checkpoint, interpolate_pos_embed=bool(num_frames))
-    return model.eval(), dict(checkpoint=str(checkpoint) if checkpoint else None, classes=classes, run_config=run_cfg,
-                              pretrained=pretrained)
+    return model.eval(), dict(checkpoint=str(checkpoint) if checkpoint else None, classes=classes,
+                              run_config=run_cfg, pretrained=pretrained)
 
 # %% ../nbs/07_evaluate.ipynb #b062a614
 def find_run_checkpoint(output_dir='runs/train') -> Path | None:
-    "The checkpoint to evaluate in a training run's folder: `best.pt`, else the newest `step_*.pt`, else None."
+    """The checkpoint to evaluate in a training run's folder: `best.pt`, else the newest `step_*.pt`, else
+    None."""
     folder = Path(output_dir) / 'checkpoints'
     if (folder / 'best.pt').is_file(): return folder / 'best.pt'
     steps = sorted(folder.glob('step_*.pt'))
     return steps[-1] if steps else None
 
+# %% ../nbs/07_evaluate.ipynb #9ad849e6
 def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1', store=None):
-    """The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in `eval_views` views;
-    `store`: a clip store to read the frames from (`evl_nb.store`)."""
+    """The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in
+    `eval_views` views; `store`: a clip store to read the frames from (`evl_nb.store`)."""
     from evl_nb.data import build_dataset
     ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else default_ann(dataset, 'val', data_root)
     if dataset != 'synthetic' and ann is None:
         raise FileNotFoundError(f'val_ann: no validation annotations found under data_root={data_root!r}')
     kw = {} if dataset == 'ssv2' else dict(sampling=None if dataset == 'synthetic' else mcfg.sampling,
                                            frame_interval=mcfg.frame_interval)
-    try: return build_dataset(dataset, 'val', data_root=data_root, ann_file=ann, num_frames=mcfg.num_frames, views=eval_views,
-                              input_size=model_input_size(mcfg), store=store, **kw)
-    except Exception as e: raise add_context(e, f'val_ann={str(ann) if ann else None!r} (data_root={data_root!r})')
+    try:
+        return build_dataset(dataset, 'val', data_root=data_root, ann_file=ann, num_frames=mcfg.num_frames,
+                             views=eval_views, input_size=model_input_size(mcfg), store=store, **kw)
+    except Exception as e:
+        raise add_context(e, f'val_ann={str(ann) if ann else None!r} (data_root={data_root!r})')
 
 # %% ../nbs/07_evaluate.ipynb #0fd3c825
-def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None, val_ann=None,
-                       model: str | None = None, pretrained=None, num_frames: int | None = None, eval_views: str = '3x1',
+def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None,
+                       val_ann=None, model: str | None = None, pretrained=None, num_frames: int | None = None,
+                       eval_views: str = '3x1',
                        precision: str = 'fp32', runs_dir='runs/train', store=None) -> dict:
     "Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info'} for `evaluate`."
     from evl_nb.model import PRESETS
-    if dataset not in DEFAULT_MODEL: raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
-    if dataset != 'synthetic' and not data_root: raise ValueError(f'data_root is required for dataset={dataset!r}')
+    if dataset not in DEFAULT_MODEL:
+        raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
+    if dataset != 'synthetic' and not data_root:
+        raise ValueError(f'data_root is required for dataset={dataset!r}')
     parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')
     if model is not None and model not in PRESETS: raise ValueError(f'model={model!r}: unknown preset')
-    if class_list is not None and not Path(class_list).is_file(): raise FileNotFoundError(f'class_list={class_list!r} does not exist')
+    if class_list is not None and not Path(class_list).is_file():
+        raise FileNotFoundError(f'class_list={class_list!r} does not exist')
     if store is not None and not (Path(store) / 'store.json').is_file():
-        raise FileNotFoundError(f'store={str(store)!r} is not a clip store (no store.json): make it with evl_nb.store.build_store')
+        raise FileNotFoundError(f'store={str(store)!r} is not a clip store (no store.json): make it with '
+                                f'evl_nb.store.build_store')
     if checkpoint is None: checkpoint = find_run_checkpoint(runs_dir)
-    if checkpoint is not None and not Path(checkpoint).is_file(): raise FileNotFoundError(f'checkpoint={str(checkpoint)!r} does not exist')
-    if checkpoint is None: get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f'checkpoint={str(checkpoint)!r} does not exist')
+    if checkpoint is None:
+        get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
     net, info = load_for_eval(checkpoint, model or DEFAULT_MODEL[dataset], class_list, pretrained, num_frames)
     if dataset == 'synthetic':
         from evl_nb.synthetic import make_synthetic_dataset
         data_root = data_root or str(Path(runs_dir) / 'synthetic')
         if not (Path(data_root) / 'synthetic.json').exists():
             n = net.config.num_classes
-            make_synthetic_dataset(data_root, num_classes=n if 2 <= n <= 12 else 10, train_per_class=1, val_per_class=4)
+            make_synthetic_dataset(data_root, num_classes=n if 2 <= n <= 12 else 10, train_per_class=1,
+                                   val_per_class=4)
     val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store)
     classes, label_map = info['classes'], None
     if classes: label_map = label_mapping(val_set.classes, classes)
@@ -243,7 +286,8 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
 
 # %% ../nbs/07_evaluate.ipynb #3cfce37e
 def plot_confusion(m: dict, title: str = 'confusion matrix (row-normalised)', max_labels: int = 40):
-    "The row-normalised confusion matrix of metrics `m` (class names on the axes up to `max_labels` classes); the figure."
+    """The row-normalised confusion matrix of metrics `m` (class names on the axes up to `max_labels`
+    classes); the figure."""
     import matplotlib.pyplot as plt
     cm, names = np.array(m['confusion_matrix']), m['classes']
     side = 0.45 * len(names)
@@ -256,11 +300,13 @@ def plot_confusion(m: dict, title: str = 'confusion matrix (row-normalised)', ma
     fig.colorbar(im); fig.tight_layout()
     return fig
 
+# %% ../nbs/07_evaluate.ipynb #0d49928f
 def per_class_table(m: dict, rows: int = 30) -> str:
     "The weakest `rows` classes (name, samples, top-1) and the worst confusions, as text."
     lines = [f"{'class':45s} {'n':>5s} {'top-1':>7s}"]
     for c in sorted([c for c in m['per_class'] if c['n']], key=lambda c: c['top1'])[:rows]:
         lines.append(f"{c['name'][:45]:45s} {c['n']:5d} {100 * c['top1']:6.1f}%")
     lines.append('\nworst confusions:')
-    lines += [f"  {c['true']} -> {c['predicted']}: {c['count']} ({100 * c['fraction']:.0f}%)" for c in m['worst_confusions'][:10]]
+    lines += [f"  {c['true']} -> {c['predicted']}: {c['count']} "
+              f"({100 * c['fraction']:.0f}%)" for c in m['worst_confusions'][:10]]
     return '\n'.join(lines)
