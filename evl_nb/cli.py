@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .core import get_logger
+from .core import dist_info, get_logger
 from .video import VIDEO_EXTS, reencode_video, reencode_videos, scan_videos
 from .store import build_store
 from .data import VideoClipDataset
 from .model import PRESETS, get_config
 from .train import (LAUNCH_OPTIONS, Option, TrainConfig, build_parser as train_parser, cli_args, job_config,
                           job_data, run, run_job)
-from .evaluate import (dist_info, evaluate, format_report, load_for_eval, per_class_table, predict,
-                             prepare_evaluation, save_results)
+from .evaluate import (evaluate, format_report, load_for_eval, per_class_table, predict, prepare_evaluation,
+                             save_results)
 
 _log = get_logger('evl_nb.cli')
 
