@@ -13,7 +13,7 @@ requirements = [
 ]
 dev_requirements = [
     'nbdev==2.4.14', 'fastcore==1.14.5', 'execnb==0.1.18', 'ghapi==1.1.1',
-    'pytest>=7', 'ipykernel>=6', 'jupyterlab>=4', 'playwright>=1.40',
+    'pytest>=7', 'ipykernel>=6', 'jupyterlab>=4', 'playwright>=1.40', 'submitit>=1.5',
 ]
 
 setup(
