@@ -20,6 +20,7 @@ from .core import (add_context, all_gather_objects, all_reduce_sum, as_dtype, at
 from .data import (ANN_NAMES, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, default_ann, find_ann,
                          normalize_clip, parse_views, random_clips, record_skipped)
 from .evaluate import evaluate, format_report, save_results
+from .features import DecoderHead, FeatureCache, cache_features, collate_features, evaluate_features, unpack_features
 from .model import EVL, PRESETS, build_evl, get_config, model_input_size
 
 _log = get_logger('evl_nb.train')
@@ -30,9 +31,9 @@ __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'MET
            'PositionSeeded', 'list_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'rng_state', 'set_rng_state',
            'read_train_checkpoint', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'build_model', 'check_data',
            'check_classes', 'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader',
-           'save_checkpoint', 'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'train',
-           'run', 'build_parser', 'main', 'cli_args', 'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job',
-           'plot_metrics']
+           'save_checkpoint', 'cache_run_features', 'forward_backward', 'train_step', 'log_step', 'evaluate_run',
+           'run_summary', 'train', 'run', 'build_parser', 'main', 'cli_args', 'torchrun_command', 'launch',
+           'job_config', 'job_data', 'run_job', 'plot_metrics']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -88,6 +89,8 @@ class TrainConfig:
                              factory=dict)
     model_overrides: dict = option(help='EVLConfig fields to override (decoder_num_layers, ...)', factory=dict)
     in_memory: bool = option(False, 'decode every clip once and train from memory (small datasets: the synthetic demo)')
+    cache_features: int = option(0, 'K > 0: train the decoder on cached backbone features of K augmented views per clip '
+                                    '(eval views cached too; exact: the tower is frozen; memory: see 06a_features)')
     stop_at_step: int | None = option(None, 'stop (as if killed) after this step: for tests and time-boxed jobs')
     progress: bool = option(True, 'show progress bars')
 
@@ -106,7 +109,7 @@ class TrainConfig:
         c.betas = tuple(c.betas)
         for k in ('batch_size', 'accum_steps', 'max_steps'):
             if not isinstance(getattr(c, k), int) or getattr(c, k) < 1: raise ValueError(f'{k}={getattr(c, k)!r}: must be a positive integer')
-        for k in ('warmup_steps', 'eval_every', 'num_workers', 'ckpt_every'):
+        for k in ('warmup_steps', 'eval_every', 'num_workers', 'ckpt_every', 'cache_features'):
             if not isinstance(getattr(c, k), int) or getattr(c, k) < 0: raise ValueError(f'{k}={getattr(c, k)!r}: must be an integer >= 0')
         if c.keep_last < 1: raise ValueError(f'keep_last={c.keep_last}: keep at least one checkpoint')
         if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
@@ -472,11 +475,11 @@ def resume_run(run: RunState) -> Path | None:
     return path
 
 def start_run(run: RunState) -> RunState:
-    "Wrap the model in DDP (world > 1) and open the metrics log, dropping rows after the resumed step."
-    run.ddp = run.model
+    "Wrap the model (`DecoderHead` with `cache_features`) in DDP (world > 1); open the metrics log from the resumed step."
+    run.ddp = DecoderHead(run.model) if run.cfg.cache_features else run.model    # cached features: decoder + head only
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        run.ddp = DDP(run.model, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+        run.ddp = DDP(run.ddp, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
     if run.rank == 0:
         run.metrics = MetricsLog(run.out / 'metrics.csv', tensorboard=True)
         run.metrics.truncate(run.start_step)
@@ -488,9 +491,11 @@ def train_loader(run: RunState, train_set) -> DataLoader:
     cfg = run.cfg
     run.sampler = StepSampler(len(train_set), run.micro_batch * cfg.accum_steps, cfg.max_steps, run.start_step,
                               run.rank, run.world, cfg.seed)
-    workers = 0 if isinstance(train_set, TensorClips) else cfg.num_workers     # in-memory clips need no loader processes
+    in_memory = isinstance(train_set, (TensorClips, FeatureCache))      # clips or features: no loader processes
+    workers = 0 if in_memory else cfg.num_workers
     return DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=run.micro_batch, sampler=run.sampler,
-                      num_workers=workers, collate_fn=collate_clips, pin_memory=run.device.type == 'cuda',
+                      num_workers=workers, pin_memory=run.device.type == 'cuda',
+                      collate_fn=collate_features if isinstance(train_set, FeatureCache) else collate_clips,
                       generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
                       **({'prefetch_factor': 4} if workers else {}))
 
@@ -506,10 +511,31 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     if path is None: prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
     return p
 
+# %% ../nbs/06_train.ipynb #fc0a1b02
+def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
+    "(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views once."
+    cfg, n = run.cfg, len(train_set)
+    seeded = PositionSeeded(train_set, cfg.seed)
+    kw = dict(batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device, precision=cfg.precision,
+              progress=cfg.progress and run.rank == 0)
+    tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
+                        desc='cache train', **kw)
+    va = cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
+    return tr, va
+
 # %% ../nbs/06_train.ipynb #a9450b59
 def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tensor, bool, int]:
     "One micro-batch: (its loss, whether it is finite, clips in it); the gradient is added, all-reduced if `sync`."
-    x, y = batch['video'], batch['label'].to(run.device)
+    y = batch['label'].to(run.device)
+    if 'feats' in batch:                    # cache_features: the block features of the views, no backbone pass
+        feats = unpack_features(batch['feats'], run.model.backbone.heads, run.device)
+        with run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext():
+            with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+                logits = run.ddp(feats)
+            loss = F.cross_entropy(logits.float(), y)
+            run.scaler.scale(loss / run.cfg.accum_steps).backward()
+        return loss.detach(), bool(torch.isfinite(loss)), len(y)
+    x = batch['video']
     empty = x is None                       # every clip unreadable: a zero clip keeps this rank in the all-reduce
     if empty:
         x = torch.zeros(1, 3, run.model.config.num_frames, *2 * [model_input_size(run.model.config)], dtype=torch.uint8)
@@ -563,9 +589,13 @@ def evaluate_run(run: RunState, val_set) -> dict | None:
     "Evaluate on `val_set` (all ranks), log a `val` row, and save `best.pt` on a new best top-1."
     if val_set is None: return None
     cfg = run.cfg
-    m = evaluate(run.model, val_set, batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device,
-                 num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4), precision=cfg.precision,
-                 classes=run.classes or None, progress=cfg.progress)
+    if isinstance(val_set, FeatureCache):
+        m = evaluate_features(run.model, val_set, cfg.eval_batch_size or run.micro_batch, run.device, cfg.precision,
+                              run.classes or None)
+    else:
+        m = evaluate(run.model, val_set, batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device,
+                     num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4),
+                     precision=cfg.precision, classes=run.classes or None, progress=cfg.progress)
     if run.rank == 0:
         run.metrics.log(kind='val', step=run.step, top1=m['top1'], top5=m['top5'], mean_class_accuracy=m['mean_class_accuracy'],
                         num_samples=m['num_samples'], elapsed_s=time.time() - run.t_start); run.metrics.flush()
@@ -624,6 +654,7 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
     if done is not None: return done
     run = setup_run(cfg, train_set, model)
     resume_run(run); start_run(run)
+    if cfg.cache_features: train_set, val_set = cache_run_features(run, train_set, val_set)
     batches = iter(train_loader(run, train_set))
     end_step = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
     from tqdm.auto import tqdm
@@ -675,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m evl_nb.train', description='Train and evaluate EVL (one process, or many under torchrun).')
     types = {'num_frames': int, 'num_classes': int, 'batch_size': int, 'accum_steps': int, 'lr': float, 'weight_decay': float,
              'max_steps': int, 'warmup_steps': int, 'num_workers': int, 'eval_every': int, 'eval_batch_size': int,
-             'ckpt_every': int, 'keep_last': int, 'log_every': int, 'seed': int, 'stop_at_step': int}
+             'ckpt_every': int, 'keep_last': int, 'log_every': int, 'seed': int, 'stop_at_step': int,
+             'cache_features': int}
     for f in fields(TrainConfig):
         flag, h = '--' + f.name.replace('_', '-'), TRAIN_OPTIONS[f.name].help
         if f.name in ('train_aug', 'model_overrides'):
@@ -761,6 +793,7 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
         for k in ('batch_size', 'max_steps', 'lr', 'warmup_steps'):
             if params.get(k) is None: params[k] = DEMO_TRAIN[k]
         params.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
+        params.setdefault('cache_features', DEMO_TRAIN.get('cache_features', 0))
         if params.get('model') in (None, 'evl-tiny'): params['model_overrides'] = dict(DEMO_MODEL)
     return TrainConfig(**params).resolve()
 

@@ -1,0 +1,61 @@
+"cache_features=K: cached block features give the clip's logits; the trainer trains and evaluates on them."
+import torch
+
+from evl_nb.data import TensorClips, normalize_clip, random_clips
+from evl_nb.features import (DecoderHead, cache_features, collate_features, evaluate_features, feature_bytes_per_view,
+                             unpack_features)
+from evl_nb.evaluate import evaluate
+from evl_nb.model import build_evl
+from evl_nb.train import PositionSeeded, TrainConfig, train
+
+
+def _clips(n=6, train=True, views=1):
+    v, l = random_clips(n, num_classes=4, T=8, size=128, seed=1)
+    return TensorClips(v, l, crop=112, train=train, views=views)
+
+
+def test_cached_logits_equal_clip_logits():
+    torch.manual_seed(0)
+    m = build_evl('evl-tiny', num_classes=4).eval()
+    for p in m.decoder.parameters(): p.data.normal_(0, 0.2)     # a decoder that uses every input (trained-like)
+    ds = _clips(); seeded = PositionSeeded(ds, seed=5); n = len(ds)
+    fc = cache_features(m, ds, views=3, draw=lambda v, i: seeded[(v * n + i, i)], batch_size=4)
+    assert len(fc) == 18 and fc.nbytes == 18 * feature_bytes_per_view(m)
+    keys = [(v * n + i, i) for v in range(3) for i in range(n)]
+    x = normalize_clip(torch.stack([seeded[k]['video'] for k in keys]))
+    with torch.no_grad():
+        direct = m(x)
+        cached = DecoderHead(m)(unpack_features(collate_features([fc[j] for j in range(18)])['feats'], fc.heads))
+    assert torch.allclose(cached, direct, atol=1e-5, rtol=1e-5), (cached - direct).abs().max()
+    assert (direct[:n] - direct[n:2 * n]).abs().max() > 1e-3         # the views differ
+
+
+def test_cache_without_tca_stores_out_only():
+    m = build_evl('evl-tiny', num_classes=4, enable_temporal_cross_attention=False).eval()
+    fc = cache_features(m, _clips(train=False), batch_size=4)
+    assert fc.layers[0].shape[1] == 1 and fc.nbytes == 6 * feature_bytes_per_view(m) == 6 * 409_600
+
+
+def test_evaluate_features_matches_evaluate():
+    m = build_evl('evl-tiny', num_classes=4).eval()
+    for p in m.decoder.parameters(): p.data.normal_(0, 0.2)
+    val = _clips(train=False, views=2)
+    a, b = evaluate_features(m, cache_features(m, val, batch_size=4)), evaluate(m, val, batch_size=4)
+    assert a['num_samples'] == b['num_samples'] == 6 and a['top1'] == b['top1']
+    assert a['per_class'] == b['per_class']
+
+
+def test_train_with_cache_features(tmp_path):
+    cfg = TrainConfig(model='evl-tiny', num_classes=4, batch_size=4, max_steps=4, lr=1e-3, output_dir=str(tmp_path),
+                      progress=False, ckpt_every=0, resume=False, cache_features=2, seed=3)
+    s = train(cfg, _clips(8), _clips(8, train=False))
+    assert s['steps'] == 4 and s['val']['num_samples'] == 8
+    ck = torch.load(tmp_path / 'checkpoints' / 'step_0000004.pt', weights_only=True)
+    assert not any(k.startswith('backbone.') for k in ck['model'])
+    assert ck['config']['cache_features'] == 2
+
+
+def test_cache_features_option_checked():
+    import pytest
+    with pytest.raises(ValueError, match='cache_features'):
+        TrainConfig(cache_features=-1).resolve()
