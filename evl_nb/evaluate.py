@@ -21,7 +21,7 @@ from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, mode
 # %% auto #0
 __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'predict', 'evaluate', 'format_skipped', 'save_results',
            'format_report', 'load_for_eval', 'find_run_checkpoint', 'eval_dataset', 'prepare_evaluation',
-           'plot_confusion', 'per_class_table']
+           'most_confused_classes', 'save_figure', 'plot_confusion', 'plot_per_class', 'per_class_table']
 
 # %% ../nbs/07_evaluate.ipynb #230e6b2b
 def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5,
@@ -284,20 +284,67 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
     return dict(model=net, val_set=val_set, classes=classes, label_map=label_map,
                 checkpoint=str(checkpoint) if checkpoint else None, info=info)
 
+# %% ../nbs/07_evaluate.ipynb #c5782a91
+def most_confused_classes(cm, n: int = 40) -> list[int]:
+    """Indices of the `n` classes with the most errors in confusion matrix `cm` (its off-diagonal row sum,
+    errors on the class, plus its column sum, errors into it), most confused first (ties: lower index)."""
+    cm = np.asarray(cm); off = cm - np.diag(np.diag(cm))
+    score = off.sum(0) + off.sum(1)
+    return [int(i) for i in np.argsort(-score, kind='stable')[:n]]
+
+# %% ../nbs/07_evaluate.ipynb #8df4f57c
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    "Write matplotlib figure `fig` to `path` (PNG unless the suffix says otherwise; folders made); the path."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches='tight')
+    return path
+
 # %% ../nbs/07_evaluate.ipynb #3cfce37e
-def plot_confusion(m: dict, title: str = 'confusion matrix (row-normalised)', max_labels: int = 40):
-    """The row-normalised confusion matrix of metrics `m` (class names on the axes up to `max_labels`
-    classes); the figure."""
+def plot_confusion(m: dict, title: str = 'confusion matrix (row-normalised)', max_labels: int = 40,
+                   path=None):
+    """The row-normalised confusion matrix of metrics `m`, class names on the axes; with more than
+    `max_labels` classes only the rows and columns of the `max_labels` most confused ones
+    (`most_confused_classes`).
+    Written to `path` when given (`save_figure`); the figure."""
     import matplotlib.pyplot as plt
-    cm, names = np.array(m['confusion_matrix']), m['classes']
-    side = 0.45 * len(names)
-    fig, ax = plt.subplots(figsize=(side + 3, side + 2.5) if len(names) <= max_labels else (9, 8))
-    im = ax.imshow(cm / np.maximum(cm.sum(1, keepdims=True), 1), cmap='Blues', vmin=0, vmax=1)
-    if len(names) <= max_labels:
-        ax.set_xticks(range(len(names))); ax.set_xticklabels(names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names))); ax.set_yticklabels(names, fontsize=7)
-    ax.set_xlabel('predicted'); ax.set_ylabel('true'); ax.set_title(title)
-    fig.colorbar(im); fig.tight_layout()
+    cm, names = np.array(m['confusion_matrix']), list(m['classes'])
+    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)        # of the true class's samples, all counted
+    if len(names) > max_labels:
+        keep = most_confused_classes(cm, max_labels)
+        frac, cm, names = frac[np.ix_(keep, keep)], cm[np.ix_(keep, keep)], [names[i] for i in keep]
+        title = f'{title}\nthe {max_labels} most confused of {len(m["classes"])} classes'
+    side = 2.5 + 0.3 * len(names)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side + 0.5))
+    im = ax.imshow(frac, cmap='Blues', vmin=0, vmax=1)
+    ax.set_xticks(range(len(names))); ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names))); ax.set_yticklabels(names, fontsize=7)
+    if len(names) <= 20:                                        # counts in the cells while they fit
+        for (i, j), c in np.ndenumerate(cm):
+            if c: ax.text(j, i, str(c), ha='center', va='center', fontsize=7,
+                          color='white' if frac[i, j] > .5 else 'black')
+    ax.set_xlabel('predicted'); ax.set_ylabel('true'); ax.set_title(title, fontsize=9)
+    fig.colorbar(im, fraction=0.046, pad=0.04, label='fraction of the true class'); fig.tight_layout()
+    if path is not None: save_figure(fig, path)
+    return fig
+
+# %% ../nbs/07_evaluate.ipynb #9b6d223c
+def plot_per_class(m: dict, title: str = 'per-class top-1', max_bars: int = 40, path=None):
+    """Top-1 accuracy of every class of metrics `m` that has samples, weakest at the top, with the mean class
+    accuracy; with more than `max_bars` such classes only the weakest `max_bars`. Written to `path` when
+    given (`save_figure`); the figure."""
+    import matplotlib.pyplot as plt
+    rows = sorted([c for c in m['per_class'] if c['n']], key=lambda c: (c['top1'], c['index']))
+    if not rows: raise ValueError('plot_per_class: no class has samples')
+    if len(rows) > max_bars: title = f'{title}: the {max_bars} weakest of {len(rows)} classes'
+    rows = rows[:max_bars]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.25 * len(rows)))
+    ax.barh(range(len(rows)), [100 * c['top1'] for c in rows], color='tab:blue')
+    ax.set_yticks(range(len(rows))); ax.set_yticklabels([f"{c['name']} ({c['n']})" for c in rows], fontsize=7)
+    ax.axvline(100 * m['mean_class_accuracy'], color='tab:red', ls='--',
+               label=f"mean class accuracy {100 * m['mean_class_accuracy']:.1f}%")
+    ax.invert_yaxis(); ax.set_xlim(0, 100); ax.set_xlabel('top-1 (%)'); ax.set_ylabel('class (samples)')
+    ax.set_title(title, fontsize=9); ax.legend(fontsize=7, loc='lower right'); fig.tight_layout()
+    if path is not None: save_figure(fig, path)
     return fig
 
 # %% ../nbs/07_evaluate.ipynb #0d49928f

@@ -100,3 +100,49 @@ def test_skipped_files_are_named_in_the_summaries(tmp_path):
     (rec,) = s['train_skipped_files']
     assert rec['path'] == str(bad_train) and rec['where'] == f'{train_csv}:2' and rec['count'] == s['train_skipped']
     assert s['val']['skipped_files'][0]['where'] == f'{val_csv}:3'
+
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _metrics_with_known_confusions(K=60):
+    "K classes, 2 clips each, all right except: class 5 -> 11 (both clips), class 20 -> 11 (one), class 33 -> 2 (one)."
+    labels = torch.arange(K).repeat(2)
+    pred = labels.clone()
+    pred[5] = pred[5 + K] = 11; pred[20] = 11; pred[33] = 2
+    return classification_metrics(F.one_hot(pred, K).float(), labels)
+
+
+def test_plot_confusion_of_many_classes_keeps_the_most_confused(tmp_path):
+    "Over max_labels classes the matrix keeps the rows/cols of the classes in errors, the worst first; the PNG is written."
+    matplotlib = pytest.importorskip('matplotlib'); matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from evl_nb.evaluate import plot_confusion
+    m = _metrics_with_known_confusions()
+    fig = plot_confusion(m, max_labels=6, path=tmp_path / 'out' / 'confusion_matrix.png')
+    ax = fig.axes[0]
+    # errors on/into: 11: 3, 5: 2, 2: 1, 20: 1, 33: 1, then the rest (0 errors) by index: 0
+    assert [t.get_text() for t in ax.get_yticklabels()] == ['11', '5', '2', '20', '33', '0']
+    assert [t.get_text() for t in ax.get_xticklabels()] == ['11', '5', '2', '20', '33', '0']
+    assert ax.get_xlabel() == 'predicted' and ax.get_ylabel() == 'true' and '6 most confused of 60' in ax.get_title()
+    row5 = ax.images[0].get_array()[1].tolist()               # class 5: both clips predicted 11
+    assert row5 == [1, 0, 0, 0, 0, 0]
+    assert (tmp_path / 'out' / 'confusion_matrix.png').read_bytes()[:8] == PNG_MAGIC
+    plt.close(fig)
+    fig = plot_confusion(m)                                     # default: 40 of the 60
+    assert len(fig.axes[0].get_yticklabels()) == 40
+    plt.close(fig)
+
+
+def test_plot_per_class_weakest_first(tmp_path):
+    matplotlib = pytest.importorskip('matplotlib'); matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from evl_nb.evaluate import plot_per_class
+    m = _metrics_with_known_confusions()
+    fig = plot_per_class(m, max_bars=4, path=tmp_path / 'per_class_accuracy.png')
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ['5 (2)', '20 (2)', '33 (2)', '0 (2)']
+    assert [p.get_width() for p in ax.patches] == [0, 50, 50, 100]
+    assert ax.get_xlabel() == 'top-1 (%)' and '4 weakest of 60' in ax.get_title()
+    assert (tmp_path / 'per_class_accuracy.png').read_bytes()[:8] == PNG_MAGIC
+    plt.close(fig)
