@@ -824,18 +824,26 @@ def run_job(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0,
     if summary: echo(json.dumps({k: v for k, v in summary.items() if k != 'config'}, indent=1, default=str))
     return summary
 
-def plot_metrics(output_dir):
-    "Training loss (and its 10-step mean) and validation top-1/top-5 from `output_dir/metrics.csv`; the figure."
+# %% ../nbs/06_train.ipynb #9b61e610
+def plot_metrics(output_dir, path=None):
+    """Training loss (and its 10-step mean), learning rate and validation top-1/top-5 from
+    `output_dir/metrics.csv`; written to `path` when given (`evl_nb.evaluate.save_figure`); the figure."""
     import matplotlib.pyplot as plt
+    from evl_nb.evaluate import save_figure
     rows = read_metrics(Path(output_dir) / 'metrics.csv')
     tr = [r for r in rows if r['kind'] == 'train']; va = [r for r in rows if r['kind'] == 'val']
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.5))
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
     steps = np.array([r['step'] for r in tr]); loss = np.array([r['loss'] for r in tr])
     ax[0].plot(steps, loss, alpha=.3, label='loss')
     if len(loss) >= 10: ax[0].plot(steps[9:], np.convolve(loss, np.ones(10) / 10, 'valid'), label='loss (10-step mean)')
     ax[0].set_xlabel('step'); ax[0].set_title('training loss'); ax[0].legend()
-    ax[1].plot([r['step'] for r in va], [100 * r['top1'] for r in va], 'o-', label='top-1')
-    ax[1].plot([r['step'] for r in va], [100 * r['top5'] for r in va], 's--', label='top-5')
-    ax[1].set_xlabel('step'); ax[1].set_ylabel('%'); ax[1].set_title('validation'); ax[1].legend()
+    lr = [(r['step'], r['lr']) for r in tr if r.get('lr') is not None]
+    ax[1].plot([s for s, _ in lr], [v for _, v in lr], color='tab:green')
+    ax[1].set_xlabel('step'); ax[1].set_ylabel('lr'); ax[1].set_title('learning rate')
+    ax[1].ticklabel_format(axis='y', style='sci', scilimits=(-2, 2))
+    ax[2].plot([r['step'] for r in va], [100 * r['top1'] for r in va], 'o-', label='top-1')
+    ax[2].plot([r['step'] for r in va], [100 * r['top5'] for r in va], 's--', label='top-5')
+    ax[2].set_xlabel('step'); ax[2].set_ylabel('%'); ax[2].set_title('validation'); ax[2].legend()
     fig.tight_layout()
+    if path is not None: save_figure(fig, path)
     return fig
