@@ -17,8 +17,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.patches import Rectangle
 
 from .core import get_logger
-from .model import EVL, temporal_attention
-from .data import CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, resize_short, uniform_indices
+from .model import EVL, temporal_maps
+from .data import (CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, read_class_list, resize_short,
+                         uniform_indices)
 
 # %% auto #0
 __all__ = ['KINDS', 'MIN_COVER', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'even_indices', 'prepare_clip', 'prepare_masks',
@@ -85,19 +86,15 @@ def read_video_clip(path, num_frames: int) -> np.ndarray:
 
 # %% ../nbs/08_attention.ipynb #3fe8c9c9
 def load_class_names(class_names, num_classes: int | None = None) -> list[str] | None:
-    "Class names from a list, a JSON list, or a text file with one name per line; checked against `num_classes`."
+    """Class names by model output, read as every class list is (`evl_nb.data.read_class_list`: a list, a JSON list
+    or `{name: index}` dict, a text file); unnamed ids shown as `<id i>`; checked against `num_classes`."""
     if class_names is None: return None
     src = 'class_names'
     if isinstance(class_names, (str, Path)):
-        p, src = Path(class_names).expanduser(), f'class_names file {str(class_names)!r}'
-        if not p.is_file(): raise FileNotFoundError(f'{src}: no such file')
-        text = p.read_text()
-        if p.suffix == '.json':
-            obj = json.loads(text)
-            if isinstance(obj, dict): obj = [k for k, _ in sorted(obj.items(), key=lambda kv: int(kv[1]))]
-            names = [str(n) for n in obj]
-        else: names = [l.strip() for l in text.splitlines() if l.strip()]
-    else: names = [str(n) for n in class_names]
+        class_names, src = Path(class_names).expanduser(), f'class_names file {str(class_names)!r}'
+        if not class_names.is_file(): raise FileNotFoundError(f'{src}: no such file')
+    elif not isinstance(class_names, dict): class_names = [str(n) for n in class_names]
+    names = [f'<id {i}>' if n is None else n for i, n in enumerate(read_class_list(class_names))]
     if num_classes is not None and len(names) != num_classes:
         raise ValueError(f'{src}: {len(names)} names but the model has {num_classes} classes')
     return names
@@ -241,11 +238,7 @@ def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_
     for i, a in enumerate(r['decoder_attn']):
         a = a[0, :, 0].float().reshape(-1, T, L)                     # heads, T, L (cls first in each frame)
         qcls.append(a[..., 0]); query.append(a[..., 1:].reshape(-1, T, h, w))
-        q, k = r['block_q'][i], r['block_k'][i]
-        if hasattr(model.decoder, 'cross_attention'): A_prev, A_next = model.decoder.cross_attention[i].maps(q, k)
-        else:
-            q, k = q[:, :, 1:], k[:, :, 1:]
-            A_prev, A_next = temporal_attention(q[:, 1:], k[:, :-1]), temporal_attention(q[:, :-1], k[:, 1:])
+        A_prev, A_next = temporal_maps(r['block_q'][i], r['block_k'][i])     # what TCA weighs (model chapter)
         prev.append(A_prev[0]); nxt.append(A_next[0])
         if r['tca_out']: mag.append(r['tca_out'][i][0, :, 1:].float().norm(dim=-1).reshape(T, h, w))
     np_ = lambda xs: torch.stack(xs).cpu().numpy().astype(np.float32)

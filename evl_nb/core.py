@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger', 'dist_info', 'all_gather_objects',
-           'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context']
+           'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context', 'default_synthetic_root']
 
 # %% ../nbs/00_core.ipynb #07c2a288
 _PKG_ROOT = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd().resolve().parent
@@ -119,3 +119,9 @@ def add_context(err: BaseException, context: str) -> BaseException:
         err.args = (f'{context}: {err}',)
     else: err.add_note(context)
     return err
+
+# %% ../nbs/00_core.ipynb #a9eb0a1c
+def default_synthetic_root() -> Path:
+    "Where the default synthetic dataset lives: `$EVL_NB_DATA/synthetic`, else `~/.cache/evl_nb/synthetic`."
+    base = os.environ.get('EVL_NB_DATA')
+    return Path(base).expanduser() / 'synthetic' if base else Path.home() / '.cache' / 'evl_nb' / 'synthetic'

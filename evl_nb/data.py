@@ -17,7 +17,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .core import atomic_save, find_fixture, get_logger
+from .core import atomic_save, default_synthetic_root, find_fixture, get_logger
 from .video import (VIDEO_EXTS, VideoError, VideoInfo, check_video, decord_reader, error_class,
                           load_manifest, read_clip)
 from .store import ClipStore
@@ -950,9 +950,7 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
     # fail early
     resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)
     if dataset == 'synthetic':
-        if data_root is None:
-            from evl_nb.synthetic import default_synthetic_root
-            data_root = default_synthetic_root()
+        if data_root is None: data_root = default_synthetic_root()
         meta_file = Path(data_root) / 'synthetic.json'
         if not meta_file.exists():
             raise FileNotFoundError(f'{meta_file} not found: make it with '

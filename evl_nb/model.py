@@ -17,10 +17,10 @@ from .backbone import (BlockFeatures, CLIPBackbone, build_backbone, check_keys_f
 from .core import get_logger
 
 # %% auto #0
-__all__ = ['CrossAttention', 'TINY_TOWER', 'PRESETS', 'relative_offset_index', 'temporal_attention', 'TemporalCrossAttention',
-           'tca_gather', 'DecoderAttention', 'QuickGELU', 'MLP', 'DecoderLayer', 'EVLConfig', 'get_config',
-           'model_input_size', 'TemporalConv', 'EVLDecoder', 'EVL', 'build_evl', 'reference_model', 'read_checkpoint',
-           'evl_state_dict', 'load_checkpoint', 'official_formulation']
+__all__ = ['CrossAttention', 'TINY_TOWER', 'PRESETS', 'relative_offset_index', 'temporal_attention', 'temporal_maps',
+           'TemporalCrossAttention', 'tca_gather', 'DecoderAttention', 'QuickGELU', 'MLP', 'DecoderLayer', 'EVLConfig',
+           'get_config', 'model_input_size', 'TemporalConv', 'EVLDecoder', 'EVL', 'build_evl', 'reference_model',
+           'read_checkpoint', 'evl_state_dict', 'load_checkpoint', 'official_formulation']
 
 # %% ../nbs/05_model.ipynb #f63b8b81
 def relative_offset_index(h: int, w: int) -> torch.Tensor:
@@ -35,6 +35,14 @@ def temporal_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     attn = torch.einsum('...phd,...rhd->...hpr', q.float() / math.sqrt(q.shape[-1]), k.float())
     return attn.softmax(-1).mean(-3)
 
+# %% ../nbs/05_model.ipynb #2e350d21
+def temporal_maps(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The temporal maps `A(t <- t-1)` and `A(t <- t+1)`, each (B, T-1, hw, hw), from a block's q, k of
+    (B, T, L, heads, d) (the class token, first of the L, left out): what TCA weighs, what the viewer
+    shows."""
+    q, k = q[:, :, 1:], k[:, :, 1:]
+    return temporal_attention(q[:, 1:], k[:, :-1]), temporal_attention(q[:, :-1], k[:, 1:])
+
 # %% ../nbs/05_model.ipynb #df942289
 class TemporalCrossAttention(nn.Module):
     "TCA of one decoder layer: parameters `w1` (from frame t-1) and `w2` (from frame t+1), ((2h-1)(2w-1), C)."
@@ -47,8 +55,7 @@ class TemporalCrossAttention(nn.Module):
 
     def maps(self, q, k):
         "The maps `A(t <- t-1)` and `A(t <- t+1)`, each (B, T-1, hw, hw), from q, k of (B, T, L, heads, d)."
-        q, k = q[:, :, 1:], k[:, :, 1:]
-        return temporal_attention(q[:, 1:], k[:, :-1]), temporal_attention(q[:, :-1], k[:, 1:])
+        return temporal_maps(q, k)
 
     def offsets(self, A):
         "Sum attention probabilities into relative offsets: (..., hw, hw) -> (..., hw, (2h-1)(2w-1))."

@@ -11,17 +11,18 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .core import get_logger
+from .core import default_synthetic_root, get_logger
 
 # %% auto #0
 __all__ = ['SYNTHETIC_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'OBJECTS_FILE', 'render_clip_tracked', 'render_clip', 'object_masks',
-           'write_video', 'SyntheticData', 'default_synthetic_root', 'make_synthetic_dataset', 'load_object_tracks',
+           'write_video', 'SyntheticData', 'make_synthetic_dataset', 'ensure_synthetic', 'load_object_tracks',
            'object_track_for']
 
 # %% ../nbs/03_synthetic.ipynb #83c551d3
 _log = get_logger('evl_nb.synthetic')
 
-# (class name, SSv2-style template, motion kind, direction); consecutive entries are time reversals of each other
+# (class name, SSv2-style template, motion kind, direction); consecutive entries are time reversals of each
+# other
 SYNTHETIC_CLASSES = [
     ('Moving something from left to right', 'Moving [something] from left to right', 'move', (1, 0)),
     ('Moving something from right to left', 'Moving [something] from right to left', 'move', (-1, 0)),
@@ -46,7 +47,8 @@ SYNTHETIC_FLIP_PAIRS = {'Moving something from left to right': 'Moving something
 _COLOR_WORDS = ['red', 'green', 'blue', 'yellow', 'purple', 'orange', 'white', 'black']
 
 def _shape_mask(kind, xx, yy, cx, cy, a, b, ang):
-    "Boolean mask of a shape with half-sizes a (long), b centred at (cx, cy), rotated by `ang` (clockwise on screen)."
+    """Boolean mask of a shape with half-sizes a (long), b centred at (cx, cy), rotated by `ang` (clockwise on
+    screen)."""
     c, s = math.cos(ang), math.sin(ang)
     u = (xx - cx) * c + (yy - cy) * s
     v = -(xx - cx) * s + (yy - cy) * c
@@ -90,7 +92,8 @@ def render_clip_tracked(label: int, num_frames: int = 32, height: int = 128, wid
         if dx: cx = path if dx > 0 else path[::-1].copy()
         else: cy = path if dy > 0 else path[::-1].copy()
     elif motion == 'rotate':
-        ang = ang0 + rng.uniform(math.radians(60), math.radians(150)) * t     # clockwise on screen (y points down)
+        # clockwise on screen (y points down)
+        ang = ang0 + rng.uniform(math.radians(60), math.radians(150)) * t
         if direction < 0: ang = ang[::-1].copy()
     elif motion == 'scale':
         s0, s1 = rng.uniform(0.45, 0.6), rng.uniform(1.1, 1.4)
@@ -111,30 +114,38 @@ def render_clip_tracked(label: int, num_frames: int = 32, height: int = 128, wid
         boxes.append(_box(shape) if alpha[i] > 0 else None)
     desc = f'a {_COLOR_WORDS[cidx]} {kind}'
     track = dict(shape=kind, height=H, width=W, frames=T, box=boxes, visibility=[float(v) for v in alpha],
-                 geometry=dict(cx=cx.tolist(), cy=cy.tolist(), a=(a * scale).tolist(), b=(b * scale).tolist(), angle=ang.tolist()))
+                 geometry=dict(cx=cx.tolist(), cy=cy.tolist(), a=(a * scale).tolist(), b=(b * scale).tolist(),
+                               angle=ang.tolist()))
     return frames, desc, track
 
+# %% ../nbs/03_synthetic.ipynb #21f250dc
 def _box(mask: np.ndarray) -> list[int] | None:
     "[x0, y0, x1, y1] (pixels, ends exclusive) of a boolean mask; None when it is empty."
     ys, xs = np.nonzero(mask.any(1)), np.nonzero(mask.any(0))
     if not len(ys[0]): return None
     return [int(xs[0][0]), int(ys[0][0]), int(xs[0][-1]) + 1, int(ys[0][-1]) + 1]
 
-def render_clip(label: int, num_frames: int = 32, height: int = 128, width: int = 160, rng=None) -> tuple[np.ndarray, str]:
-    "A clip of class `label` as uint8 `(T, H, W, 3)`, and a short description of the object (the SSv2 placeholder)."
+def render_clip(label: int, num_frames: int = 32, height: int = 128, width: int = 160,
+                rng=None) -> tuple[np.ndarray, str]:
+    """A clip of class `label` as uint8 `(T, H, W, 3)`, and a short description of the object (the SSv2
+    placeholder)."""
     frames, desc, _ = render_clip_tracked(label, num_frames, height, width, rng)
     return frames, desc
 
+# %% ../nbs/03_synthetic.ipynb #c5ec0cc3
 def object_masks(track: dict, indices=None) -> np.ndarray:
-    "Boolean `(len(indices), H, W)` masks of the object in frames `indices` (all by default); empty where it is invisible."
+    """Boolean `(len(indices), H, W)` masks of the object in frames `indices` (all by default); empty where it
+    is invisible."""
     g, H, W = track['geometry'], int(track['height']), int(track['width'])
     idx = range(int(track['frames'])) if indices is None else [int(i) for i in indices]
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     out = np.zeros((len(idx), H, W), bool)
     for j, i in enumerate(idx):
-        if not 0 <= i < int(track['frames']): raise IndexError(f'frame {i}: the track has {track["frames"]} frames')
+        if not 0 <= i < int(track['frames']):
+            raise IndexError(f'frame {i}: the track has {track["frames"]} frames')
         if track['visibility'][i] > 0:
-            out[j] = _shape_mask(track['shape'], xx, yy, g['cx'][i], g['cy'][i], g['a'][i], g['b'][i], g['angle'][i])
+            out[j] = _shape_mask(track['shape'], xx, yy, g['cx'][i], g['cy'][i], g['a'][i], g['b'][i],
+                                 g['angle'][i])
     return out
 
 # %% ../nbs/03_synthetic.ipynb #0e18bfec
@@ -144,14 +155,17 @@ def write_video(path, frames: np.ndarray, fps: int = 12, keyint: int = 8, crf: i
     T, H, W, _ = frames.shape
     if H % 2 or W % 2: raise ValueError(f'{path}: height and width must be even for yuv420p, got {H}x{W}')
     ext = path.suffix.lower()
-    if ext == '.mp4': codec, opts = 'libx264', {'preset': 'veryfast', 'crf': str(crf), 'g': str(keyint), 'threads': '1'}
-    elif ext == '.webm': codec, opts = 'libvpx-vp9', {'deadline': 'realtime', 'cpu-used': '8', 'crf': str(crf + 10), 'b': '0',
+    if ext == '.mp4':
+        codec, opts = 'libx264', {'preset': 'veryfast', 'crf': str(crf), 'g': str(keyint), 'threads': '1'}
+    elif ext == '.webm':
+        codec, opts = 'libvpx-vp9', {'deadline': 'realtime', 'cpu-used': '8', 'crf': str(crf + 10), 'b': '0',
                                                     'g': str(keyint), 'threads': '1'}
     else: raise ValueError(f'{path}: write_video supports .mp4 and .webm')
     c = av.open(str(path), 'w')
     try:
         s = c.add_stream(codec, rate=fps); s.width, s.height, s.pix_fmt = W, H, 'yuv420p'; s.options = opts
-        s.codec_context.thread_count = 1   # single-threaded encoding gives identical files from identical frames
+        # single-threaded encoding gives identical files from identical frames
+        s.codec_context.thread_count = 1
         for i in range(T):
             f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format='rgb24'); f.pts = i
             for p in s.encode(f): c.mux(p)
@@ -166,23 +180,21 @@ class SyntheticData(dict):
         try: return self[k]
         except KeyError: raise AttributeError(k) from None
 
+# %% ../nbs/03_synthetic.ipynb #ef87e767
 def _youtube_id(rng) -> str:
     chars = string.ascii_letters + string.digits + '-_'
     return ''.join(chars[i] for i in rng.integers(len(chars), size=11))
 
-def default_synthetic_root() -> Path:
-    "Where the default synthetic dataset lives: `$EVL_NB_DATA/synthetic`, else `~/.cache/evl_nb/synthetic`."
-    base = os.environ.get('EVL_NB_DATA')
-    return Path(base).expanduser() / 'synthetic' if base else Path.home() / '.cache' / 'evl_nb' / 'synthetic'
-
 OBJECTS_FILE = 'annotations/objects.json'
 
 def _jobs(params: dict) -> list[tuple[str, int]]:
-    return [(split, lab) for split, n in (('train', params['train_per_class']), ('val', params['val_per_class']))
+    counts = (('train', params['train_per_class']), ('val', params['val_per_class']))
+    return [(split, lab) for split, n in counts
             for lab in range(params['num_classes']) for _ in range(n)]
 
 def _plan(jobs, params: dict, classes: list[str], rng):
-    "Per clip, in generation order: its frame count, render seed, K400 name and path (the one stream of draws from `rng`)."
+    """Per clip, in generation order: its frame count, render seed, K400 name and path (the one stream of
+    draws from `rng`)."""
     lo, hi = params['num_frames']
     for split, lab in jobs:
         T = int(rng.integers(lo, hi + 1))
@@ -192,13 +204,15 @@ def _plan(jobs, params: dict, classes: list[str], rng):
         yield dict(split=split, label=lab, frames=T, seed=seed, youtube_id=yid, start=start,
                    k400=f'{folder}{yid}_{start:06d}_{start + 10:06d}.mp4')
 
-def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: int = 24, val_per_class: int = 8,
-                           num_frames=(24, 32), size: int = 128, aspect: float = 1.25, fps: int = 12, seed: int = 0,
-                           ssv2: bool = True, overwrite: bool = False, progress: bool = False) -> SyntheticData:
+def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: int = 24,
+                           val_per_class: int = 8, num_frames=(24, 32), size: int = 128, aspect: float = 1.25,
+                           fps: int = 12, seed: int = 0, ssv2: bool = True, overwrite: bool = False,
+                           progress: bool = False) -> SyntheticData:
     "Write the synthetic temporal-order dataset under `root` (see above) and return its annotation paths."
     if not 2 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(f'num_classes={num_classes}: between 2 and {len(SYNTHETIC_CLASSES)}')
-    if train_per_class < 1 or val_per_class < 0: raise ValueError('train_per_class must be >= 1 and val_per_class >= 0')
+    if train_per_class < 1 or val_per_class < 0:
+        raise ValueError('train_per_class must be >= 1 and val_per_class >= 0')
     lo, hi = (num_frames, num_frames) if isinstance(num_frames, int) else tuple(num_frames)
     if lo < 2 or hi < lo: raise ValueError(f'num_frames={num_frames}: an int >= 2 or a range (lo, hi)')
     root = Path(root) if root is not None else default_synthetic_root()
@@ -209,9 +223,11 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     if meta_file.exists() and not overwrite:
         meta = json.loads(meta_file.read_text())
         if meta.get('params') == params:
-            if 'objects' not in meta: meta = _backfill_objects(root, meta)     # made before tracks were recorded
+            # made before tracks were recorded
+            if 'objects' not in meta: meta = _backfill_objects(root, meta)
             return _result(root, meta)
-        raise FileExistsError(f'{root} holds a synthetic dataset made with other parameters; pass overwrite=True or another root')
+        raise FileExistsError(f'{root} holds a synthetic dataset made with other parameters; pass '
+                              f'overwrite=True or another root')
     if root.exists() and any(root.iterdir()) and not meta_file.exists() and not overwrite:
         raise FileExistsError(f'{root} exists and is not a synthetic dataset; refusing to write into it')
     t0 = time.time()
@@ -226,7 +242,8 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     objects = []
     try:
         from tqdm.auto import tqdm
-        for job in tqdm(_plan(jobs, params, classes, rng), total=len(jobs), desc='synthetic clips', disable=not progress):
+        for job in tqdm(_plan(jobs, params, classes, rng), total=len(jobs), desc='synthetic clips',
+                        disable=not progress):
             split, lab, yid, start = job['split'], job['label'], job['youtube_id'], job['start']
             frames, desc, track = render_clip_tracked(lab, job['frames'], H, W, rng=job['seed'])
             write_video(tmp / job['k400'], frames, fps=fps)
@@ -238,30 +255,38 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
                 write_video(tmp / objects[-1]['ssv2'], frames, fps=fps)
                 tpl = SYNTHETIC_CLASSES[lab][1]
                 caption = tpl.replace('[something]', desc).replace('[Something]', desc[0].upper() + desc[1:])
-                ssv2_items[split].append({'id': str(vid), 'label': caption, 'template': tpl, 'placeholders': [desc]})
+                ssv2_items[split].append({'id': str(vid), 'label': caption, 'template': tpl,
+                                          'placeholders': [desc]})
         for split, fname, cc in (('train', 'k400_train.csv', True), ('val', 'k400_val.csv', False)):
             with open(tmp / 'annotations' / fname, 'w', newline='') as f:
                 w = csv.writer(f)
-                w.writerow(['label', 'youtube_id', 'time_start', 'time_end', 'split'] + (['is_cc'] if cc else []))
+                w.writerow(['label', 'youtube_id', 'time_start', 'time_end',
+                            'split'] + (['is_cc'] if cc else []))
                 for r in rows[split]: w.writerow(list(r) + ([0] if cc else []))
         meta = dict(params=params, classes='annotations/classes.txt',
-                    k400={'train': 'annotations/k400_train.csv', 'val': 'annotations/k400_val.csv', 'videos': 'videos'},
-                    flip_pairs={a: b for a, b in SYNTHETIC_FLIP_PAIRS.items() if a in classes and b in classes},
-                    never_flip=[c for c in classes if c in SYNTHETIC_FLIP_PAIRS and SYNTHETIC_FLIP_PAIRS[c] not in classes],
+                    k400={'train': 'annotations/k400_train.csv', 'val': 'annotations/k400_val.csv',
+                          'videos': 'videos'},
+                    flip_pairs={a: b for a,
+                                b in SYNTHETIC_FLIP_PAIRS.items() if a in classes and b in classes},
+                    never_flip=[c for c in classes if c in SYNTHETIC_FLIP_PAIRS
+                                and SYNTHETIC_FLIP_PAIRS[c] not in classes],
                     objects=OBJECTS_FILE)
         (tmp / OBJECTS_FILE).write_text(json.dumps(dict(version=1, clips=objects)))
         if ssv2:
-            (tmp / 'ssv2' / 'labels.json').write_text(json.dumps({c: str(i) for i, c in enumerate(classes)}, indent=1))
+            labels = {c: str(i) for i, c in enumerate(classes)}
+            (tmp / 'ssv2' / 'labels.json').write_text(json.dumps(labels, indent=1))
             (tmp / 'ssv2' / 'train.json').write_text(json.dumps(ssv2_items['train'], indent=1))
             (tmp / 'ssv2' / 'validation.json').write_text(json.dumps(ssv2_items['val'], indent=1))
-            meta['ssv2'] = {'labels': 'ssv2/labels.json', 'train': 'ssv2/train.json', 'val': 'ssv2/validation.json', 'videos': 'ssv2/videos'}
+            meta['ssv2'] = {'labels': 'ssv2/labels.json', 'train': 'ssv2/train.json',
+                            'val': 'ssv2/validation.json', 'videos': 'ssv2/videos'}
         (tmp / 'synthetic.json').write_text(json.dumps(meta, indent=1))
         if root.exists(): shutil.rmtree(root)
         root.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    _log.info(f'synthetic dataset: {len(jobs)} clips, {num_classes} classes in {time.time() - t0:.1f}s -> {root}')
+    _log.info(f'synthetic dataset: {len(jobs)} clips, {num_classes} classes in {time.time() - t0:.1f}s -> '
+              f'{root}')
     return _result(root, meta)
 
 def _result(root: Path, meta: dict) -> SyntheticData:
@@ -275,15 +300,30 @@ def _result(root: Path, meta: dict) -> SyntheticData:
                  ssv2_val=root / meta['ssv2']['val'], ssv2_videos=root / meta['ssv2']['videos'])
     return r
 
+# %% ../nbs/03_synthetic.ipynb #6c6c2e72
+def ensure_synthetic(root=None, **params) -> Path:
+    """The synthetic dataset at `root` (default `default_synthetic_root()`), made with the `params` of
+    `make_synthetic_dataset` when its `synthetic.json` is missing (an existing one is used as it is). Under
+    torchrun only rank 0 makes it; the other ranks wait for it. The one way to get the set."""
+    root = Path(root) if root is not None else default_synthetic_root()
+    if (root / 'synthetic.json').exists(): return root
+    if int(os.environ.get('RANK', '0')) == 0: make_synthetic_dataset(root, **params)
+    else:
+        while not (root / 'synthetic.json').exists(): time.sleep(1)
+    return root
+
 # %% ../nbs/03_synthetic.ipynb #6c59356f
 def _backfill_objects(root: Path, meta: dict) -> dict:
-    "Write the object tracks of a dataset made before they were recorded: the same draws, rendered again, nothing encoded."
+    """Write the object tracks of a dataset made before they were recorded: the same draws, rendered again,
+    nothing encoded."""
     p = meta['params']
     classes = [c[0] for c in SYNTHETIC_CLASSES[:p['num_classes']]]
     objects, vid = [], 1000
     for job in _plan(_jobs(p), p, classes, np.random.default_rng(p['seed'])):
-        _, _, track = render_clip_tracked(job['label'], job['frames'], p['height'], p['width'], rng=job['seed'])
-        if not (root / job['k400']).exists(): raise FileNotFoundError(f'{root}: {job["k400"]} is missing; rebuild with overwrite=True')
+        _, _, track = render_clip_tracked(job['label'], job['frames'], p['height'], p['width'],
+                                          rng=job['seed'])
+        if not (root / job['k400']).exists():
+            raise FileNotFoundError(f'{root}: {job["k400"]} is missing; rebuild with overwrite=True')
         objects.append(dict(split=job['split'], label=job['label'], k400=job['k400'], **track))
         if p['ssv2']: vid += 1; objects[-1]['ssv2'] = f'ssv2/videos/{vid}.webm'
     _write_atomic(root / OBJECTS_FILE, json.dumps(dict(version=1, clips=objects)))
@@ -297,7 +337,8 @@ def _write_atomic(path: Path, text: str):
     tmp.write_text(text); os.replace(tmp, path)
 
 def load_object_tracks(root) -> dict[str, dict]:
-    "The object tracks of a synthetic dataset, keyed by each video's path relative to `root` (its mp4 and its webm)."
+    """The object tracks of a synthetic dataset, keyed by each video's path relative to `root` (its mp4 and
+    its webm)."""
     root = Path(root)
     meta_file = root / 'synthetic.json'
     if not meta_file.exists(): raise FileNotFoundError(f'{meta_file} not found: not a synthetic dataset')
@@ -310,14 +351,17 @@ def load_object_tracks(root) -> dict[str, dict]:
             if key in c: out[c[key]] = c
     return out
 
+# %% ../nbs/03_synthetic.ipynb #511a60f0
 def object_track_for(path, root=None, tracks: dict | None = None) -> dict:
-    "The track of one video file of a synthetic dataset (`root`: the dataset; by default the folder holding synthetic.json)."
+    """The track of one video file of a synthetic dataset (`root`: the dataset; by default the folder holding
+    synthetic.json)."""
     path = Path(path).resolve()
     if root is None:
         root = next((q for q in path.parents if (q / 'synthetic.json').exists()), None)
-        if root is None: raise FileNotFoundError(f'{path}: not inside a synthetic dataset (no synthetic.json above it)')
+        if root is None:
+            raise FileNotFoundError(f'{path}: not inside a synthetic dataset (no synthetic.json above it)')
     root = Path(root).resolve()
     tracks = load_object_tracks(root) if tracks is None else tracks
     try: return tracks[path.relative_to(root).as_posix()]
-    except (KeyError, ValueError): raise KeyError(f'{path}: no object track in {root / OBJECTS_FILE}') from None
-
+    except (KeyError, ValueError):
+        raise KeyError(f'{path}: no object track in {root / OBJECTS_FILE}') from None
