@@ -337,13 +337,15 @@ def plot_per_class(m: dict, title: str = 'per-class top-1', max_bars: int = 40, 
     if not rows: raise ValueError('plot_per_class: no class has samples')
     if len(rows) > max_bars: title = f'{title}: the {max_bars} weakest of {len(rows)} classes'
     rows = rows[:max_bars]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.25 * len(rows)))
-    ax.barh(range(len(rows)), [100 * c['top1'] for c in rows], color='tab:blue')
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.25 * len(rows)))
+    bars = ax.barh(range(len(rows)), [100 * c['top1'] for c in rows], color='tab:blue')
+    ax.bar_label(bars, fmt='%.0f%%', fontsize=7, padding=2)
     ax.set_yticks(range(len(rows))); ax.set_yticklabels([f"{c['name']} ({c['n']})" for c in rows], fontsize=7)
-    ax.axvline(100 * m['mean_class_accuracy'], color='tab:red', ls='--',
-               label=f"mean class accuracy {100 * m['mean_class_accuracy']:.1f}%")
-    ax.invert_yaxis(); ax.set_xlim(0, 100); ax.set_xlabel('top-1 (%)'); ax.set_ylabel('class (samples)')
-    ax.set_title(title, fontsize=9); ax.legend(fontsize=7, loc='lower right'); fig.tight_layout()
+    ax.axvline(100 * m['mean_class_accuracy'], color='tab:red', ls='--')
+    ax.invert_yaxis(); ax.set_xlim(0, 112); ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel('top-1 (%)'); ax.set_ylabel('class (samples)')
+    ax.set_title(f"{title}\ndashed: mean class accuracy {100 * m['mean_class_accuracy']:.1f}%", fontsize=9)
+    fig.tight_layout()
     if path is not None: save_figure(fig, path)
     return fig
 
