@@ -33,6 +33,18 @@ def _code_cell_index(nb_path, cell_index):
     return sum(1 for c in nb['cells'][:cell_index + 1] if c['cell_type'] == 'code') - 1
 
 
+def _png_outputs(nb_file, call) -> int:
+    "How many image/png outputs the executed notebook's cells calling `call` carry."
+    nb = json.loads(Path(nb_file).read_text())
+    return sum('image/png' in o.get('data', {}) for c in nb['cells'] if c['cell_type'] == 'code'
+               and call in ''.join(c['source']) for o in c.get('outputs', []))
+
+
+def _assert_png(path):
+    assert Path(path).is_file(), f'{path} was not written'
+    assert Path(path).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+
+
 TINY = dict(num_classes=4, max_steps=3, batch_size=4, num_workers=0, eval_every=2)
 
 
@@ -53,9 +65,9 @@ def test_train_notebook_tiny_run(syn, tiny_run):
     assert json.loads((out / 'results.json').read_text())['num_samples'] == 8
     s = json.loads((out / 'summary.json').read_text())
     assert s['steps'] == 3 and s['world_size'] == 1
-    nb = json.loads((syn / 'train_out.ipynb').read_text())
-    assert any(o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
-               for c in nb['cells'] for o in c.get('outputs', [])), 'no plots in the executed notebook'
+    for call in ('plot_metrics(', 'plot_confusion('):             # the curves (loss, lr, validation), the matrix
+        assert _png_outputs(syn / 'train_out.ipynb', call) == 1, f'no picture from {call}) in the executed notebook'
+    for name in ('training_curves.png', 'confusion_matrix.png'): _assert_png(out / name)
 
 
 @pytest.mark.slow
@@ -96,12 +108,17 @@ def test_evaluate_notebook_official_checkpoint(syn):
     (syn / 'release_classes.json').write_text(json.dumps(classes[::-1]))     # the release's own order
     for views in ('3x1', '1x3'):
         res = syn / f'eval_{views}.json'
+        pngs = [syn / 'confusion_matrix.png', syn / 'per_class_accuracy.png']     # written next to output_json
+        for f in pngs: f.unlink(missing_ok=True)
         _run(EVAL_NB, syn / f'eval_{views}.ipynb', checkpoint=str(syn / 'release.pth'), class_list=str(syn / 'release_classes.json'),
              model='evl-tiny', data_root=str(syn / 'syn4'), eval_views=views, num_workers=0, output_json=str(res))
         m = json.loads(res.read_text())
         assert m['num_samples'] == 8 and m['num_skipped'] == 0 and m['eval_views'] == views
         assert m['classes'] == classes[::-1]
         for k in ('top1', 'top5', 'mean_class_accuracy', 'per_class', 'worst_confusions', 'confusion_matrix'): assert k in m
+        for call in ('plot_confusion(', 'plot_per_class('):
+            assert _png_outputs(syn / f'eval_{views}.ipynb', call) == 1, f'no picture from {call}) ({views})'
+        for f in pngs: _assert_png(f)
 
 
 def _outputs_text(nb_file) -> str:
