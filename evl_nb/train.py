@@ -682,15 +682,9 @@ def run(cfg: TrainConfig) -> dict:
     cfg = cfg.resolve()
     done = finished_run(cfg)
     if done is not None: return done
-    if cfg.dataset == 'synthetic':
-        from evl_nb.synthetic import default_synthetic_root, make_synthetic_dataset
-        root = Path(cfg.data_root) if cfg.data_root else default_synthetic_root()
-        rank = int(os.environ.get('RANK', '0'))
-        if not (root / 'synthetic.json').exists():
-            if rank == 0: make_synthetic_dataset(root)
-            else:
-                while not (root / 'synthetic.json').exists(): time.sleep(1)
-        cfg.data_root = str(root)
+    if cfg.dataset == 'synthetic':         # made if missing (by rank 0; the other ranks wait for it)
+        from evl_nb.synthetic import ensure_synthetic
+        cfg.data_root = str(ensure_synthetic(cfg.data_root or None))
     train_set, val_set = build_datasets(cfg)
     classes = check_classes(cfg, train_set, val_set)
     if classes is not None: cfg.num_classes = len(classes)     # the head covers every class id (sparse ids kept)
@@ -799,10 +793,10 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
 
 def job_data(cfg: TrainConfig):
     "The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`) is made if missing."
-    if cfg.dataset == 'synthetic' and not (Path(cfg.data_root) / 'synthetic.json').exists():
+    if cfg.dataset == 'synthetic':
         from evl_nb.demo import DEMO_DATA
-        from evl_nb.synthetic import make_synthetic_dataset
-        make_synthetic_dataset(cfg.data_root, **DEMO_DATA)
+        from evl_nb.synthetic import ensure_synthetic
+        ensure_synthetic(cfg.data_root, **DEMO_DATA)
     return check_data(cfg)
 
 # %% ../nbs/06_train.ipynb #b0bed590
