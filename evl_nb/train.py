@@ -787,7 +787,7 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
         for k in ('batch_size', 'max_steps', 'lr', 'warmup_steps'):
             if params.get(k) is None: params[k] = DEMO_TRAIN[k]
         params.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
-        params.setdefault('cache_features', DEMO_TRAIN.get('cache_features', 0))
+        if not params.get('cache_features'): params['cache_features'] = DEMO_TRAIN.get('cache_features', 0)
         if params.get('model') in (None, 'evl-tiny'): params['model_overrides'] = dict(DEMO_MODEL)
     return TrainConfig(**params).resolve()
 
