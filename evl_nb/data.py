@@ -925,9 +925,103 @@ def build_loader(ds, batch_size: int, shuffle: bool | None = None, sampler=None,
                     pin_memory=pin_memory, generator=g, **extra, **kw)
     return ClipLoader(dl, ds)
 
-# %% ../nbs/02_data.ipynb #840f55d5
+# %% ../nbs/02_data.ipynb #68ae72db
 def _dense_interval(num_frames: int) -> int: return 8 if num_frames >= 32 else 16
 
+# %% ../nbs/02_data.ipynb #ff9c7b13
+def _norm_split(split: str) -> str:
+    "`split` in lower case, 'validation' read as 'val'; anything but train/val/test is refused."
+    split = {'validation': 'val'}.get(split.lower(), split.lower())
+    if split not in ('train', 'val', 'test'):
+        raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
+    return split
+
+# %% ../nbs/02_data.ipynb #39599914
+@dataclass
+class _Source:
+    "What a dataset's reader hands `build_dataset`: its annotations and its defaults."
+    ann: Annotations
+    sampling: str
+    flip_mode: str
+    rand_augment: str | None
+    crop_scale: tuple
+    pairs: dict
+    never: set
+
+# %% ../nbs/02_data.ipynb #b85be0ff
+def _synthetic_source(split: str, data_root, ann_file, classes, sampling) -> _Source:
+    "The synthetic set: paths, classes and flip pairs from its `synthetic.json`; uniform sampling."
+    if data_root is None: data_root = default_synthetic_root()
+    meta_file = Path(data_root) / 'synthetic.json'
+    if not meta_file.exists():
+        raise FileNotFoundError(f'{meta_file} not found: make it with '
+                                f'evl_nb.synthetic.make_synthetic_dataset({str(data_root)!r})')
+    meta = json.loads(meta_file.read_text())
+    ann = read_k400_csv(ann_file or Path(data_root) / meta['k400'][split if split != 'test' else 'val'],
+                        Path(data_root), classes or Path(data_root) / meta['classes'])
+    pairs = {ann.classes.index(a): ann.classes.index(b) for a, b in meta.get('flip_pairs', {}).items()
+             if a in ann.classes and b in ann.classes}
+    never = {i for i, c in enumerate(ann.classes) if c in meta.get('never_flip', [])}
+    return _Source(ann, sampling or 'uniform', 'swap', None, (0.5, 1.0), pairs, never)
+
+# %% ../nbs/02_data.ipynb #20895a14
+def _k400_source(ann_file, data_root, classes, sampling) -> _Source:
+    "Kinetics: the official CSV; dense sampling, plain flips, the official RandAugment."
+    if ann_file is None: raise ValueError('k400: pass ann_file= (the official CSV for this split)')
+    return _Source(read_k400_csv(ann_file, data_root, classes), sampling or 'dense', 'plain',
+                   'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0), {}, set())
+
+# %% ../nbs/02_data.ipynb #e51cfde3
+def _ssv2_renumber(ann: Annotations, classes) -> Annotations:
+    "SSv2 annotations renumbered to the ids of `classes`, which must name the labels JSON's classes."
+    names = read_class_list(classes)
+    if sorted(c for c in names if c is not None) != sorted(c for c in ann.classes if c is not None):
+        raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
+    remap = {i: names.index(c) for i, c in enumerate(ann.classes) if c is not None}
+    return Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing, fixed_ids=True)
+
+# %% ../nbs/02_data.ipynb #ea7424c9
+def _ssv2_source(ann_file, data_root, classes, sampling, labels_file) -> _Source:
+    "SSv2: the official JSON trio (labels found beside `ann_file`); uniform segments only; left/right swaps."
+    if ann_file is None:
+        raise ValueError('ssv2: pass ann_file= (something-something-v2-train.json or -validation.json)')
+    labels_file = labels_file or next(iter(sorted(Path(ann_file).parent.glob('*labels.json'))), None)
+    if labels_file is None:
+        raise ValueError(f'ssv2: no *labels.json beside {ann_file}; pass labels_file=')
+    ann = read_ssv2_json(ann_file, labels_file, data_root)
+    if classes is not None: ann = _ssv2_renumber(ann, classes)
+    sampling = sampling or 'uniform'
+    if sampling != 'uniform':
+        raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
+    pairs, never = lr_flip_pairs(ann.classes)
+    return _Source(ann, sampling, 'swap', 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0), pairs, never)
+
+# %% ../nbs/02_data.ipynb #7af64059
+def _list_source(ann_file, data_root, classes, sampling) -> _Source:
+    "A `path label` list: dense sampling, plain flips, no RandAugment."
+    if ann_file is None: raise ValueError('list: pass ann_file= (a "path label" list file)')
+    return _Source(read_list_file(ann_file, data_root, classes), sampling or 'dense', 'plain', None,
+                   (0.08, 1.0), {}, set())
+
+# %% ../nbs/02_data.ipynb #73abd5be
+def _dataset_source(dataset: str, split: str, data_root, ann_file, classes, sampling, labels_file) -> _Source:
+    "The reader of `dataset` (lower case; the names of the table above and their aliases)."
+    if dataset == 'synthetic': return _synthetic_source(split, data_root, ann_file, classes, sampling)
+    if dataset in ('k400', 'kinetics', 'kinetics400'):
+        return _k400_source(ann_file, data_root, classes, sampling)
+    if dataset in ('ssv2', 'sthv2', 'something-something-v2'):
+        return _ssv2_source(ann_file, data_root, classes, sampling, labels_file)
+    if dataset == 'list': return _list_source(ann_file, data_root, classes, sampling)
+    raise ValueError(f"dataset={dataset!r}: expected 'synthetic', 'k400', 'ssv2' or 'list'")
+
+# %% ../nbs/02_data.ipynb #478f3cf6
+def _flip_policy(src: _Source, flip, train: bool) -> FlipPolicy:
+    "Off unless `flip` is set and the split trains; a string `flip` names the mode ('off', 'plain', 'swap')."
+    flip_mode = src.flip_mode
+    if isinstance(flip, str): flip_mode, flip = flip, flip != 'off'
+    return FlipPolicy(flip_mode, src.pairs, src.never) if (flip and train) else FlipPolicy('off')
+
+# %% ../nbs/02_data.ipynb #840f55d5
 def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_frames: int = 8,
                   frame_interval: int | None = None, sampling: str | None = None, views='1x1',
                   input_size: int = 224, short_side: int | None = None, classes=None,
@@ -942,69 +1036,22 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
     are explained in the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a
     `ClipStore`) reads the frames from the clip store instead of the videos: same samples, same indices for
     the same seed."""
-    dataset, split = dataset.lower(), {'validation': 'val'}.get(split.lower(), split.lower())
-    if split not in ('train', 'val', 'test'):
-        raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
+    dataset, split = dataset.lower(), _norm_split(split)
     train = (split == 'train') if train is None else train
-    pairs, never = {}, set()
     # fail early
     resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)
-    if dataset == 'synthetic':
-        if data_root is None: data_root = default_synthetic_root()
-        meta_file = Path(data_root) / 'synthetic.json'
-        if not meta_file.exists():
-            raise FileNotFoundError(f'{meta_file} not found: make it with '
-                                    f'evl_nb.synthetic.make_synthetic_dataset({str(data_root)!r})')
-        meta = json.loads(meta_file.read_text())
-        ann = read_k400_csv(ann_file or Path(data_root) / meta['k400'][split if split != 'test' else 'val'],
-                            Path(data_root), classes or Path(data_root) / meta['classes'])
-        pairs = {ann.classes.index(a): ann.classes.index(b) for a, b in meta.get('flip_pairs', {}).items()
-                 if a in ann.classes and b in ann.classes}
-        never = {i for i, c in enumerate(ann.classes) if c in meta.get('never_flip', [])}
-        sampling, flip_mode = sampling or 'uniform', 'swap'
-        ra_default, scale_default = None, (0.5, 1.0)
-    elif dataset in ('k400', 'kinetics', 'kinetics400'):
-        if ann_file is None: raise ValueError('k400: pass ann_file= (the official CSV for this split)')
-        ann = read_k400_csv(ann_file, data_root, classes)
-        sampling, flip_mode = sampling or 'dense', 'plain'
-        ra_default, scale_default = 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0)
-    elif dataset in ('ssv2', 'sthv2', 'something-something-v2'):
-        if ann_file is None:
-            raise ValueError('ssv2: pass ann_file= (something-something-v2-train.json or -validation.json)')
-        labels_file = labels_file or next(iter(sorted(Path(ann_file).parent.glob('*labels.json'))), None)
-        if labels_file is None:
-            raise ValueError(f'ssv2: no *labels.json beside {ann_file}; pass labels_file=')
-        ann = read_ssv2_json(ann_file, labels_file, data_root)
-        if classes is not None:
-            names = read_class_list(classes)
-            if sorted(c for c in names if c is not None) != sorted(c for c in ann.classes if c is not None):
-                raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
-            remap = {i: names.index(c) for i, c in enumerate(ann.classes) if c is not None}
-            ann = Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing,
-                              fixed_ids=True)
-        sampling = sampling or 'uniform'
-        if sampling != 'uniform':
-            raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
-        pairs, never = lr_flip_pairs(ann.classes)
-        flip_mode, ra_default, scale_default = 'swap', 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0)
-    elif dataset == 'list':
-        if ann_file is None: raise ValueError('list: pass ann_file= (a "path label" list file)')
-        ann = read_list_file(ann_file, data_root, classes)
-        sampling, flip_mode = sampling or 'dense', 'plain'
-        ra_default, scale_default = None, (0.08, 1.0)
-    else: raise ValueError(f"dataset={dataset!r}: expected 'synthetic', 'k400', 'ssv2' or 'list'")
-    if isinstance(flip, str): flip_mode, flip = flip, flip != 'off'
-    policy = FlipPolicy(flip_mode, pairs, never) if (flip and train) else FlipPolicy('off')
-    ra = ra_default if rand_augment == 'default' else rand_augment
-    return VideoClipDataset(ann.samples, ann.classes, train=train, sampling=sampling, num_frames=num_frames,
-                            frame_interval=frame_interval or _dense_interval(num_frames), views=views,
-                            input_size=input_size, short_side=short_side, rand_augment=ra if train else None,
-                            crop_scale=crop_scale or scale_default, flip=policy, manifest=manifest,
-                            decode=decode,
-                            min_frames=min_frames, out_of_bound=out_of_bound, missing=ann.missing,
-                            name=f'{dataset}/{split}',
-                            fixed_class_ids=ann.fixed_ids, convention=convention, antialias=antialias,
-                            crop_offset=crop_offset, train_range=train_range, store=store)
+    src = _dataset_source(dataset, split, data_root, ann_file, classes, sampling, labels_file)
+    ra = src.rand_augment if rand_augment == 'default' else rand_augment
+    return VideoClipDataset(src.ann.samples, src.ann.classes, train=train, sampling=src.sampling,
+                            num_frames=num_frames, views=views,
+                            frame_interval=frame_interval or _dense_interval(num_frames),
+                            input_size=input_size, short_side=short_side,
+                            rand_augment=ra if train else None, crop_scale=crop_scale or src.crop_scale,
+                            flip=_flip_policy(src, flip, train), manifest=manifest, decode=decode,
+                            min_frames=min_frames, out_of_bound=out_of_bound, missing=src.ann.missing,
+                            name=f'{dataset}/{split}', fixed_class_ids=src.ann.fixed_ids,
+                            convention=convention, antialias=antialias, crop_offset=crop_offset,
+                            train_range=train_range, store=store)
 
 # %% ../nbs/02_data.ipynb #d33ed05e
 ANN_NAMES = {'k400': {'train': ['train.csv', 'kinetics400_train.csv', 'k400_train.csv'],

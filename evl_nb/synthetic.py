@@ -185,13 +185,16 @@ def _youtube_id(rng) -> str:
     chars = string.ascii_letters + string.digits + '-_'
     return ''.join(chars[i] for i in rng.integers(len(chars), size=11))
 
+# %% ../nbs/03_synthetic.ipynb #a97b72dd
 OBJECTS_FILE = 'annotations/objects.json'
 
+# %% ../nbs/03_synthetic.ipynb #9e0d404d
 def _jobs(params: dict) -> list[tuple[str, int]]:
     counts = (('train', params['train_per_class']), ('val', params['val_per_class']))
     return [(split, lab) for split, n in counts
             for lab in range(params['num_classes']) for _ in range(n)]
 
+# %% ../nbs/03_synthetic.ipynb #dab6edb0
 def _plan(jobs, params: dict, classes: list[str], rng):
     """Per clip, in generation order: its frame count, render seed, K400 name and path (the one stream of
     draws from `rng`)."""
@@ -204,21 +207,47 @@ def _plan(jobs, params: dict, classes: list[str], rng):
         yield dict(split=split, label=lab, frames=T, seed=seed, youtube_id=yid, start=start,
                    k400=f'{folder}{yid}_{start:06d}_{start + 10:06d}.mp4')
 
-def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: int = 24,
-                           val_per_class: int = 8, num_frames=(24, 32), size: int = 128, aspect: float = 1.25,
-                           fps: int = 12, seed: int = 0, ssv2: bool = True, overwrite: bool = False,
-                           progress: bool = False) -> SyntheticData:
-    "Write the synthetic temporal-order dataset under `root` (see above) and return its annotation paths."
+# %% ../nbs/03_synthetic.ipynb #af20101b
+def _synthetic_params(num_classes: int, train_per_class: int, val_per_class: int, num_frames, size: int,
+                      aspect: float, fps: int, seed: int, ssv2: bool) -> dict:
+    "The checked parameters of `make_synthetic_dataset`, as recorded in `synthetic.json` (even frame sizes)."
     if not 2 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(f'num_classes={num_classes}: between 2 and {len(SYNTHETIC_CLASSES)}')
     if train_per_class < 1 or val_per_class < 0:
         raise ValueError('train_per_class must be >= 1 and val_per_class >= 0')
     lo, hi = (num_frames, num_frames) if isinstance(num_frames, int) else tuple(num_frames)
     if lo < 2 or hi < lo: raise ValueError(f'num_frames={num_frames}: an int >= 2 or a range (lo, hi)')
-    root = Path(root) if root is not None else default_synthetic_root()
     H = int(size) // 2 * 2; W = int(round(size * aspect / 2)) * 2
-    params = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                  num_frames=[lo, hi], height=H, width=W, fps=fps, seed=seed, ssv2=ssv2, version=1)
+    return dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+                num_frames=[lo, hi], height=H, width=W, fps=fps, seed=seed, ssv2=ssv2, version=1)
+
+# %% ../nbs/03_synthetic.ipynb #535266d2
+def _result(root: Path, meta: dict) -> SyntheticData:
+    r = SyntheticData(root=root, classes=root / meta['classes'], train_csv=root / meta['k400']['train'],
+                      val_csv=root / meta['k400']['val'], videos=root / meta['k400']['videos'],
+                      class_names=(root / meta['classes']).read_text().splitlines(),
+                      flip_pairs=dict(meta.get('flip_pairs', {})))
+    if 'objects' in meta: r['objects'] = root / meta['objects']
+    if 'ssv2' in meta:
+        r.update(ssv2_labels=root / meta['ssv2']['labels'], ssv2_train=root / meta['ssv2']['train'],
+                 ssv2_val=root / meta['ssv2']['val'], ssv2_videos=root / meta['ssv2']['videos'])
+    return r
+
+# %% ../nbs/03_synthetic.ipynb #605e96a1
+def _synthetic_meta(params: dict, classes: list[str]) -> dict:
+    "The `synthetic.json` of a dataset of `classes`: its parameters, paths and flip pairs (without SSv2)."
+    return dict(params=params, classes='annotations/classes.txt',
+                k400={'train': 'annotations/k400_train.csv', 'val': 'annotations/k400_val.csv',
+                      'videos': 'videos'},
+                flip_pairs={a: b for a, b in SYNTHETIC_FLIP_PAIRS.items() if a in classes and b in classes},
+                never_flip=[c for c in classes if c in SYNTHETIC_FLIP_PAIRS
+                            and SYNTHETIC_FLIP_PAIRS[c] not in classes],
+                objects=OBJECTS_FILE)
+
+# %% ../nbs/03_synthetic.ipynb #a0d5ab16
+def _existing_dataset(root: Path, params: dict, overwrite: bool) -> SyntheticData | None:
+    """The dataset at `root` when it was made with `params` (`None`: make it); refuses to write over anything
+    else unless `overwrite`."""
     meta_file = root / 'synthetic.json'
     if meta_file.exists() and not overwrite:
         meta = json.loads(meta_file.read_text())
@@ -230,6 +259,79 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
                               f'overwrite=True or another root')
     if root.exists() and any(root.iterdir()) and not meta_file.exists() and not overwrite:
         raise FileExistsError(f'{root} exists and is not a synthetic dataset; refusing to write into it')
+    return None
+
+# %% ../nbs/03_synthetic.ipynb #77a8ef77
+def _ssv2_item(vid: int, label: int, desc: str) -> dict:
+    "The SSv2 annotation of clip `vid`: its class template, filled with the object's description."
+    tpl = SYNTHETIC_CLASSES[label][1]
+    caption = tpl.replace('[something]', desc).replace('[Something]', desc[0].upper() + desc[1:])
+    return {'id': str(vid), 'label': caption, 'template': tpl, 'placeholders': [desc]}
+
+# %% ../nbs/03_synthetic.ipynb #0659234d
+def _render_clips(tmp: Path, jobs, params: dict, classes: list[str], rng, progress: bool = False):
+    """Render and encode every clip of the plan under `tmp` (mp4, and webm with `params['ssv2']`); return the
+    K400 rows and SSv2 items per split and the object track of every clip."""
+    from tqdm.auto import tqdm
+    rows = {'train': [], 'val': []}; ssv2_items = {'train': [], 'val': []}; vid = 1000
+    objects = []
+    H, W, fps = params['height'], params['width'], params['fps']
+    for job in tqdm(_plan(jobs, params, classes, rng), total=len(jobs), desc='synthetic clips',
+                    disable=not progress):
+        split, lab, yid, start = job['split'], job['label'], job['youtube_id'], job['start']
+        frames, desc, track = render_clip_tracked(lab, job['frames'], H, W, rng=job['seed'])
+        write_video(tmp / job['k400'], frames, fps=fps)
+        rows[split].append((classes[lab], yid, start, start + 10, split))
+        objects.append(dict(split=split, label=lab, k400=job['k400'], **track))
+        if params['ssv2']:
+            vid += 1
+            objects[-1]['ssv2'] = f'ssv2/videos/{vid}.webm'
+            write_video(tmp / objects[-1]['ssv2'], frames, fps=fps)
+            ssv2_items[split].append(_ssv2_item(vid, lab, desc))
+    return rows, ssv2_items, objects
+
+# %% ../nbs/03_synthetic.ipynb #c98e64e6
+def _write_k400_csvs(tmp: Path, rows: dict):
+    "`annotations/k400_train.csv` (with the official `is_cc` column) and `k400_val.csv` (without)."
+    for split, fname, cc in (('train', 'k400_train.csv', True), ('val', 'k400_val.csv', False)):
+        with open(tmp / 'annotations' / fname, 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['label', 'youtube_id', 'time_start', 'time_end',
+                        'split'] + (['is_cc'] if cc else []))
+            for r in rows[split]: w.writerow(list(r) + ([0] if cc else []))
+
+# %% ../nbs/03_synthetic.ipynb #ac60ab11
+def _write_ssv2(tmp: Path, classes: list[str], ssv2_items: dict) -> dict:
+    "The SSv2 trio `ssv2/labels.json`, `train.json`, `validation.json`; returns their `synthetic.json` entry."
+    labels = {c: str(i) for i, c in enumerate(classes)}
+    (tmp / 'ssv2' / 'labels.json').write_text(json.dumps(labels, indent=1))
+    (tmp / 'ssv2' / 'train.json').write_text(json.dumps(ssv2_items['train'], indent=1))
+    (tmp / 'ssv2' / 'validation.json').write_text(json.dumps(ssv2_items['val'], indent=1))
+    return {'labels': 'ssv2/labels.json', 'train': 'ssv2/train.json', 'val': 'ssv2/validation.json',
+            'videos': 'ssv2/videos'}
+
+# %% ../nbs/03_synthetic.ipynb #4003c28f
+def _write_synthetic(tmp: Path, params: dict, classes: list[str], jobs, rng, progress: bool = False) -> dict:
+    "Every clip and annotation file of the dataset under `tmp`, `synthetic.json` last; returns its meta."
+    rows, ssv2_items, objects = _render_clips(tmp, jobs, params, classes, rng, progress)
+    _write_k400_csvs(tmp, rows)
+    meta = _synthetic_meta(params, classes)
+    (tmp / OBJECTS_FILE).write_text(json.dumps(dict(version=1, clips=objects)))
+    if params['ssv2']: meta['ssv2'] = _write_ssv2(tmp, classes, ssv2_items)
+    (tmp / 'synthetic.json').write_text(json.dumps(meta, indent=1))
+    return meta
+
+# %% ../nbs/03_synthetic.ipynb #141948ad
+def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: int = 24,
+                           val_per_class: int = 8, num_frames=(24, 32), size: int = 128, aspect: float = 1.25,
+                           fps: int = 12, seed: int = 0, ssv2: bool = True, overwrite: bool = False,
+                           progress: bool = False) -> SyntheticData:
+    "Write the synthetic temporal-order dataset under `root` (see above) and return its annotation paths."
+    params = _synthetic_params(num_classes, train_per_class, val_per_class, num_frames, size, aspect, fps,
+                               seed, ssv2)
+    root = Path(root) if root is not None else default_synthetic_root()
+    done = _existing_dataset(root, params, overwrite)
+    if done is not None: return done
     t0 = time.time()
     tmp = root.with_name(root.name + f'.tmp{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
@@ -237,49 +339,9 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     classes = [c[0] for c in SYNTHETIC_CLASSES[:num_classes]]
     (tmp / 'annotations').mkdir()
     (tmp / 'annotations' / 'classes.txt').write_text('\n'.join(classes) + '\n')
-    rows = {'train': [], 'val': []}; ssv2_items = {'train': [], 'val': []}; vid = 1000
     jobs = _jobs(params)
-    objects = []
     try:
-        from tqdm.auto import tqdm
-        for job in tqdm(_plan(jobs, params, classes, rng), total=len(jobs), desc='synthetic clips',
-                        disable=not progress):
-            split, lab, yid, start = job['split'], job['label'], job['youtube_id'], job['start']
-            frames, desc, track = render_clip_tracked(lab, job['frames'], H, W, rng=job['seed'])
-            write_video(tmp / job['k400'], frames, fps=fps)
-            rows[split].append((classes[lab], yid, start, start + 10, split))
-            objects.append(dict(split=split, label=lab, k400=job['k400'], **track))
-            if ssv2:
-                vid += 1
-                objects[-1]['ssv2'] = f'ssv2/videos/{vid}.webm'
-                write_video(tmp / objects[-1]['ssv2'], frames, fps=fps)
-                tpl = SYNTHETIC_CLASSES[lab][1]
-                caption = tpl.replace('[something]', desc).replace('[Something]', desc[0].upper() + desc[1:])
-                ssv2_items[split].append({'id': str(vid), 'label': caption, 'template': tpl,
-                                          'placeholders': [desc]})
-        for split, fname, cc in (('train', 'k400_train.csv', True), ('val', 'k400_val.csv', False)):
-            with open(tmp / 'annotations' / fname, 'w', newline='') as f:
-                w = csv.writer(f)
-                w.writerow(['label', 'youtube_id', 'time_start', 'time_end',
-                            'split'] + (['is_cc'] if cc else []))
-                for r in rows[split]: w.writerow(list(r) + ([0] if cc else []))
-        meta = dict(params=params, classes='annotations/classes.txt',
-                    k400={'train': 'annotations/k400_train.csv', 'val': 'annotations/k400_val.csv',
-                          'videos': 'videos'},
-                    flip_pairs={a: b for a,
-                                b in SYNTHETIC_FLIP_PAIRS.items() if a in classes and b in classes},
-                    never_flip=[c for c in classes if c in SYNTHETIC_FLIP_PAIRS
-                                and SYNTHETIC_FLIP_PAIRS[c] not in classes],
-                    objects=OBJECTS_FILE)
-        (tmp / OBJECTS_FILE).write_text(json.dumps(dict(version=1, clips=objects)))
-        if ssv2:
-            labels = {c: str(i) for i, c in enumerate(classes)}
-            (tmp / 'ssv2' / 'labels.json').write_text(json.dumps(labels, indent=1))
-            (tmp / 'ssv2' / 'train.json').write_text(json.dumps(ssv2_items['train'], indent=1))
-            (tmp / 'ssv2' / 'validation.json').write_text(json.dumps(ssv2_items['val'], indent=1))
-            meta['ssv2'] = {'labels': 'ssv2/labels.json', 'train': 'ssv2/train.json',
-                            'val': 'ssv2/validation.json', 'videos': 'ssv2/videos'}
-        (tmp / 'synthetic.json').write_text(json.dumps(meta, indent=1))
+        meta = _write_synthetic(tmp, params, classes, jobs, rng, progress)
         if root.exists(): shutil.rmtree(root)
         root.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, root)
@@ -288,17 +350,6 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     _log.info(f'synthetic dataset: {len(jobs)} clips, {num_classes} classes in {time.time() - t0:.1f}s -> '
               f'{root}')
     return _result(root, meta)
-
-def _result(root: Path, meta: dict) -> SyntheticData:
-    r = SyntheticData(root=root, classes=root / meta['classes'], train_csv=root / meta['k400']['train'],
-                      val_csv=root / meta['k400']['val'], videos=root / meta['k400']['videos'],
-                      class_names=(root / meta['classes']).read_text().splitlines(),
-                      flip_pairs=dict(meta.get('flip_pairs', {})))
-    if 'objects' in meta: r['objects'] = root / meta['objects']
-    if 'ssv2' in meta:
-        r.update(ssv2_labels=root / meta['ssv2']['labels'], ssv2_train=root / meta['ssv2']['train'],
-                 ssv2_val=root / meta['ssv2']['val'], ssv2_videos=root / meta['ssv2']['videos'])
-    return r
 
 # %% ../nbs/03_synthetic.ipynb #6c6c2e72
 def ensure_synthetic(root=None, **params) -> Path:
