@@ -19,9 +19,8 @@ __all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'pick_thread
 
 # %% ../nbs/09_demo.ipynb #ecf18496
 DEMO_DATA = dict(num_classes=10, train_per_class=100, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
-DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=3000, lr=6e-3, warmup_steps=30, weight_decay=0.05,
-                  precision='fp32', eval_views='1x1', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True),
-                  cache_features=4)   # 4 views per clip: 4.9 GB of cached features (1.6 GB for the control)
+DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=1000, lr=6e-3, warmup_steps=30, weight_decay=0.05,
+                  precision='fp32', eval_views='1x1', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True))
 DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0)   # a 0.36M-parameter decoder on 800 clips learns faster without dropout
 TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False, enable_temporal_cross_attention=False)
 
@@ -60,15 +59,14 @@ def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, q
     res = {}
     for name, ov in (('evl', {}), ('temporal_off', TEMPORAL_OFF)):
         kw = dict(DEMO_TRAIN)
-        if quick: kw.update(batch_size=4, max_steps=2, num_workers=0, cache_features=2)
+        if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
         if max_steps: kw['max_steps'] = max_steps
         cfg = TrainConfig(dataset='synthetic', data_root=str(root), num_classes=data['num_classes'], output_dir=str(out / name),
                           resume=False, seed=seed, progress=progress, model_overrides=dict(DEMO_MODEL, **ov), **kw)
         t = time.time()
         s = run(cfg)
         res[name] = dict(top1=s['val']['top1'], top5=s['val']['top5'], mean_class_accuracy=s['val']['mean_class_accuracy'],
-                         num_val=s['val']['num_samples'], train_seconds=time.time() - t, steps=s['steps'],
-                         cache_features=cfg.cache_features)
+                         num_val=s['val']['num_samples'], train_seconds=time.time() - t, steps=s['steps'])
         _log.info(f"{name}: top-1 {100 * res[name]['top1']:.1f}% in {res[name]['train_seconds']:.0f}s")
     chance = 1 / data['num_classes']
     r = dict(results=res, chance=chance, data_seconds=t_data, total_seconds=time.time() - t0, num_classes=data['num_classes'],
@@ -85,7 +83,7 @@ def report(r: dict) -> str:
             f"  temporal modules switched off: top-1 {100 * c['top1']:5.1f}%\n"
             f"  {r['ratio_vs_chance']:.1f}x chance, {r['ratio_vs_control']:.2f}x the control\n"
             f"  time: {r['total_seconds']:.0f}s total (data {r['data_seconds']:.0f}s, training+eval {e['train_seconds']:.0f}s + {c['train_seconds']:.0f}s) "
-            f"on {r['threads']} threads, {e['steps']} steps on cached features of {e['cache_features']} views per clip")
+            f"on {r['threads']} threads")
 
 def main(argv=None) -> dict:
     "Entry point of `python -m evl_nb.demo` (`make demo`)."
