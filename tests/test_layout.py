@@ -2,7 +2,8 @@
 
 (a) no module imports or reaches into an underscore name of another evl_nb module;
 (b) imports (module-level and inside functions) point down the chapter chain;
-(c) exported lines are at most 110 characters (nbdev's generated header and `__all__` aside).
+(c) exported lines are at most 110 characters (nbdev's generated header and `__all__` aside);
+(d) no exported function is longer than 60 lines, and the trainer's `train()` at most 40.
 
 Run: `.venv/bin/python -m pytest tests/test_layout.py -q`.
 """
@@ -34,6 +35,7 @@ UPWARD_EXCEPTIONS = {
 # each must still have a long line (test_no_stale_exceptions), so wrapping one means deleting it here.
 LONG_LINES_PENDING = {'attention', 'cli', 'demo', 'features', 'store', 'train'}
 MAX_LINE = 110
+MAX_FUNCTION_LINES, MAX_TRAIN_LINES = 60, 40
 
 
 def modules() -> dict[str, ast.Module]:
@@ -152,3 +154,29 @@ def test_private_name_detector(code, found):
 def test_upward_detector():
     tree = ast.parse('from .model import EVL\ndef f():\n    from evl_nb.demo import DEMO_MODEL\n    import evl_nb.cli')
     assert [(t, line) for _, t, line in upward_imports('train', tree)] == [('demo', 3), ('cli', 4)]
+
+
+def function_lengths(tree: ast.Module) -> dict[str, int]:
+    "{qualified name: lines} of every function and method, nested ones included."
+    out = {}
+    def walk(node, prefix):
+        for n in ast.iter_child_nodes(node):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + n.name
+                if not isinstance(n, ast.ClassDef): out[name] = n.end_lineno - n.lineno + 1
+                walk(n, name + '.')
+    walk(tree, '')
+    return out
+
+
+def test_no_exported_function_over_60_lines():
+    lengths = {f'{m}.{f}': n for m, tree in modules().items() for f, n in function_lengths(tree).items()}
+    assert lengths['train.train'] <= MAX_TRAIN_LINES, lengths['train.train']
+    long = {k: n for k, n in lengths.items() if n > MAX_FUNCTION_LINES}
+    assert not long, f'functions over {MAX_FUNCTION_LINES} lines: {long}'
+
+
+def test_function_length_detector():
+    tree = ast.parse('def f():\n    pass\nclass C:\n    def m(self):\n        def inner():\n            return 1\n'
+                     '        return inner\n')
+    assert function_lengths(tree) == {'f': 2, 'C.m': 4, 'C.m.inner': 2}
