@@ -12,6 +12,7 @@ from torch import nn
 
 import evl_nb.backbone
 from evl_nb.backbone import BlockFeatures, CLIPBackbone, build_clip_tower, plain_block_problem
+from test_model import _open_clip_block_outputs
 
 TINY = dict(image_size=112, patch_size=16, width=64, layers=6, heads=4, mlp_ratio=4.0, output_dim=32)
 READ = [2, 3, 4, 5]
@@ -37,14 +38,7 @@ def _tower(seed=0, **kw):
 
 def _open_clip_outputs(tower, frames):
     "open_clip's own forward of the whole tower, with each read block's output caught by a hook."
-    outs = {}
-    hooks = [tower.transformer.resblocks[j].register_forward_hook(lambda m, i, o, j=j: outs.__setitem__(j, o))
-             for j in READ]
-    with torch.no_grad():
-        tower(frames)
-    for h in hooks:
-        h.remove()
-    return [outs[j] for j in READ]
+    return _open_clip_block_outputs(tower, frames, READ)
 
 
 def _check_features(bb, reference_tower, frames):
