@@ -5,12 +5,12 @@
 # %% ../nbs/06a_features.ipynb #75622aec
 from __future__ import annotations
 import math, time
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .backbone import BlockFeatures
 from .core import all_gather_objects, dist_info, get_logger
 from .data import normalize_clip, pad_classes
 from .evaluate import classification_metrics
@@ -18,17 +18,17 @@ from .evaluate import classification_metrics
 _log = get_logger('evl_nb.features')
 
 # %% auto #0
-__all__ = ['feature_bytes_per_view', 'DecoderHead', 'FeatureCache', 'collate_features', 'unpack_features', 'cache_features',
-           'evaluate_features']
+__all__ = ['feature_bytes_per_view', 'DecoderHead', 'FeatureCache', 'collate_features', 'CachedBlock', 'unpack_features',
+           'cache_features', 'evaluate_features']
 
 # %% ../nbs/06a_features.ipynb #544732db
 def feature_bytes_per_view(model) -> int:
-    "Bytes the cache stores for one view of one clip: per decoder layer `out`, plus `q`, `k` when TCA is on."
+    "Bytes the cache stores for one view of one clip: per decoder layer `out`, plus the TCA maps (fp32) when TCA is on."
     c, bb = model.config, model.backbone
-    L = 1 + bb.grid_size[0] * bb.grid_size[1]
-    n = 3 if c.enable_temporal_cross_attention else 1
-    itemsize = torch.empty(0, dtype=bb.dtype).element_size()
-    return c.decoder_num_layers * c.num_frames * L * bb.width * n * itemsize
+    hw = bb.grid_size[0] * bb.grid_size[1]
+    out = c.num_frames * (1 + hw) * bb.width * torch.empty(0, dtype=bb.dtype).element_size()
+    maps = 2 * (c.num_frames - 1) * hw * hw * 4 if c.enable_temporal_cross_attention else 0
+    return c.decoder_num_layers * (out + maps)
 
 # %% ../nbs/06a_features.ipynb #f1ccee75
 class DecoderHead(nn.Module):
@@ -40,38 +40,41 @@ class DecoderHead(nn.Module):
 
 # %% ../nbs/06a_features.ipynb #56bf487a
 class FeatureCache(Dataset):
-    "Cached block features: `layers[l]` (M, 3 or 1, T, L, C), M = clips x views; `labels` per item (a view or a clip)."
-    def __init__(self, layers: list, labels, views: int, heads: int, classes=None, per_clip: bool = False):
-        self.layers, self.labels, self.views, self.heads = layers, torch.as_tensor(labels), views, heads
+    "Cached features: `layers[l]` (M, T, L, C), `maps[l]` (M, 2, T-1, hw, hw) or None; M = clips x views."
+    def __init__(self, layers: list, labels, views: int, maps: list | None = None, classes=None, per_clip: bool = False):
+        self.layers, self.maps, self.labels, self.views = layers, maps, torch.as_tensor(labels), views
         self.classes = list(classes) if classes is not None else None
         self.per_clip = per_clip
     @property
     def num_classes(self):
         return len(self.classes) if self.classes is not None else int(self.labels.max()) + 1
     @property
-    def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.layers)
+    def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.layers + (self.maps or []))
     def __len__(self): return len(self.labels)
     def __repr__(self):
         return f'FeatureCache({len(self)} items, {self.views} view(s) per clip, {self.nbytes / 2**20:.0f} MiB)'
     def __getitem__(self, i):
         rows = slice(i * self.views, (i + 1) * self.views) if self.per_clip else i
-        return {'feats': [t[rows] for t in self.layers], 'label': int(self.labels[i]), 'index': i}
+        maps = [t[rows] for t in self.maps] if self.maps is not None else None
+        return {'feats': [t[rows] for t in self.layers], 'maps': maps, 'label': int(self.labels[i]), 'index': i}
 
 def collate_features(items) -> dict:
-    "Stack cached items: `feats` per layer (B, ...) (evaluation: (B, V, ...)), `label`, `index`; no skips."
-    return {'feats': [torch.stack(t) for t in zip(*(it['feats'] for it in items))], 'skipped': [],
-            'label': torch.tensor([it['label'] for it in items]),
+    "Stack cached items: `feats`, `maps` per layer (B, ...) (evaluation: (B, V, ...)), `label`, `index`; no skips."
+    stack = lambda key: [torch.stack(t) for t in zip(*(it[key] for it in items))]
+    return {'feats': stack('feats'), 'maps': stack('maps') if items[0]['maps'] is not None else None,
+            'skipped': [], 'label': torch.tensor([it['label'] for it in items]),
             'index': torch.tensor([it['index'] for it in items])}
 
-def unpack_features(feats, heads: int, device=None) -> list[BlockFeatures]:
-    "Collated layers `(N, 3 or 1, T, L, C)` as the `BlockFeatures` the decoder takes (q, k None without TCA)."
-    out = []
-    for t in feats:
-        t = t.to(device, non_blocking=True) if device is not None else t
-        qk = (None, None)
-        if t.shape[1] == 3: qk = (t[:, 1].unflatten(-1, (heads, -1)), t[:, 2].unflatten(-1, (heads, -1)))
-        out.append(BlockFeatures(t[:, 0], *qk))
-    return out
+class CachedBlock(NamedTuple):
+    "What the decoder takes from one cached block: `out` (N, T, L, C) and TCA's maps `(prev, next)` or None."
+    out: torch.Tensor
+    maps: tuple | None = None
+
+def unpack_features(feats, maps=None, device=None) -> list[CachedBlock]:
+    "Collated `feats` (N, T, L, C) and `maps` (N, 2, T-1, hw, hw) per layer as the decoder's inputs."
+    mv = lambda t: t.to(device, non_blocking=True) if device is not None else t
+    maps = [None] * len(feats) if maps is None else [tuple(mv(m).unbind(1)) for m in maps]
+    return [CachedBlock(mv(t), m) for t, m in zip(feats, maps)]
 
 # %% ../nbs/06a_features.ipynb #48fe76c3
 @torch.no_grad()
@@ -81,13 +84,14 @@ def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 
     from tqdm.auto import tqdm
     from evl_nb.core import as_dtype
     from evl_nb.data import collate_clips
+    from evl_nb.model import temporal_maps
     dt = as_dtype(precision)
     device = torch.device(device) if device is not None else next(model.decoder.parameters()).device
     tca = model.config.enable_temporal_cross_attention
     N, per_clip = len(dataset), draw is None
     get = (lambda k: dataset[k]) if per_clip else (lambda k: draw(k // N, k % N))
     total = N if per_clip else N * views
-    layers, labels, V, t0 = None, torch.zeros(0, dtype=torch.long), 1, time.time()
+    store, labels, V, t0 = None, torch.zeros(0, dtype=torch.long), 1, time.time()
     for s in tqdm(range(0, total, batch_size), desc=desc, disable=not progress, leave=False):
         b = collate_clips([get(k) for k in range(s, min(total, s + batch_size))])
         if b['skipped']:
@@ -97,14 +101,12 @@ def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 
         v = b['video']; multi = v.ndim == 6; V = v.shape[1] if multi else 1
         with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
             fs = model.backbone_features(normalize_clip(v.flatten(0, 1) if multi else v, device))
-        parts = [torch.stack([f.out] + ([f.q.flatten(-2), f.k.flatten(-2)] if tca else []), 1).cpu()
-                 for f in fs]
-        if layers is None:
-            rows = total * V
-            layers = [torch.empty((rows,) + p.shape[1:], dtype=p.dtype) for p in parts]
-        for L, p in zip(layers, parts): L[s * V:s * V + p.shape[0]] = p
+        parts = [f.out.cpu() for f in fs] + ([torch.stack(temporal_maps(f.q, f.k), 1).cpu() for f in fs] if tca else [])
+        if store is None: store = [torch.empty((total * V,) + p.shape[1:], dtype=p.dtype) for p in parts]
+        for t, p in zip(store, parts): t[s * V:s * V + p.shape[0]] = p
         labels = torch.cat([labels, b['label']])
-    fc = FeatureCache(layers, labels, V if per_clip else views, model.backbone.heads,
+    n = len(fs)
+    fc = FeatureCache(store[:n], labels, V if per_clip else views, store[n:] if tca else None,
                       getattr(dataset, 'classes', None), per_clip=per_clip)
     _log.info(f'{desc}: {fc} in {time.time() - t0:.0f}s')
     return fc
@@ -123,11 +125,12 @@ def evaluate_features(model, cache: FeatureCache, batch_size: int = 32, device=N
     dt = as_dtype(precision)
     mine = list(range(rank, len(cache), world))
     idx, probs = [], []
+    flat = lambda ts: None if ts is None else [t.flatten(0, 1) for t in ts]     # (B, V, ...) -> (B V, ...)
     for s in range(0, len(mine), batch_size):
         b = collate_features([cache[i] for i in mine[s:s + batch_size]])
         B, V = len(b['index']), b['feats'][0].shape[1]
         with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
-            logits = head(unpack_features([t.flatten(0, 1) for t in b['feats']], cache.heads, device))
+            logits = head(unpack_features(flat(b['feats']), flat(b['maps']), device))
         probs.append(logits.float().softmax(-1).view(B, V, -1).mean(1).cpu()); idx.append(b['index'])
     model.train(was)
     parts = all_gather_objects((torch.cat(idx).numpy(), torch.cat(probs).numpy()) if idx else None)

@@ -71,6 +71,15 @@ class TemporalCrossAttention(nn.Module):
         out[:, :-1, 1:] += self.offsets(nxt).to(self.w2.dtype) @ self.w2
         return out
 
+    def from_maps(self, prev, nxt):
+        """TCA from maps computed beforehand (the feature cache keeps them): `w[idx]` gathered as in `tca_gather`,
+        one (B(T-1), hw) @ (hw, C) product per query patch; fewer flops than offsets when hw < (2h-1)(2w-1)."""
+        def part(A, w):
+            B, T1, P, _ = A.shape
+            g = torch.bmm(A.to(w.dtype).flatten(0, 1).transpose(0, 1), w[self.idx])   # (P, B(T-1), C)
+            return g.transpose(0, 1).unflatten(0, (B, T1))
+        return F.pad(part(prev, self.w1), (0, 0, 1, 0, 1, 0)) + F.pad(part(nxt, self.w2), (0, 0, 1, 0, 0, 1))
+
 def tca_gather(tca: TemporalCrossAttention, q, k):
     "The direct form of TCA, gathering `w[idx]` into (hw, hw, C): memory-hungry, kept as a reference."
     B, T, L, _, _ = q.shape
@@ -259,8 +268,8 @@ class EVLDecoder(nn.Module):
         B, T, L, C = feats[0].out.shape
         x = self.cls_token.view(1, 1, C).expand(B, 1, C)
         rec = {k: [] for k in ('temporal_conv_out', 'tca_out', 'decoder_query', 'decoder_attn')}
-        for i, (out, q, k) in enumerate(feats):
-            out = out.to(self.cls_token.dtype)
+        for i, f in enumerate(feats):
+            out = f.out.to(self.cls_token.dtype)
             y = out
             if hasattr(self, 'temporal_conv'):
                 tc = self.temporal_conv[i](out)
@@ -271,7 +280,9 @@ class EVLDecoder(nn.Module):
                                      f'{self.temporal_pos_embed[i].shape[0]}')
                 y = y + self.temporal_pos_embed[i].view(1, T, 1, C)
             if hasattr(self, 'cross_attention'):
-                tca = self.cross_attention[i](q, k)
+                ca = self.cross_attention[i]
+                maps = getattr(f, "maps", None)     # feature-cache entries carry TCA maps instead of q, k
+                tca = ca(f.q, f.k) if maps is None else ca.from_maps(*maps)
                 y = y + tca; rec['tca_out'].append(tca)
             r = self.decoder_layers[i](x, y.flatten(1, 2), return_weights=return_weights)
             x, w = r if return_weights else (r, None)

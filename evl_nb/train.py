@@ -163,6 +163,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                 raise FileNotFoundError(f"{ann_param}: no {split} annotation file given and none of "
                                         f"{ANN_NAMES[cfg.dataset][split]} found under data_root={cfg.data_root!r}")
         kw = dict(num_frames=mcfg.num_frames, input_size=size, views='1x1' if split == 'train' else cfg.eval_views)
+        if cfg.in_memory and cfg.store is None: kw['decode'] = 'pyav'   # read once, front to back: no seek to verify
         aug = dict(cfg.train_aug) if split == 'train' else {}
         if cfg.in_memory and split == 'train':       # decoded once in test mode, then cropped (and flipped) at random
             kw.update(train=False, input_size=size + size // 7); flip = bool(aug.pop('flip', False)); aug = {}
@@ -528,7 +529,7 @@ def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tens
     "One micro-batch: (its loss, whether it is finite, clips in it); the gradient is added, all-reduced if `sync`."
     y = batch['label'].to(run.device)
     if 'feats' in batch:                    # cache_features: the block features of the views, no backbone pass
-        feats = unpack_features(batch['feats'], run.model.backbone.heads, run.device)
+        feats = unpack_features(batch['feats'], batch['maps'], run.device)
         with run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext():
             with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
                 logits = run.ddp(feats)

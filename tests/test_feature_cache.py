@@ -25,15 +25,25 @@ def test_cached_logits_equal_clip_logits():
     x = normalize_clip(torch.stack([seeded[k]['video'] for k in keys]))
     with torch.no_grad():
         direct = m(x)
-        cached = DecoderHead(m)(unpack_features(collate_features([fc[j] for j in range(18)])['feats'], fc.heads))
+        b = collate_features([fc[j] for j in range(18)])
+        cached = DecoderHead(m)(unpack_features(b['feats'], b['maps']))
     assert torch.allclose(cached, direct, atol=1e-5, rtol=1e-5), (cached - direct).abs().max()
     assert (direct[:n] - direct[n:2 * n]).abs().max() > 1e-3         # the views differ
+
+
+def test_cache_keeps_tca_maps_not_q_k():
+    m = build_evl('evl-tiny', num_classes=4).eval()
+    fc = cache_features(m, _clips(train=False), batch_size=4)
+    assert [tuple(t.shape) for t in fc.maps] == [(6, 2, 7, 49, 49)] * 4 and fc.maps[0].dtype == torch.float32
+    assert torch.allclose(fc.maps[0].sum(-1), torch.ones(6, 2, 7, 49))      # softmax rows
+    assert fc.nbytes == 6 * feature_bytes_per_view(m) == 6 * 947_424
 
 
 def test_cache_without_tca_stores_out_only():
     m = build_evl('evl-tiny', num_classes=4, enable_temporal_cross_attention=False).eval()
     fc = cache_features(m, _clips(train=False), batch_size=4)
-    assert fc.layers[0].shape[1] == 1 and fc.nbytes == 6 * feature_bytes_per_view(m) == 6 * 409_600
+    assert fc.maps is None and fc.layers[0].shape == (6, 8, 50, 64)
+    assert fc.nbytes == 6 * feature_bytes_per_view(m) == 6 * 409_600
 
 
 def test_evaluate_features_matches_evaluate():
