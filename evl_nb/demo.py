@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .core import get_logger
-from .train import TrainConfig, run
+from .train import TrainConfig, build_datasets, train
 
 _log = get_logger('evl_nb.demo')
 
@@ -56,15 +56,16 @@ def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, q
     root = Path(data_root) if data_root else out / 'synthetic'
     make_synthetic_dataset(root, seed=seed, progress=progress, **data)
     t_data = time.time() - t0
-    res = {}
+    res, sets = {}, None
     for name, ov in (('evl', {}), ('temporal_off', TEMPORAL_OFF)):
         kw = dict(DEMO_TRAIN)
         if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
         if max_steps: kw['max_steps'] = max_steps
         cfg = TrainConfig(dataset='synthetic', data_root=str(root), num_classes=data['num_classes'], output_dir=str(out / name),
-                          resume=False, seed=seed, progress=progress, model_overrides=dict(DEMO_MODEL, **ov), **kw)
+                          resume=False, seed=seed, progress=progress, model_overrides=dict(DEMO_MODEL, **ov), **kw).resolve()
         t = time.time()
-        s = run(cfg)
+        if sets is None: sets = build_datasets(cfg)   # decoded once: the control reuses the clips and the feature cache
+        s = train(cfg, *sets)
         res[name] = dict(top1=s['val']['top1'], top5=s['val']['top5'], mean_class_accuracy=s['val']['mean_class_accuracy'],
                          num_val=s['val']['num_samples'], train_seconds=time.time() - t, steps=s['steps'])
         _log.info(f"{name}: top-1 {100 * res[name]['top1']:.1f}% in {res[name]['train_seconds']:.0f}s")

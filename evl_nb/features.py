@@ -19,7 +19,7 @@ _log = get_logger('evl_nb.features')
 
 # %% auto #0
 __all__ = ['feature_bytes_per_view', 'DecoderHead', 'FeatureCache', 'collate_features', 'CachedBlock', 'unpack_features',
-           'cache_features', 'evaluate_features']
+           'cache_features', 'evaluate_features', 'backbone_fingerprint', 'without_maps']
 
 # %% ../nbs/06a_features.ipynb #544732db
 def feature_bytes_per_view(model) -> int:
@@ -145,3 +145,17 @@ def evaluate_features(model, cache: FeatureCache, batch_size: int = 32, device=N
     m.update(num_skipped=0, skipped_indices=[], skipped_files=[], eval_seconds=time.time() - t0,
              num_dataset=len(cache))
     return m
+
+# %% ../nbs/06a_features.ipynb #da4c9bfe
+def backbone_fingerprint(model) -> str:
+    "A hash of the backbone's weights and buffers: two models with equal towers give equal cached features."
+    import hashlib
+    h = hashlib.sha1()
+    for name, t in model.backbone.state_dict().items():
+        h.update(name.encode()); h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def without_maps(cache: FeatureCache) -> FeatureCache:
+    "The same cache (tensors shared) without TCA's maps, for a decoder without TCA."
+    return FeatureCache(cache.layers, cache.labels, cache.views, None, cache.classes, cache.per_clip)

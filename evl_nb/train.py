@@ -20,7 +20,8 @@ from .core import (add_context, all_gather_objects, all_reduce_sum, as_dtype, at
 from .data import (ANN_NAMES, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, default_ann, find_ann,
                          normalize_clip, parse_views, random_clips, record_skipped)
 from .evaluate import evaluate, format_report, save_results
-from .features import DecoderHead, FeatureCache, cache_features, collate_features, evaluate_features, unpack_features
+from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features, collate_features,
+                             evaluate_features, unpack_features, without_maps)
 from .model import EVL, PRESETS, build_evl, get_config, model_input_size
 
 _log = get_logger('evl_nb.train')
@@ -31,9 +32,9 @@ __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'MET
            'PositionSeeded', 'list_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'rng_state', 'set_rng_state',
            'read_train_checkpoint', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'build_model', 'check_data',
            'check_classes', 'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader',
-           'save_checkpoint', 'cache_run_features', 'forward_backward', 'train_step', 'log_step', 'evaluate_run',
-           'run_summary', 'train', 'run', 'build_parser', 'main', 'cli_args', 'torchrun_command', 'launch',
-           'job_config', 'job_data', 'run_job', 'plot_metrics']
+           'save_checkpoint', 'release_feature_caches', 'cache_run_features', 'forward_backward', 'train_step',
+           'log_step', 'evaluate_run', 'run_summary', 'train', 'run', 'build_parser', 'main', 'cli_args',
+           'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -513,15 +514,31 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     return p
 
 # %% ../nbs/06_train.ipynb #fc0a1b02
+_KEPT_CACHES: dict = {}    # the last run's feature caches, reused by a run on the same datasets and tower
+
+def release_feature_caches():
+    "Free the feature caches the trainer keeps for the next run of a decoder ablation."
+    _KEPT_CACHES.clear()
+
 def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
     "(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views once."
     cfg, n = run.cfg, len(train_set)
+    key = (cfg.cache_features, cfg.seed, cfg.precision, str(run.device), backbone_fingerprint(run.model))
+    tca = run.model.config.enable_temporal_cross_attention
+    kept = _KEPT_CACHES
+    if kept and kept['key'] == key and kept['sets'][0] is train_set and kept['sets'][1] is val_set \
+            and (kept['train'].maps is not None or not tca):
+        _log.info(f'reusing the previous run\'s feature cache ({kept["train"]!r})')
+        tr, va = kept['train'], kept['val']
+        return (tr, va) if tca else (without_maps(tr), va and without_maps(va))
+    release_feature_caches()
     seeded = PositionSeeded(train_set, cfg.seed)
     kw = dict(batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device, precision=cfg.precision,
               progress=cfg.progress and run.rank == 0)
     tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
                         desc='cache train', **kw)
     va = cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
+    _KEPT_CACHES.update(key=key, sets=(train_set, val_set), train=tr, val=va)
     return tr, va
 
 # %% ../nbs/06_train.ipynb #a9450b59

@@ -69,3 +69,27 @@ def test_cache_features_option_checked():
     import pytest
     with pytest.raises(ValueError, match='cache_features'):
         TrainConfig(cache_features=-1).resolve()
+
+
+def test_a_decoder_ablation_reuses_the_cache(tmp_path, monkeypatch):
+    "Same datasets, same tower: the second run (and a TCA-less control) takes the first run's cache."
+    import evl_nb.train as tr
+    calls = []
+    real = tr.cache_features
+    monkeypatch.setattr(tr, 'cache_features', lambda *a, **k: calls.append(k.get('desc')) or real(*a, **k))
+    tr.release_feature_caches()
+    train_set, val_set = _clips(8), _clips(8, train=False)
+    kw = dict(model='evl-tiny', num_classes=4, batch_size=4, max_steps=3, lr=1e-3, progress=False, ckpt_every=0,
+              resume=False, cache_features=2, seed=3)
+    a = train(TrainConfig(output_dir=str(tmp_path / 'a'), **kw), train_set, val_set)
+    assert calls == ['cache train', 'cache val']
+    b = train(TrainConfig(output_dir=str(tmp_path / 'b'), **kw), train_set, val_set)
+    assert calls == ['cache train', 'cache val'] and a['val']['top1'] == b['val']['top1']     # reused, same run
+    off = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False, enable_temporal_cross_attention=False)
+    train(TrainConfig(output_dir=str(tmp_path / 'c'), model_overrides=off, **kw), train_set, val_set)
+    assert len(calls) == 2                                                               # the control reused it too
+    train(TrainConfig(output_dir=str(tmp_path / 'd'), **dict(kw, seed=4)), train_set, val_set)
+    assert len(calls) == 4                                              # another seed draws other views: recomputed
+    train(TrainConfig(output_dir=str(tmp_path / 'e'), **dict(kw, seed=4)), _clips(8), val_set)
+    assert len(calls) == 6                                              # other dataset objects: recomputed
+    tr.release_feature_caches()
