@@ -19,8 +19,9 @@ __all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'pick_thread
 
 # %% ../nbs/09_demo.ipynb #ecf18496
 DEMO_DATA = dict(num_classes=10, train_per_class=100, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
-DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=1000, lr=6e-3, warmup_steps=30, weight_decay=0.05,
-                  precision='fp32', eval_views='1x1', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True))
+DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=2000, lr=6e-3, warmup_steps=30, weight_decay=0.05,
+                  precision='fp32', eval_views='1x1', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True),
+                  cache_features=6)   # the tower runs once on 6 views per clip; 2,000 decoder steps then fit the budget
 DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0)   # a 0.36M-parameter decoder on 800 clips learns faster without dropout
 TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False, enable_temporal_cross_attention=False)
 
