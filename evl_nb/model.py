@@ -72,8 +72,9 @@ class TemporalCrossAttention(nn.Module):
         return out
 
     def from_maps(self, prev, nxt):
-        """TCA from maps computed beforehand (the feature cache keeps them): `w[idx]` gathered as in `tca_gather`,
-        one (B(T-1), hw) @ (hw, C) product per query patch; fewer flops than offsets when hw < (2h-1)(2w-1)."""
+        """TCA from maps computed beforehand (the feature cache keeps them): `w[idx]` gathered as in
+        `tca_gather`, one (B(T-1), hw) @ (hw, C) product per query patch; fewer flops than offsets when
+        hw < (2h-1)(2w-1)."""
         def part(A, w):
             B, T1, P, _ = A.shape
             g = torch.bmm(A.to(w.dtype).flatten(0, 1).transpose(0, 1), w[self.idx])   # (P, B(T-1), C)
