@@ -228,9 +228,11 @@ def find_run_checkpoint(output_dir='runs/train') -> Path | None:
     return steps[-1] if steps else None
 
 # %% ../nbs/07_evaluate.ipynb #9ad849e6
-def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1', store=None):
+def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1', store=None,
+                 short_side: int | None = None):
     """The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in
-    `eval_views` views; `store`: a clip store to read the frames from (`evl_nb.store`)."""
+    `eval_views` views, frames resized to `short_side` before the crop (None: the input size); `store`: a clip
+    store to read the frames from (`evl_nb.store`)."""
     from evl_nb.data import build_dataset
     ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else default_ann(dataset, 'val', data_root)
     if dataset != 'synthetic' and ann is None:
@@ -239,7 +241,8 @@ def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: 
                                            frame_interval=mcfg.frame_interval)
     try:
         return build_dataset(dataset, 'val', data_root=data_root, ann_file=ann, num_frames=mcfg.num_frames,
-                             views=eval_views, input_size=model_input_size(mcfg), store=store, **kw)
+                             views=eval_views, input_size=model_input_size(mcfg), short_side=short_side,
+                             store=store, **kw)
     except Exception as e:
         raise add_context(e, f'val_ann={str(ann) if ann else None!r} (data_root={data_root!r})')
 
@@ -247,7 +250,8 @@ def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: 
 def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None,
                        val_ann=None, model: str | None = None, pretrained=None, num_frames: int | None = None,
                        eval_views: str = '3x1',
-                       precision: str = 'fp32', runs_dir='runs/train', store=None) -> dict:
+                       precision: str = 'fp32', runs_dir='runs/train', store=None,
+                       eval_short_side: int | None = None) -> dict:
     "Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info'} for `evaluate`."
     from evl_nb.model import PRESETS
     if dataset not in DEFAULT_MODEL:
@@ -274,7 +278,9 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
             n = net.config.num_classes
             make_synthetic_dataset(data_root, num_classes=n if 2 <= n <= 12 else 10, train_per_class=1,
                                    val_per_class=4)
-    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store)
+    # the scale the run tested at (in_memory runs: eval_short_side, the scale of their training crops)
+    short_side = eval_short_side or info['run_config'].get('eval_short_side')
+    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store, short_side=short_side)
     classes, label_map = info['classes'], None
     if classes: label_map = label_mapping(val_set.classes, classes)
     elif net.config.num_classes != val_set.num_classes:

@@ -77,6 +77,8 @@ class TrainConfig:
     num_workers: int = option(4, 'data-loading workers per process (decoding is the usual bottleneck)')
     eval_every: int = option(0, 'evaluate every N steps (0: at the end only)')
     eval_views: str | None = option(None, 'test views T x S: 1x1, 3x1, 1x3, 10x3; None: 1x1 synthetic, 3x1 otherwise')
+    eval_short_side: int | None = option(None, 'test-time short side in pixels before the crop; None: the input size (EVL\'s test '
+                                               'scale), in_memory runs: input + input // 7, the scale their training crops keep')
     eval_batch_size: int | None = option(None, 'videos per evaluation batch; None: the training micro-batch')
     ckpt_every: int = option(1000, 'checkpoint every N steps (atomic; the last keep_last and the best kept)')
     keep_last: int = option(2, 'step checkpoints kept')
@@ -115,6 +117,11 @@ class TrainConfig:
         if c.keep_last < 1: raise ValueError(f'keep_last={c.keep_last}: keep at least one checkpoint')
         if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
         if c.eval_views is None: c.eval_views = '1x1' if c.dataset == 'synthetic' else '3x1'
+        if c.eval_short_side is None and c.in_memory:      # train crops are cut from input + input // 7 (mmaction2's 256/224)
+            size = model_input_size(get_config(c.model, **{k: v for k, v in c.model_overrides.items() if k == 'backbone'}))
+            c.eval_short_side = size + size // 7
+        if c.eval_short_side is not None and not (isinstance(c.eval_short_side, int) and c.eval_short_side > 0):
+            raise ValueError(f'eval_short_side={c.eval_short_side!r}: must be a positive integer (pixels) or None')
         parse_views(c.eval_views, 'eval_views')
         if c.dataset in ('k400', 'ssv2') and not c.data_root:
             raise ValueError(f'data_root is required for dataset={c.dataset!r} (the folder holding the videos and annotations)')
@@ -164,6 +171,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                 raise FileNotFoundError(f"{ann_param}: no {split} annotation file given and none of "
                                         f"{ANN_NAMES[cfg.dataset][split]} found under data_root={cfg.data_root!r}")
         kw = dict(num_frames=mcfg.num_frames, input_size=size, views='1x1' if split == 'train' else cfg.eval_views)
+        if split == 'val' and cfg.eval_short_side: kw['short_side'] = cfg.eval_short_side
         if cfg.in_memory and cfg.store is None: kw['decode'] = 'pyav'   # read once, front to back: no seek to verify
         aug = dict(cfg.train_aug) if split == 'train' else {}
         if cfg.in_memory and split == 'train':       # decoded once in test mode, then cropped (and flipped) at random
@@ -178,7 +186,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
         if cfg.in_memory:
             ds = cache_dataset(ds, crop=size if split == 'train' else None, num_workers=cfg.num_workers,
                                flip=split == 'train' and flip, cache_dir=Path(cfg.data_root or '.') / '.evl_cache',
-                               key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw["views"]}')
+                               key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw.get("short_side") or ""}_{kw["views"]}')
         sets.append(ds)
     return tuple(sets)
 

@@ -82,3 +82,29 @@ def test_explore_notebook_on_trainer_checkpoint(trained, which):
     assert any(c in text for c in classes)                            # top-5 printed with the run's class names
     nb = json.loads(out.read_text())
     assert any('image/png' in o.get('data', {}) for c in nb['cells'] for o in c.get('outputs', []))
+
+
+def test_in_memory_run_is_evaluated_at_its_own_scale(tmp_path):
+    """An in_memory run trains on crops cut from frames of short side input + input // 7 and tests there
+    (`eval_short_side`); `prepare_evaluation` on its checkpoint reads that scale back and scores exactly what the
+    trainer scored, where the plain input-size scale scores other probabilities."""
+    from evl_nb.evaluate import evaluate, prepare_evaluation
+    make_synthetic_dataset(tmp_path / 'syn', num_classes=4, train_per_class=3, val_per_class=2, num_frames=(8, 8),
+                           ssv2=False)
+    cfg = TrainConfig(dataset='synthetic', data_root=str(tmp_path / 'syn'), model='evl-tiny', num_classes=4, batch_size=4,
+                      max_steps=6, ckpt_every=0, eval_views='1x3', num_workers=0, output_dir=str(tmp_path / 'run'),
+                      progress=False, lr=5e-3, in_memory=True, cache_features=2, model_overrides=dict(decoder_num_layers=2))
+    assert cfg.resolve().eval_short_side == 128                   # evl-tiny: 112 + 112 // 7
+    run(cfg)
+    ck = latest_checkpoint(tmp_path / 'run' / 'checkpoints')
+    job = prepare_evaluation(ck, dataset='synthetic', data_root=str(tmp_path / 'syn'), eval_views='1x3',
+                             runs_dir=str(tmp_path / 'run'))
+    assert job['val_set'].short_side == 128
+    m = evaluate(job['model'], job['val_set'], classes=job['classes'], label_map=job['label_map'], return_probs=True)
+    final = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert m['confusion_matrix'] == final['confusion_matrix'] and m['top1'] == final['top1']
+    other = prepare_evaluation(ck, dataset='synthetic', data_root=str(tmp_path / 'syn'), eval_views='1x3',
+                               runs_dir=str(tmp_path / 'run'), eval_short_side=112)
+    assert other['val_set'].short_side == 112
+    p112 = evaluate(other['model'], other['val_set'], label_map=other['label_map'], return_probs=True)['probs']
+    assert not torch.allclose(torch.as_tensor(p112), torch.as_tensor(m['probs']), atol=1e-4)

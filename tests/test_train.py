@@ -39,6 +39,16 @@ def test_recipe_defaults():
     assert cosine_factor(25_000, 50_000) == pytest.approx(0.5)
 
 
+def test_eval_short_side_follows_the_training_crops():
+    "Video runs test at the input size (EVL's scale); in_memory runs where their crops were cut; bad values are named."
+    assert TrainConfig(dataset='k400', data_root=str(ROOT)).resolve().eval_short_side is None
+    assert TrainConfig(in_memory=True).resolve().eval_short_side == 128                       # evl-tiny: 112 + 16
+    tower = dict(image_size=224, patch_size=32, width=64, layers=2, heads=4, mlp_ratio=4.0, output_dim=32)
+    assert TrainConfig(in_memory=True, model_overrides=dict(backbone=tower)).resolve().eval_short_side == 256
+    assert TrainConfig(in_memory=True, eval_short_side=112).resolve().eval_short_side == 112
+    with pytest.raises(ValueError, match='eval_short_side'): TrainConfig(eval_short_side=0).resolve()
+
+
 def test_sampler_distributed_partition_and_resume():
     a = [list(StepSampler(7, 2, 5, rank=r, world=3, seed=4)) for r in range(3)]
     pos = sorted(p for s in a for p, _ in s)
