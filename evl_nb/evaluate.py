@@ -280,7 +280,8 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
                                    val_per_class=4)
     # the scale the run tested at (in_memory runs: eval_short_side, the scale of their training crops)
     short_side = eval_short_side or info['run_config'].get('eval_short_side')
-    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store, short_side=short_side)
+    val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store,
+                           short_side=short_side)
     classes, label_map = info['classes'], None
     if classes: label_map = label_mapping(val_set.classes, classes)
     elif net.config.num_classes != val_set.num_classes:
