@@ -641,8 +641,8 @@ def measures_table(results: dict[str, dict]) -> str:
     return '\n'.join(rows)
 
 # %% ../nbs/08_attention.ipynb #41385db4
-EXPLORER_DATA = dict(num_classes=10, train_per_class=60, val_per_class=10, num_frames=(16, 20), size=128, ssv2=False)
-EXPLORER_STEPS = 450
+EXPLORER_DATA = dict(num_classes=10, train_per_class=80, val_per_class=10, num_frames=(16, 20), size=128, ssv2=False)
+EXPLORER_STEPS = 1000
 
 def explorer_cache_dir() -> Path:
     "Where the explorer keeps the model it trains: `$EVL_NB_DATA/explorer`, else `~/.cache/evl_nb/explorer`."
