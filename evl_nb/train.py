@@ -724,10 +724,7 @@ def _parse_bool_or_str(v):
 def build_parser() -> argparse.ArgumentParser:
     "The `python -m evl_nb.train` argument parser (one flag per `TrainConfig` field)."
     p = argparse.ArgumentParser(prog='python -m evl_nb.train', description='Train and evaluate EVL (one process, or many under torchrun).')
-    types = {'num_frames': int, 'num_classes': int, 'batch_size': int, 'accum_steps': int, 'lr': float, 'weight_decay': float,
-             'max_steps': int, 'warmup_steps': int, 'num_workers': int, 'eval_every': int, 'eval_batch_size': int,
-             'ckpt_every': int, 'keep_last': int, 'log_every': int, 'seed': int, 'stop_at_step': int,
-             'cache_features': int}
+    types = {o.name: {'int': int, 'float': float}.get(o.type.split('|')[0].strip(), str) for o in TRAIN_OPTIONS.values()}
     for f in fields(TrainConfig):
         flag, h = '--' + f.name.replace('_', '-'), TRAIN_OPTIONS[f.name].help
         if f.name in ('train_aug', 'model_overrides'):

@@ -325,3 +325,16 @@ def test_cli_help_describes_every_option():
     flat = ' '.join(r.stdout.split())
     for o in TRAIN_OPTIONS.values():
         if o.group == 'config' and o.name != 'progress': assert ' '.join(o.help.split()) in flat, o.name
+
+
+def test_train_parser_types_every_numeric_option():
+    "`python -m evl_nb.train` (what torchrun runs) parses every int / float option as a number, new ones included."
+    from dataclasses import fields
+    from evl_nb.train import build_parser
+    num = {f.name: int if f.type.startswith('int') else float for f in fields(TrainConfig)
+           if f.type.split('|')[0].strip() in ('int', 'float')}
+    assert {'eval_short_side', 'cache_features', 'lr'} <= set(num)
+    p = build_parser()
+    for name, t in num.items():
+        v = getattr(p.parse_args(['--' + name.replace('_', '-'), '3']), name)
+        assert type(v) is t and v == 3, (name, v)
