@@ -272,12 +272,14 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
         get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
     net, info = load_for_eval(checkpoint, model or DEFAULT_MODEL[dataset], class_list, pretrained, num_frames)
     if dataset == 'synthetic':
-        from evl_nb.synthetic import make_synthetic_dataset
+        from evl_nb.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
         data_root = data_root or str(Path(runs_dir) / 'synthetic')
         if not (Path(data_root) / 'synthetic.json').exists():
-            n = net.config.num_classes
-            make_synthetic_dataset(data_root, num_classes=n if 2 <= n <= 12 else 10, train_per_class=1,
-                                   val_per_class=4)
+            n, names = net.config.num_classes, info['classes'] or []
+            # the checkpoint's own classes when they are synthetic ones (the demo's set), else the first n
+            kw = dict(classes=names) if names and set(names) <= {c[0] for c in SYNTHETIC_CLASSES} \
+                else dict(num_classes=n if 2 <= n <= 12 else 10)
+            make_synthetic_dataset(data_root, train_per_class=1, val_per_class=4, **kw)
     # the scale the run tested at (in_memory runs: eval_short_side, the scale of their training crops)
     short_side = eval_short_side or info['run_config'].get('eval_short_side')
     val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store,

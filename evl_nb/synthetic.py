@@ -14,9 +14,9 @@ import numpy as np
 from .core import default_synthetic_root, get_logger
 
 # %% auto #0
-__all__ = ['SYNTHETIC_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'OBJECTS_FILE', 'render_clip_tracked', 'render_clip', 'object_masks',
-           'write_video', 'SyntheticData', 'make_synthetic_dataset', 'ensure_synthetic', 'load_object_tracks',
-           'object_track_for']
+__all__ = ['SYNTHETIC_CLASSES', 'DEMO_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'OBJECTS_FILE', 'render_clip_tracked', 'render_clip',
+           'object_masks', 'write_video', 'SyntheticData', 'make_synthetic_dataset', 'ensure_synthetic',
+           'load_object_tracks', 'object_track_for']
 
 # %% ../nbs/03_synthetic.ipynb #83c551d3
 _log = get_logger('evl_nb.synthetic')
@@ -38,6 +38,9 @@ SYNTHETIC_CLASSES = [
     ('Something darkening', '[Something] darkening', 'bright', -1),
 ]
 # a horizontal flip turns these into each other; all other classes keep their label
+# the classes the offline demo and explorer train on: all but the rotations, whose direction a random
+# (untrained) tower does not resolve (README: 'Why the demo leaves the rotations out')
+DEMO_CLASSES = [c[0] for c in SYNTHETIC_CLASSES if c[2] != 'rotate']
 SYNTHETIC_FLIP_PAIRS = {'Moving something from left to right': 'Moving something from right to left',
                         'Moving something from right to left': 'Moving something from left to right',
                         'Rotating something clockwise': 'Rotating something counterclockwise',
@@ -207,10 +210,33 @@ def _plan(jobs, params: dict, classes: list[str], rng):
         yield dict(split=split, label=lab, frames=T, seed=seed, youtube_id=yid, start=start,
                    k400=f'{folder}{yid}_{start:06d}_{start + 10:06d}.mp4')
 
+# %% ../nbs/03_synthetic.ipynb #f91a77f6
+def _synthetic_kinds(classes) -> list[int]:
+    "The `SYNTHETIC_CLASSES` index of each of `classes` (names or indices), checked."
+    names = [c[0] for c in SYNTHETIC_CLASSES]
+    kinds = [int(c) if isinstance(c, (int, np.integer)) else names.index(c) if c in names else -1
+             for c in classes]
+    bad = [c for c, k in zip(classes, kinds) if not 0 <= k < len(names)]
+    if bad: raise ValueError(f'classes: {bad} are not synthetic classes; choose from {names}')
+    if len(set(kinds)) < len(kinds): raise ValueError(f'classes={list(classes)}: a class is named twice')
+    return kinds
+
+def _dataset_kinds(params: dict) -> list[int]:
+    "The `SYNTHETIC_CLASSES` index of each label of a dataset made with `params`."
+    return list(params.get('kinds', range(params['num_classes'])))
+
+def _class_names(params: dict) -> list[str]:
+    return [SYNTHETIC_CLASSES[k][0] for k in _dataset_kinds(params)]
+
 # %% ../nbs/03_synthetic.ipynb #af20101b
-def _synthetic_params(num_classes: int, train_per_class: int, val_per_class: int, num_frames, size: int,
-                      aspect: float, fps: int, seed: int, ssv2: bool) -> dict:
-    "The checked parameters of `make_synthetic_dataset`, as recorded in `synthetic.json` (even frame sizes)."
+def _synthetic_params(num_classes: int | None, train_per_class: int, val_per_class: int, num_frames,
+                      size: int, aspect: float, fps: int, seed: int, ssv2: bool, classes=None) -> dict:
+    """The checked parameters of `make_synthetic_dataset`, as recorded in `synthetic.json` (even frame sizes;
+    `kinds` only when the classes are not the first `num_classes`)."""
+    kinds = None if classes is None else _synthetic_kinds(classes)
+    if kinds is not None and num_classes not in (None, len(kinds)):
+        raise ValueError(f'num_classes={num_classes} but classes names {len(kinds)}: give one of the two')
+    num_classes = len(kinds) if kinds is not None else 10 if num_classes is None else num_classes
     if not 2 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(f'num_classes={num_classes}: between 2 and {len(SYNTHETIC_CLASSES)}')
     if train_per_class < 1 or val_per_class < 0:
@@ -218,8 +244,10 @@ def _synthetic_params(num_classes: int, train_per_class: int, val_per_class: int
     lo, hi = (num_frames, num_frames) if isinstance(num_frames, int) else tuple(num_frames)
     if lo < 2 or hi < lo: raise ValueError(f'num_frames={num_frames}: an int >= 2 or a range (lo, hi)')
     H = int(size) // 2 * 2; W = int(round(size * aspect / 2)) * 2
-    return dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
-                num_frames=[lo, hi], height=H, width=W, fps=fps, seed=seed, ssv2=ssv2, version=1)
+    p = dict(num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+             num_frames=[lo, hi], height=H, width=W, fps=fps, seed=seed, ssv2=ssv2, version=1)
+    if kinds is not None and kinds != list(range(num_classes)): p['kinds'] = kinds
+    return p
 
 # %% ../nbs/03_synthetic.ipynb #535266d2
 def _result(root: Path, meta: dict) -> SyntheticData:
@@ -276,10 +304,11 @@ def _render_clips(tmp: Path, jobs, params: dict, classes: list[str], rng, progre
     rows = {'train': [], 'val': []}; ssv2_items = {'train': [], 'val': []}; vid = 1000
     objects = []
     H, W, fps = params['height'], params['width'], params['fps']
+    kinds = _dataset_kinds(params)
     for job in tqdm(_plan(jobs, params, classes, rng), total=len(jobs), desc='synthetic clips',
                     disable=not progress):
         split, lab, yid, start = job['split'], job['label'], job['youtube_id'], job['start']
-        frames, desc, track = render_clip_tracked(lab, job['frames'], H, W, rng=job['seed'])
+        frames, desc, track = render_clip_tracked(kinds[lab], job['frames'], H, W, rng=job['seed'])
         write_video(tmp / job['k400'], frames, fps=fps)
         rows[split].append((classes[lab], yid, start, start + 10, split))
         objects.append(dict(split=split, label=lab, k400=job['k400'], **track))
@@ -287,7 +316,7 @@ def _render_clips(tmp: Path, jobs, params: dict, classes: list[str], rng, progre
             vid += 1
             objects[-1]['ssv2'] = f'ssv2/videos/{vid}.webm'
             write_video(tmp / objects[-1]['ssv2'], frames, fps=fps)
-            ssv2_items[split].append(_ssv2_item(vid, lab, desc))
+            ssv2_items[split].append(_ssv2_item(vid, kinds[lab], desc))
     return rows, ssv2_items, objects
 
 # %% ../nbs/03_synthetic.ipynb #c98e64e6
@@ -322,13 +351,14 @@ def _write_synthetic(tmp: Path, params: dict, classes: list[str], jobs, rng, pro
     return meta
 
 # %% ../nbs/03_synthetic.ipynb #141948ad
-def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: int = 24,
+def make_synthetic_dataset(root=None, num_classes: int | None = None, train_per_class: int = 24,
                            val_per_class: int = 8, num_frames=(24, 32), size: int = 128, aspect: float = 1.25,
                            fps: int = 12, seed: int = 0, ssv2: bool = True, overwrite: bool = False,
-                           progress: bool = False) -> SyntheticData:
-    "Write the synthetic temporal-order dataset under `root` (see above) and return its annotation paths."
+                           progress: bool = False, classes=None) -> SyntheticData:
+    """Write the synthetic temporal-order dataset under `root` (see above) and return its annotation paths;
+    `classes` (names or indices of `SYNTHETIC_CLASSES`) instead of the first `num_classes` (default 10)."""
     params = _synthetic_params(num_classes, train_per_class, val_per_class, num_frames, size, aspect, fps,
-                               seed, ssv2)
+                               seed, ssv2, classes)
     root = Path(root) if root is not None else default_synthetic_root()
     done = _existing_dataset(root, params, overwrite)
     if done is not None: return done
@@ -336,7 +366,7 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
     tmp = root.with_name(root.name + f'.tmp{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    classes = [c[0] for c in SYNTHETIC_CLASSES[:num_classes]]
+    classes = _class_names(params)
     (tmp / 'annotations').mkdir()
     (tmp / 'annotations' / 'classes.txt').write_text('\n'.join(classes) + '\n')
     jobs = _jobs(params)
@@ -347,7 +377,7 @@ def make_synthetic_dataset(root=None, num_classes: int = 10, train_per_class: in
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    _log.info(f'synthetic dataset: {len(jobs)} clips, {num_classes} classes in {time.time() - t0:.1f}s -> '
+    _log.info(f'synthetic dataset: {len(jobs)} clips, {len(classes)} classes in {time.time() - t0:.1f}s -> '
               f'{root}')
     return _result(root, meta)
 
@@ -368,10 +398,10 @@ def _backfill_objects(root: Path, meta: dict) -> dict:
     """Write the object tracks of a dataset made before they were recorded: the same draws, rendered again,
     nothing encoded."""
     p = meta['params']
-    classes = [c[0] for c in SYNTHETIC_CLASSES[:p['num_classes']]]
+    classes, kinds = _class_names(p), _dataset_kinds(p)
     objects, vid = [], 1000
     for job in _plan(_jobs(p), p, classes, np.random.default_rng(p['seed'])):
-        _, _, track = render_clip_tracked(job['label'], job['frames'], p['height'], p['width'],
+        _, _, track = render_clip_tracked(kinds[job['label']], job['frames'], p['height'], p['width'],
                                           rng=job['seed'])
         if not (root / job['k400']).exists():
             raise FileNotFoundError(f'{root}: {job["k400"]} is missing; rebuild with overwrite=True')

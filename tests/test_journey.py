@@ -108,3 +108,26 @@ def test_in_memory_run_is_evaluated_at_its_own_scale(tmp_path):
     assert other['val_set'].short_side == 112
     p112 = evaluate(other['model'], other['val_set'], label_map=other['label_map'], return_probs=True)['probs']
     assert not torch.allclose(torch.as_tensor(p112), torch.as_tensor(m['probs']), atol=1e-4)
+
+
+def test_a_class_subset_run_is_evaluated_on_its_own_classes(tmp_path):
+    """The demo trains on a subset of the synthetic classes (no rotations). Evaluating its checkpoint where no
+    dataset exists yet generates one with the checkpoint's classes, in its order, each drawn with its own motion:
+    not the first n classes under the checkpoint's names."""
+    from evl_nb.evaluate import evaluate, prepare_evaluation
+    from evl_nb.synthetic import DEMO_CLASSES, load_object_tracks
+    names = DEMO_CLASSES[6:]                                  # appearing, disappearing, brightening, darkening
+    make_synthetic_dataset(tmp_path / 'syn', classes=names, train_per_class=2, val_per_class=1, num_frames=(8, 8),
+                           ssv2=False)
+    run(TrainConfig(dataset='synthetic', data_root=str(tmp_path / 'syn'), model='evl-tiny', num_classes=4,
+                    batch_size=4, max_steps=2, ckpt_every=0, eval_views='1x1', num_workers=0, progress=False,
+                    output_dir=str(tmp_path / 'run'), model_overrides=dict(decoder_num_layers=2)))
+    ck = latest_checkpoint(tmp_path / 'run' / 'checkpoints')
+    job = prepare_evaluation(ck, dataset='synthetic', data_root=str(tmp_path / 'fresh'), runs_dir=str(tmp_path / 'run'))
+    assert job['val_set'].classes == names and job['classes'] == names
+    tracks = [t for k, t in load_object_tracks(tmp_path / 'fresh').items() if k.endswith('.mp4') and t['split'] == 'val']
+    by_label = {t['label']: t for t in tracks}
+    assert by_label[0]['visibility'][0] < by_label[0]['visibility'][-1]        # appearing
+    assert by_label[1]['visibility'][0] > by_label[1]['visibility'][-1]        # disappearing
+    m = evaluate(job['model'], job['val_set'], classes=job['classes'], label_map=job['label_map'])
+    assert m['num_samples'] == len(names) * 4
