@@ -18,6 +18,7 @@ from matplotlib.patches import Rectangle
 
 from .core import get_logger
 from .model import EVL, temporal_maps
+from .synthetic import DEMO_CLASSES
 from .data import (CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, read_class_list, resize_short,
                          uniform_indices)
 
@@ -641,7 +642,7 @@ def measures_table(results: dict[str, dict]) -> str:
     return '\n'.join(rows)
 
 # %% ../nbs/08_attention.ipynb #41385db4
-EXPLORER_DATA = dict(num_classes=10, train_per_class=80, val_per_class=10, num_frames=(16, 20), size=128, ssv2=False)
+EXPLORER_DATA = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_class=80, val_per_class=10, num_frames=(16, 20), size=128, ssv2=False)
 EXPLORER_STEPS = 1000
 
 def explorer_cache_dir() -> Path:

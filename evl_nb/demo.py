@@ -11,6 +11,7 @@ import torch
 
 from .core import get_logger
 from .model import TINY_TOWER
+from .synthetic import DEMO_CLASSES
 from .train import TrainConfig, build_datasets, train
 
 _log = get_logger('evl_nb.demo')
@@ -19,10 +20,10 @@ _log = get_logger('evl_nb.demo')
 __all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'pick_threads', 'demo', 'report', 'main']
 
 # %% ../nbs/09_demo.ipynb #ecf18496
-DEMO_DATA = dict(num_classes=10, train_per_class=150, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
-DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=3000, lr=6e-3, warmup_steps=30, weight_decay=0.05,
+DEMO_DATA = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_class=150, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
+DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=2500, lr=6e-3, warmup_steps=30, weight_decay=0.05,
                   precision='fp32', eval_views='1x3', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True),
-                  cache_features=4)   # the tower runs once on 4 views per clip; 3,000 decoder steps then fit the budget
+                  cache_features=4)   # the tower runs once on 4 views per clip; 2,500 decoder steps then fit the budget
 # a 0.36M-parameter decoder on 1,500 clips learns faster without dropout; a 4-block random tower keeps more of each
 # patch than 6 blocks of random mixing (79-81% against 71-73% top-1, README)
 DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0, backbone=dict(TINY_TOWER, layers=4))
@@ -56,7 +57,7 @@ def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, q
     torch.set_num_threads(pick_threads())
     out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
     data = dict(DEMO_DATA)
-    if quick: data.update(num_classes=4, train_per_class=4, val_per_class=2, num_frames=(8, 8))
+    if quick: data.update(num_classes=4, classes=DEMO_CLASSES[:4], train_per_class=4, val_per_class=2, num_frames=(8, 8))
     root = Path(data_root) if data_root else out / 'synthetic'
     make_synthetic_dataset(root, seed=seed, progress=progress, **data)
     t_data = time.time() - t0
