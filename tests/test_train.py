@@ -174,7 +174,7 @@ def test_in_memory_flip_swaps_paired_labels():
 
 @pytest.mark.slow
 def test_demo_acceptance(tmp_path):
-    "`make demo` (python -m evl_nb.demo): top-1 >= 3x chance and >= 1.5x the temporal-off control (its time is reported, not asserted)."
+    "`make demo` (python -m evl_nb.demo): top-1 >= 90%, >= 3x chance and >= 1.5x the temporal-off control (its time is reported, not asserted)."
     from evl_nb.core import in_ci
     if not (in_ci() or os.environ.get('EVL_NB_RUN_DEMO')): pytest.skip('runs the full demo (minutes): set EVL_NB_RUN_DEMO=1 (always on under CI)')
     import time
@@ -187,7 +187,8 @@ def test_demo_acceptance(tmp_path):
     evl, off = res['results']['evl']['top1'], res['results']['temporal_off']['top1']
     print(r.stdout, f'wall time {wall:.0f}s')  # the 10-minute budget is measured and reported (README), not asserted
     assert evl >= 3 * res['chance'], (evl, res['chance'])
-    assert evl >= 0.90, evl          # measured 95.5%, 95.0% (3,000 steps), 93.0% (2,000 steps): README
+    n = res['results']['evl']['num_val']
+    assert round(evl * n) >= 0.9 * n, (evl, n)   # counted in clips: top-1 is a float32 (180/200 reads 0.89999998)
     assert evl >= 1.5 * off, (evl, off)
 
 
