@@ -10,24 +10,25 @@ from pathlib import Path
 
 import torch
 
-from .core import dist_info, get_logger
+from .core import RunLockedError, check_output_path, dist_info, get_logger, release_run_lock
 from .video import VIDEO_EXTS, reencode_video, reencode_videos, scan_videos
 from .store import build_store
 from .data import VideoClipDataset
 from .model import PRESETS, get_config
-from .train import (LAUNCH_OPTIONS, Option, TrainConfig, build_parser as train_parser, cli_args, job_config,
-                          job_data, run, run_job)
+from .train import (LAUNCH_OPTIONS, Option, TrainConfig, TrainingStopped, build_parser as train_parser, cli_args,
+                          convert_checkpoint, job_config, job_data, run, run_job)
 from .evaluate import (evaluate, format_report, load_for_eval, per_class_table, predict, prepare_evaluation,
                              save_results)
 
 _log = get_logger('evl_nb.cli')
 
 # %% auto #0
-__all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'predict_videos', 'format_predictions',
-           'write_attention', 'defaults_of', 'video_files', 'first_host', 'slurm_env', 'submitit_env', 'run_task',
-           'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task',
-           'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser', 'evaluate_command',
-           'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command', 'build_cli', 'main']
+__all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'expand_videos', 'predict_videos',
+           'format_predictions', 'write_attention', 'defaults_of', 'video_files', 'first_host', 'slurm_env',
+           'submitit_env', 'run_task', 'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script',
+           'slurm_task', 'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser',
+           'evaluate_command', 'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command',
+           'add_convert_parser', 'convert_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #959efcdf
 STRUCTURE = ('backbone', 'num_frames', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
@@ -55,10 +56,20 @@ def load_predictor(checkpoint, preset: str | None = None, pretrained=None, class
     return model.to(device).eval(), names
 
 # %% ../nbs/10_cli.ipynb #ee49db27
+def expand_videos(srcs) -> list[str]:
+    "The videos of `srcs`: files as given (missing ones too: they are reported), folders searched recursively, sorted."
+    out = []
+    for s in map(Path, srcs):
+        if not s.is_dir(): out.append(str(s)); continue
+        found = sorted(str(f) for f in s.rglob('*') if f.is_file() and f.suffix.lower() in VIDEO_EXTS)
+        if not found: raise FileNotFoundError(f'{s}: a folder without video files ({" ".join(sorted(VIDEO_EXTS))})')
+        out += found
+    return out
+
 def predict_videos(model, videos, classes=None, views: str = '3x1', top: int = 5, num_workers: int = 0,
                    precision: str = 'fp32', progress: bool = True) -> dict:
     "Top-`top` classes of each video (views averaged): {'predictions': [...], 'skipped': [...]}."
-    cfg, videos = model.config, [str(v) for v in videos]
+    cfg, videos = model.config, expand_videos(videos)
     names = list(classes) if classes else [f'class {i}' for i in range(cfg.num_classes)]
     missing = [v for v in videos if not Path(v).is_file()]
     for v in missing: _log.warning(f'skipping {v}: no such file')
@@ -149,8 +160,10 @@ def submitit_env() -> dict:
 def run_task(params: dict) -> dict:
     "One task of a job whose ranks come from the environment: the job's config (`job_config`), data check on rank 0, `run`."
     cfg = job_config(**params)
-    if int(os.environ.get('RANK', '0')) == 0: job_data(cfg)     # the synthetic set is made once (run() waits for it)
-    return run(cfg)
+    try:
+        if int(os.environ.get('RANK', '0')) == 0: job_data(cfg)     # the synthetic set is made once (run() waits for it)
+        return run(cfg)
+    finally: release_run_lock(cfg.output_dir, everything=True)
 
 class TrainJob:
     "A submitit callable: one training task (rank from the job environment); `checkpoint()` requeues it to resume."
@@ -331,15 +344,19 @@ def add_evaluate_parser(sub):
 def evaluate_command(a: dict) -> dict:
     "Run `evl-nb evaluate` as `nbs/evaluate.ipynb` does."
     job = prepare_evaluation(a['checkpoint'], a['class_list'], a['dataset'], a['data_root'], a['val_ann'], a['model'],
-                             a['pretrained'], a['num_frames'], a['eval_views'], a['precision'], store=a['store'])
+                             a['pretrained'], a['num_frames'], a['eval_views'], a['precision'], store=a['store'], output_json=a['output_json'],
+                             batch_size=a['batch_size'], num_workers=a['num_workers'])
     print('checkpoint:', job['checkpoint']); print(job['val_set'])
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     t0 = time.time()
-    m = evaluate(job['model'].to(device), job['val_set'], batch_size=a['batch_size'], num_workers=a['num_workers'],
-                 device=device, precision=a['precision'], classes=job['classes'], label_map=job['label_map'],
-                 progress=a['progress'])
-    m.update(checkpoint=job['checkpoint'], eval_views=a['eval_views'], dataset=a['dataset'], seconds=time.time() - t0)
-    save_results(m, a['output_json'])
+    try:
+        m = evaluate(job['model'].to(device), job['val_set'], batch_size=a['batch_size'], num_workers=a['num_workers'],
+                     device=device, precision=a['precision'], classes=job['classes'], label_map=job['label_map'],
+                     progress=a['progress'])
+        m.update(checkpoint=job['checkpoint'], eval_views=a['eval_views'], dataset=a['dataset'], seconds=time.time() - t0)
+        save_results(m, a['output_json'])
+    finally:
+        if job['lock']: release_run_lock(job['lock'])
     print(format_report(m)); print(per_class_table(m)); print('wrote', a['output_json'])
     return m
 
@@ -348,7 +365,7 @@ def add_predict_parser(sub):
     "The `predict` subcommand."
     p = sub.add_parser('predict', help='top-k classes of videos from a checkpoint',
                        description='Predict the top-k classes of each video (views averaged); unreadable files are named and skipped.')
-    p.add_argument('videos', nargs='+', metavar='VIDEO', help='video files')
+    p.add_argument('videos', nargs='+', metavar='VIDEO', help='video files, or folders (every video in them)')
     p.add_argument('--checkpoint', required=True, help='evl-nb checkpoint (.pt) or official release (.pth)')
     p.add_argument('--pretrained', default=None, help="CLIP tower weights (default: the training run's; else a random tower)")
     p.add_argument('--preset', default=None, choices=list(PRESETS), help="model preset (default: the checkpoint's config)")
@@ -365,6 +382,8 @@ def add_predict_parser(sub):
 
 def predict_command(a: dict) -> dict:
     "Run `evl-nb predict`."
+    for flag in ('json', 'attention'):
+        if a[flag]: check_output_path(a[flag], f'--{flag}', is_file=True)
     model, names = load_predictor(a['checkpoint'], a['preset'], a['pretrained'], a['class_list'], a['device'], a['precision'])
     r = predict_videos(model, a['videos'], names, a['views'], a['top'], a['workers'], a['precision'], a['progress'])
     r['checkpoint'] = str(a['checkpoint'])
@@ -446,6 +465,27 @@ def prepare_command(a: dict):
     for s, e in bad.items(): print(f'  {s}: {e}')
     return errs
 
+# %% ../nbs/10_cli.ipynb #e9b3be1c
+def add_convert_parser(sub):
+    "The `convert-checkpoint` subcommand."
+    p = sub.add_parser('convert-checkpoint', help='rewrite a trusted older checkpoint to open with weights_only=True',
+                       description='Unpickle a checkpoint in full (this runs any code it holds: only files whose origin '
+                                   'you trust) and write it back in the weights-only format.')
+    p.add_argument('checkpoint', help='the step_*.pt / best.pt to convert')
+    p.add_argument('--trust', action='store_true', help='required: you trust where this file came from')
+    p.add_argument('--out', default=None, help='where to write (default: in place, the original kept as .orig)')
+    return p
+
+def convert_command(a: dict) -> Path:
+    "Run `evl-nb convert-checkpoint`."
+    if not a['trust']:
+        raise ValueError(f"convert-checkpoint {a['checkpoint']}: converting unpickles the file in full, which runs any "
+                         'code it holds; pass --trust if you trust its origin')
+    if not Path(a['checkpoint']).is_file(): raise FileNotFoundError(f"{a['checkpoint']}: no such checkpoint")
+    out = convert_checkpoint(a['checkpoint'], a['out'])
+    print(f"trusted {a['checkpoint']} (unpickled in full); wrote {out}, which opens with weights_only=True")
+    return out
+
 # %% ../nbs/10_cli.ipynb #f118e62a
 def build_cli() -> argparse.ArgumentParser:
     "The `evl-nb` argument parser."
@@ -453,6 +493,7 @@ def build_cli() -> argparse.ArgumentParser:
                                 'train, evaluate, predict, prepare data, the CPU demo.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     add_train_parser(sub); add_evaluate_parser(sub); add_predict_parser(sub); add_prepare_parser(sub)
+    add_convert_parser(sub)
     sub.add_parser('demo', add_help=False, help='the CPU demo (= make demo; evl-nb demo --help for its options)')
     sub.add_parser('slurm-task', add_help=False, help='one task of a batch script from --print-sbatch (run by srun)')
     return p
@@ -471,7 +512,9 @@ def main(argv=None) -> int:
         if cmd == 'evaluate': evaluate_command(a); return 0
         if cmd == 'predict': return 0 if predict_command(a)['predictions'] else 1
         if cmd == 'prepare': prepare_command(a); return 0
-    except (ValueError, FileNotFoundError, ImportError) as e:     # bad input: the message names it, no traceback
+        if cmd == 'convert-checkpoint': convert_command(a); return 0
+    except TrainingStopped as e: return e.exit_code              # SIGTERM 143, SIGINT 130: logged, checkpoint saved
+    except (ValueError, FileNotFoundError, ImportError, RunLockedError) as e:   # bad input: named once, no traceback
         print(f'evl-nb {cmd}: error: {e}', file=sys.stderr); return 2
     raise SystemExit(f'evl-nb: unknown command {cmd!r}')
 

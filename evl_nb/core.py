@@ -4,16 +4,20 @@
 
 # %% ../nbs/00_core.ipynb #bc305faf
 from __future__ import annotations
-import logging, os, random
+import datetime, json, logging, os, random, socket, sys, threading, time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+try: import fcntl
+except ImportError: fcntl = None     # not on Windows: the lock file alone then guards a folder
 
 # %% auto #0
-__all__ = ['shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger', 'dist_info', 'all_gather_objects',
-           'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context', 'default_synthetic_root']
+__all__ = ['LOCK_FILE', 'shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger', 'dist_info',
+           'all_gather_objects', 'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context',
+           'check_output_path', 'RunLockedError', 'holder_alive', 'describe_holder', 'RunLock', 'read_lock',
+           'hold_run_lock', 'release_run_lock', 'is_run_folder', 'default_synthetic_root']
 
 # %% ../nbs/00_core.ipynb #07c2a288
 _PKG_ROOT = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd().resolve().parent
@@ -119,6 +123,130 @@ def add_context(err: BaseException, context: str) -> BaseException:
         err.args = (f'{context}: {err}',)
     else: err.add_note(context)
     return err
+
+# %% ../nbs/00_core.ipynb #a6c00e83
+def check_output_path(path, name: str, is_file: bool = False) -> Path:
+    """`path`, checked to be creatable as a folder (`is_file`: as a file): neither it nor a parent may be
+    a regular file. `name` is the parameter named in the error."""
+    p = Path(path).expanduser()
+    if is_file and p.is_dir(): raise ValueError(f'{name}={str(path)!r} is a folder; give a file path')
+    if not is_file and p.exists() and not p.is_dir():
+        raise ValueError(f'{name}={str(path)!r} is a file, not a folder')
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f'{name}={str(path)!r}: {parent} is a file, not a folder')
+            break
+    return p
+
+# %% ../nbs/00_core.ipynb #bf02c3a0
+LOCK_FILE = '.evl-nb.lock'
+
+class RunLockedError(RuntimeError):
+    "Another live process holds the run folder."
+
+def _proc_start(pid) -> str | None:
+    "The kernel's start time of process `pid` (the holder, not a later one with its pid); None without /proc."
+    try: return Path(f'/proc/{int(pid)}/stat').read_text().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError, ValueError): return None
+
+def holder_alive(h: dict) -> bool:
+    "Whether the lock record `h` names a live process (call on the host that wrote it)."
+    try: os.kill(int(h['pid']), 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass
+    except (KeyError, TypeError, ValueError): return False
+    now = _proc_start(h['pid'])
+    return now is None or h.get('proc_start') in (None, now)
+
+def describe_holder(h: dict) -> str:
+    "One phrase naming a lock record's holder."
+    job = f", SLURM job {h['slurm_job']}" if h.get('slurm_job') else ''
+    who = f"pid {h.get('pid')} on {h.get('host')}, started {h.get('started')}{job}"
+    return f"{h.get('purpose', 'a run')} ({who})"
+
+# %% ../nbs/00_core.ipynb #ebe1894b
+class RunLock:
+    """The exclusive lock of a run folder: `flock` on `folder/.evl-nb.lock` plus the holder's record in it,
+    its mtime refreshed every `heartbeat_s`; a record of another host older than `stale_s` is taken over."""
+    def __init__(self, folder, purpose: str = 'train', stale_s: float = 600.0, heartbeat_s: float = 30.0):
+        self.folder, self.purpose = Path(folder), purpose
+        self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.path, self.fd, self._stop = self.folder / LOCK_FILE, None, threading.Event()
+
+    def _record(self) -> dict:
+        return dict(host=socket.gethostname(), pid=os.getpid(), proc_start=_proc_start(os.getpid()),
+                    purpose=self.purpose,
+                    started=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                    slurm_job=os.environ.get('SLURM_JOB_ID'), argv=' '.join(sys.argv)[:300])
+
+    def _refusal(self, h: dict) -> str | None:
+        "Why the record `h` still holds the folder, or None when it may be taken over."
+        if h.get('host') == socket.gethostname():
+            return 'it is alive' if holder_alive(h) else None
+        age = time.time() - self.path.stat().st_mtime
+        return f'its heartbeat is {age:.0f} s old' if age < self.stale_s else None
+
+    def acquire(self) -> 'RunLock':
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            h = read_lock(self.folder); why = self._refusal(h) if h else None
+        except BlockingIOError: h, why = read_lock(self.folder) or {}, 'it holds the OS lock'
+        if why is not None:
+            os.close(fd)
+            raise RunLockedError(f'{self.folder} is in use by {describe_holder(h)} ({why}); wait for it, '
+                                 f'or give this run another output folder')
+        if h:
+            get_logger('evl_nb.core').warning(f'{self.path}: took over the lock of {describe_holder(h)}')
+        os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(self._record()).encode(), 0); os.fsync(fd)
+        self.fd = fd; self._stop.clear()
+        threading.Thread(target=self._beat, name='evl-nb-lock-heartbeat', daemon=True).start()
+        return self
+
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat_s):
+            try: os.utime(self.path)
+            except OSError: pass
+
+    def release(self):
+        if self.fd is None: return
+        self._stop.set()
+        os.ftruncate(self.fd, 0)                   # an empty file: nobody holds the folder
+        if fcntl is not None: fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd); self.fd = None
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+
+def read_lock(folder) -> dict | None:
+    "The holder's record in `folder/.evl-nb.lock`, or None when the folder is free (no or an empty file)."
+    try: text = (Path(folder) / LOCK_FILE).read_text()
+    except OSError: return None
+    try: return json.loads(text) if text.strip() else None
+    except ValueError: return dict(host='?', pid='?', started=f'unreadable lock file: {text[:60]!r}')
+
+# %% ../nbs/00_core.ipynb #04002487
+_HELD: dict = {}     # resolved folder -> [RunLock, holds]
+
+def hold_run_lock(folder, purpose: str = 'train') -> RunLock:
+    "Hold `folder`'s `RunLock` in this process (a nested hold counts); `RunLockedError` names another holder."
+    key = str(Path(folder).resolve())
+    if key not in _HELD: _HELD[key] = [RunLock(folder, purpose).acquire(), 0]
+    _HELD[key][1] += 1
+    return _HELD[key][0]
+
+def release_run_lock(folder, everything: bool = False):
+    "Drop one hold of `folder` (`everything`: all of them); the lock is released with the last one."
+    key = str(Path(folder).resolve())
+    if key not in _HELD: return
+    _HELD[key][1] = 0 if everything else _HELD[key][1] - 1
+    if _HELD[key][1] <= 0: _HELD.pop(key)[0].release()
+
+def is_run_folder(folder) -> bool:
+    "Whether `folder` belongs to a training run (a lock file or a checkpoints folder)."
+    return (Path(folder) / LOCK_FILE).exists() or (Path(folder) / 'checkpoints').is_dir()
 
 # %% ../nbs/00_core.ipynb #a9eb0a1c
 def default_synthetic_root() -> Path:

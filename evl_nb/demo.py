@@ -17,7 +17,7 @@ from .train import TrainConfig, build_datasets, train
 _log = get_logger('evl_nb.demo')
 
 # %% auto #0
-__all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'pick_threads', 'demo', 'report', 'main']
+__all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'demo', 'report', 'main']
 
 # %% ../nbs/09_demo.ipynb #ecf18496
 DEMO_DATA = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_class=150, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
@@ -29,32 +29,11 @@ DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=2500, lr=6e-3, warm
 DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0, backbone=dict(TINY_TOWER, layers=4))
 TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False, enable_temporal_cross_attention=False)
 
-def pick_threads(candidates=None) -> int:
-    "The torch thread count that runs an EVL-tiny training step fastest right now (`$OMP_NUM_THREADS` wins)."
-    if os.environ.get('OMP_NUM_THREADS'): return max(1, int(os.environ['OMP_NUM_THREADS']))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    candidates = sorted({1, cores} if candidates is None else set(candidates))
-    if len(candidates) == 1: return candidates[0]
-    from evl_nb.model import build_evl
-    before = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        m = build_evl('evl-tiny'); x = torch.randn(8, 3, 8, 112, 112)
-        best, best_t = candidates[0], float('inf')
-        for n in candidates:
-            torch.set_num_threads(n); ts = []
-            for _ in range(3):
-                t = time.perf_counter(); m(x).sum().backward(); ts.append(time.perf_counter() - t)
-            if min(ts[1:]) < best_t: best, best_t = n, min(ts[1:])
-    torch.set_num_threads(before)
-    return best
-
 def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, quick: bool = False, seed: int = 0,
-         progress: bool = True) -> dict:
+         progress: bool = True, threads: int | None = None) -> dict:
     "Generate the data, train with and without the temporal modules, evaluate; returns (and saves) both results."
     from evl_nb.synthetic import make_synthetic_dataset
     t0 = time.time()
-    torch.set_num_threads(pick_threads())
     out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
     data = dict(DEMO_DATA)
     if quick: data.update(num_classes=4, classes=DEMO_CLASSES[:4], train_per_class=4, val_per_class=2, num_frames=(8, 8))
@@ -67,7 +46,7 @@ def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, q
         if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
         if max_steps: kw['max_steps'] = max_steps
         cfg = TrainConfig(dataset='synthetic', data_root=str(root), num_classes=data['num_classes'], output_dir=str(out / name),
-                          resume=False, seed=seed, progress=progress, model_overrides=dict(DEMO_MODEL, **ov), **kw).resolve()
+                          resume=False, seed=seed, progress=progress, threads=threads, model_overrides=dict(DEMO_MODEL, **ov), **kw).resolve()
         t = time.time()
         if sets is None: sets = build_datasets(cfg)   # decoded once: the control reuses the clips and the feature cache
         s = train(cfg, *sets)
@@ -96,10 +75,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog='python -m evl_nb.demo', description='Train and evaluate EVL-tiny on the synthetic dataset on CPU.')
     p.add_argument('--output-dir', default='runs/demo'); p.add_argument('--data-root', default=None)
     p.add_argument('--max-steps', type=int, default=None); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--threads', type=int, default=None, help="torch threads (default: this process's cores)")
     p.add_argument('--quick', action='store_true', help='a seconds-long smoke run (tiny data, 2 steps)')
     p.add_argument('--no-progress', dest='progress', action='store_false')
     a = p.parse_args(argv)
-    r = demo(a.output_dir, a.data_root, a.max_steps, a.quick, a.seed, a.progress)
+    r = demo(a.output_dir, a.data_root, a.max_steps, a.quick, a.seed, a.progress, a.threads)
     print(report(r), flush=True)
     return r
 

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .core import add_context, all_gather_objects, as_dtype, dist_info, get_logger, seed_everything
+from .core import (add_context, all_gather_objects, as_dtype, check_output_path, dist_info, get_logger,
+                         hold_run_lock, is_run_folder, seed_everything)
 from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, default_ann, find_ann, normalize_clip,
                          pad_classes, parse_views, read_class_list, record_skipped)
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
@@ -251,14 +252,24 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
                        val_ann=None, model: str | None = None, pretrained=None, num_frames: int | None = None,
                        eval_views: str = '3x1',
                        precision: str = 'fp32', runs_dir='runs/train', store=None,
-                       eval_short_side: int | None = None) -> dict:
-    "Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info'} for `evaluate`."
+                       eval_short_side: int | None = None, output_json=None, batch_size: int = 1,
+                       num_workers: int = 0) -> dict:
+    """Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info', 'lock'} for
+    `evaluate`. `output_json` is checked before anything is read; a run folder's lock is held (`lock`)."""
     from evl_nb.model import PRESETS
     if dataset not in DEFAULT_MODEL:
         raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
     if dataset != 'synthetic' and not data_root:
         raise ValueError(f'data_root is required for dataset={dataset!r}')
     parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')
+    for name, v, least in (('batch_size', batch_size, 1), ('num_workers', num_workers, 0),
+                           ('num_frames', num_frames, 1)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
+            raise ValueError(f'{name}={v!r}: must be an integer >= {least}')
+    lock = None
+    if output_json is not None:
+        out = check_output_path(output_json, 'output_json', is_file=True).parent
+        if is_run_folder(out): hold_run_lock(out, 'evaluate'); lock = out    # a training run there refuses it
     if model is not None and model not in PRESETS: raise ValueError(f'model={model!r}: unknown preset')
     if class_list is not None and not Path(class_list).is_file():
         raise FileNotFoundError(f'class_list={class_list!r} does not exist')
@@ -291,7 +302,7 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
                          'pass class_list (or model with that count)')
     else: classes = val_set.classes
     return dict(model=net, val_set=val_set, classes=classes, label_map=label_map,
-                checkpoint=str(checkpoint) if checkpoint else None, info=info)
+                checkpoint=str(checkpoint) if checkpoint else None, info=info, lock=lock)
 
 # %% ../nbs/07_evaluate.ipynb #c5782a91
 def most_confused_classes(cm, n: int = 40) -> list[int]:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01a_store.ipynb #st002
 from __future__ import annotations
-import csv, errno, io, json, os, tarfile, tempfile, time, warnings
+import csv, errno, io, json, os, tarfile, tempfile, time, warnings, zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -21,9 +21,9 @@ from .video import (VIDEO_EXTS, VideoError, VideoInfo, MissingVideoError, EmptyV
                           UnreadableVideoError, TooShortVideoError, open_video, load_manifest)
 
 # %% auto #0
-__all__ = ['STORE_FORMAT', 'MANIFEST_COLUMNS', 'store_frame_size', 'fit_short_side', 'pack_frames', 'StoreError', 'read_index',
-           'read_jpegs', 'decode_frames', 'verify_clip_file', 'convert_video', 'annotation_videos', 'store_sources',
-           'build_store', 'ClipStore']
+__all__ = ['STORE_FORMAT', 'STORE_REASONS', 'MANIFEST_COLUMNS', 'store_frame_size', 'fit_short_side', 'pack_frames', 'StoreError',
+           'read_index', 'read_jpegs', 'decode_frames', 'verify_clip_file', 'convert_video', 'annotation_videos',
+           'store_sources', 'build_store', 'ClipStore']
 
 # %% ../nbs/01a_store.ipynb #st004
 _log = get_logger('evl_nb.store')
@@ -55,10 +55,14 @@ def _layout(index_bytes: int, sizes: Sequence[int]) -> list[int]:
     for s in sizes: out.append(pos + 512); pos += 512 + _pad(s)
     return out
 
-def _index_json(meta: dict, sizes: Sequence[int]) -> bytes:
+def _index_json(meta: dict, sizes: Sequence[int], crcs: Sequence[int] | None = None) -> bytes:
+    "`index.json`: `meta`, the data offsets and sizes of the JPEGs, and their CRC32s unless `crcs` is None."
+    meta = {k: v for k, v in meta.items() if k not in ('offsets', 'sizes', 'crc32')}
+    extra = {} if crcs is None else {'crc32': [int(c) for c in crcs]}
     offsets, blob = _layout(0, sizes), b''
     for _ in range(8):
-        blob = json.dumps({**meta, 'offsets': offsets, 'sizes': list(sizes)}, separators=(',', ':')).encode()
+        blob = json.dumps({**meta, 'offsets': offsets, 'sizes': list(sizes), **extra}, separators=(',', ':'))
+        blob = blob.encode()
         new = _layout(len(blob), sizes)
         if new == offsets: return blob
         offsets = new
@@ -68,10 +72,21 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name); ti.size, ti.mtime, ti.mode = int(size), 0, 0o644
     return ti
 
-def pack_frames(payload, sizes: Sequence[int], dst, meta: dict) -> Path:
-    "Write `dst` as a ustar tar: `index.json` (meta + offsets/sizes), then `sizes` JPEGs read in order from `payload`."
-    dst = Path(dst); blob = _index_json(meta, sizes)
+def _frame_crcs(payload, sizes: Sequence[int]) -> list[int]:
+    "`zlib.crc32` of each of the `sizes` JPEGs ahead in the stream `payload`, which is rewound."
+    pos = payload.tell(); out = [zlib.crc32(payload.read(s)) for s in sizes]
+    payload.seek(pos); return out
+
+def pack_frames(payload, sizes: Sequence[int], dst, meta: dict, crcs: Sequence[int] | None = None,
+                crc: bool = True) -> Path:
+    """Write `dst` as a ustar tar: `index.json` (meta + offsets/sizes + a CRC32 per frame), then `sizes` JPEGs
+    read in order from `payload`. `crcs`: already computed (else read ahead); `crc=False`: the format before
+    CRCs."""
+    dst = Path(dst)
     if isinstance(payload, (bytes, bytearray)): payload = io.BytesIO(payload)
+    if crc and crcs is None: crcs = _frame_crcs(payload, sizes)
+    if crc and len(crcs) != len(sizes): raise ValueError(f'pack_frames: {len(crcs)} crcs, {len(sizes)} JPEGs')
+    blob = _index_json(meta, sizes, crcs if crc else None)
     with open(dst, 'wb') as f, tarfile.open(fileobj=f, mode='w', format=tarfile.USTAR_FORMAT) as t:
         t.addfile(_member('index.json', len(blob)), io.BytesIO(blob))
         for i, s in enumerate(sizes): t.addfile(_member(f'{i:06d}.jpg', s), payload)
@@ -79,76 +94,145 @@ def pack_frames(payload, sizes: Sequence[int], dst, meta: dict) -> Path:
     return dst
 
 # %% ../nbs/01a_store.ipynb #st011
+STORE_REASONS = {   # StoreError.kind -> what is wrong; a dataset records it as the skip reason
+    'store file missing': 'the tar the manifest names is not there',
+    'not a store tar': 'the file does not start with the tar header of `index.json`',
+    'truncated tar': 'the file ends before the index, or before a JPEG the index lists',
+    'index.json does not parse': 'the index is not JSON',
+    'index.json is invalid': f'not a {STORE_FORMAT} index: format, frames, offsets/sizes/crc32 disagree',
+    'tar does not read': "Python's `tarfile` fails on the file",
+    'tar does not match index.json': "`tarfile` finds other members than the index lists",
+    'frame count does not match manifest': 'the index lists another number of frames than `manifest.csv`',
+    'crc mismatch': "a JPEG's bytes are not the bytes written: their `zlib.crc32` is not the index's",
+    'jpeg does not decode': 'libjpeg-turbo (CPU) or nvjpeg (CUDA) rejects a JPEG',
+    'frame size does not match index.json': 'a JPEG decodes to another size than the index says',
+}
+
 class StoreError(VideoError):
-    "A store file that is missing, cut off or does not match its index."
+    """A store file that cannot give frames: `kind` says what is wrong (a key of `STORE_REASONS`), `frame`
+    which frame when one is to blame; the message names the tar."""
     kind = 'store'
+    def __init__(self, path, msg: str = '', reason: str = 'store', frame: int | None = None):
+        self.kind, self.frame = reason, frame
+        super().__init__(path, msg)
+
+# %% ../nbs/01a_store.ipynb #st011b
+def _check_index(path: str, idx, size: int) -> dict:
+    "The parsed index (offsets/sizes as arrays, `crc32` a list or None: made before CRCs) if it fits the file"
+    ok = isinstance(idx, dict) and idx.get('format') == STORE_FORMAT
+    n, offs, szs, crcs = (idx.get(k) for k in ('frames', 'offsets', 'sizes', 'crc32')) if ok else (0,) * 4
+    ok = ok and isinstance(n, int) and n > 0 and all(isinstance(a, list) and len(a) == n for a in (offs, szs))
+    if ok and crcs is not None:
+        ok = isinstance(crcs, list) and len(crcs) == n
+        ok = ok and all(isinstance(c, int) and 0 <= c < 1 << 32 for c in crcs)
+    if not ok: raise StoreError(path, f'not a {STORE_FORMAT} index of {n} frames', 'index.json is invalid')
+    if offs[-1] + szs[-1] > size:
+        raise StoreError(path, f'frame {n - 1} ends at {offs[-1] + szs[-1]} > {size} bytes', 'truncated tar',
+                         n - 1)
+    idx['offsets'], idx['sizes'] = np.asarray(offs, dtype=np.int64), np.asarray(szs, dtype=np.int64)
+    idx['crc32'] = crcs
+    return idx
 
 @lru_cache(maxsize=16384)
 def _cached_index(path: str, size: int, mtime_ns: int) -> dict:
     with open(path, 'rb') as f:
         head = f.read(512)
         try: ti = tarfile.TarInfo.frombuf(head, 'utf-8', 'surrogateescape')
-        except tarfile.HeaderError as err: raise StoreError(path, f'not a tar ({err})') from None
-        if ti.name != 'index.json': raise StoreError(path, f'first member is {ti.name!r}, expected index.json')
+        except tarfile.HeaderError as err:
+            why = 'truncated tar' if len(head) < 512 else 'not a store tar'
+            raise StoreError(path, f'no tar header ({err})', why) from None
+        if ti.name != 'index.json':
+            raise StoreError(path, f'first member is {ti.name!r}, expected index.json', 'not a store tar')
         raw = f.read(ti.size)
+    if len(raw) < ti.size: raise StoreError(path, f'index.json: {len(raw)} of {ti.size} B', 'truncated tar')
     try: idx = json.loads(raw)
-    except ValueError as err: raise StoreError(path, f'index.json does not parse ({err})') from None
-    n, offs, szs = idx.get('frames', 0), idx.get('offsets', []), idx.get('sizes', [])
-    if idx.get('format') != STORE_FORMAT or not n or len(offs) != n or len(szs) != n:
-        raise StoreError(path, f'index.json is not a {STORE_FORMAT} index of {n} frames')
-    if offs[-1] + szs[-1] > size: raise StoreError(path, f'cut off: frame {n - 1} ends at {offs[-1] + szs[-1]} > {size} bytes')
-    idx['offsets'], idx['sizes'] = np.asarray(offs, dtype=np.int64), np.asarray(szs, dtype=np.int64)
-    return idx
+    except ValueError as err: raise StoreError(path, str(err), 'index.json does not parse') from None
+    return _check_index(path, idx, size)
 
 def read_index(path) -> dict:
-    "The parsed `index.json` of a store file (offsets/sizes as arrays); cached per process, keyed by size and mtime."
+    """The parsed `index.json` of a store file: offsets/sizes as arrays, `crc32` a list (None for a file
+    written before CRCs); cached per process, keyed by size and mtime."""
     path = str(path)
     try: st = os.stat(path)
-    except FileNotFoundError: raise StoreError(path, 'no such store file') from None
+    except FileNotFoundError: raise StoreError(path, 'no such file', 'store file missing') from None
     return _cached_index(path, st.st_size, st.st_mtime_ns)
 
 # %% ../nbs/01a_store.ipynb #st012
-def read_jpegs(path, indices: Sequence[int]) -> list[torch.Tensor]:
-    "The encoded JPEGs of frames `indices` of a store file, as uint8 tensors (one `pread` each)."
-    idx = read_index(path); n = idx['frames']
+def read_jpegs(path, indices: Sequence[int], check: bool = True) -> list[torch.Tensor]:
+    """The encoded JPEGs of frames `indices` of a store file, as uint8 tensors (one `pread` each), each
+    checked against its CRC32 in the index (`check=False`, or a file written before CRCs: not checked)."""
+    idx = read_index(path); n, crcs = idx['frames'], idx['crc32'] if check else None
     bad = [int(i) for i in indices if not 0 <= int(i) < n]
     if bad: raise IndexError(f'{path}: frame index {bad[0]} outside [0, {n})')
     fd = os.open(str(path), os.O_RDONLY)
     try:
         out = []
-        for i in indices:
+        for i in map(int, indices):
             o, s = int(idx['offsets'][i]), int(idx['sizes'][i])
             b = os.pread(fd, s, o)
-            if len(b) != s: raise StoreError(path, f'frame {i}: read {len(b)} of {s} bytes')
+            if len(b) != s: raise StoreError(path, f'frame {i}: {len(b)} of {s} bytes', 'truncated tar', i)
+            if crcs is not None and (c := zlib.crc32(b)) != crcs[i]:
+                raise StoreError(path, f'frame {i}: crc32 {c:#010x}, expected {crcs[i]:#010x} (index.json)',
+                                 'crc mismatch', i)
             out.append(torch.frombuffer(bytearray(b), dtype=torch.uint8))
         return out
     finally: os.close(fd)
 
-def decode_frames(jpegs: Sequence[torch.Tensor], device='cpu') -> torch.Tensor:
-    "JPEG bytes -> uint8 `(T, 3, H, W)`: libjpeg-turbo on CPU, one batched nvjpeg call on CUDA."
-    if not len(jpegs): raise ValueError('decode_frames: no frames')
+def _decode(jpegs: Sequence[torch.Tensor], device, where: Sequence[tuple] | None = None) -> list:
+    "`decode_jpeg` of a batch; `where[k]`, the (store file, frame) of `jpegs[k]`, names one that fails."
     dev = torch.device(device)
-    return torch.stack(decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=dev))
+    try: return decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=dev)
+    except RuntimeError as err:
+        if where is None: raise
+        for j, (p, i) in zip(jpegs, where):                  # which one: decode them one by one
+            try: decode_jpeg(j, mode=ImageReadMode.RGB, device=dev)
+            except RuntimeError as e:
+                raise StoreError(p, f'frame {i}: {str(e).strip()}', 'jpeg does not decode', i) from None
+        raise StoreError(where[0][0], f'frames {where[0][1]}..{where[-1][1]}: {err}', 'jpeg does not decode'
+                         ) from None
+
+def decode_frames(jpegs: Sequence[torch.Tensor], device='cpu', path=None, frames: Sequence[int] | None = None
+                  ) -> torch.Tensor:
+    """JPEG bytes -> uint8 `(T, 3, H, W)`: libjpeg-turbo on CPU, one batched nvjpeg call on CUDA. Given the
+    store file `path` (and which `frames` the JPEGs are), a JPEG that does not decode raises `StoreError`
+    naming it."""
+    if not len(jpegs): raise ValueError('decode_frames: no frames')
+    if frames is None: frames = range(len(jpegs))
+    where = None if path is None else [(path, int(i)) for i in frames]
+    out = _decode(jpegs, device, where)
+    if path is not None and len({tuple(x.shape) for x in out}) > 1:
+        raise StoreError(path, f'frames decode to {sorted({tuple(x.shape) for x in out})}',
+                         'frame size does not match index.json')
+    return torch.stack(out)
 
 # %% ../nbs/01a_store.ipynb #st014
 def verify_clip_file(path, level: str = 'tar', frames: int | None = None) -> dict:
-    """Check a store file and return its index: 'index' (index parses, file long enough), 'tar' (+ Python's `tarfile`
-    finds every member where the index says), 'full' (+ every JPEG decodes to the indexed size). Raises `StoreError`."""
-    if level not in ('index', 'tar', 'full'): raise ValueError(f"level={level!r}: expected 'index', 'tar' or 'full'")
+    """Check a store file and return its index: 'index' (index parses, file long enough), 'tar' (+ Python's
+    `tarfile` finds every member where the index says), 'full' (+ every JPEG matches its CRC32 and decodes to
+    the indexed size). Raises `StoreError`."""
+    if level not in ('index', 'tar', 'full'):
+        raise ValueError(f"level={level!r}: expected 'index', 'tar' or 'full'")
     idx = read_index(path); n = idx['frames']
-    if frames is not None and n != frames: raise StoreError(path, f'{n} frames, expected {frames}')
+    if frames is not None and n != frames:
+        raise StoreError(path, f'{n} frames, expected {frames}', 'frame count does not match manifest')
     if level in ('tar', 'full'):
         try:
             with tarfile.open(path) as t: mem = t.getmembers()
-        except (tarfile.TarError, OSError) as err: raise StoreError(path, f'tar does not read ({err})') from None
+        except (tarfile.TarError, OSError) as err:
+            raise StoreError(path, str(err), 'tar does not read') from None
         got = [(m.name, m.offset_data, m.size) for m in mem[1:]]
-        want = [(f'{i:06d}.jpg', int(o), int(s)) for i, (o, s) in enumerate(zip(idx['offsets'], idx['sizes']))]
-        if got != want: raise StoreError(path, f'tar members do not match index.json ({len(got)} members, {n} indexed)')
+        want = [(f'{i:06d}.jpg', int(o), int(s)) for i, (o, s) in enumerate(zip(idx['offsets'],
+                                                                                   idx['sizes']))]
+        if got != want:
+            raise StoreError(path, f'{len(got)} members, {n} indexed', 'tar does not match index.json')
     if level == 'full':
         for a in range(0, n, 64):
-            try: fr = decode_frames(read_jpegs(path, range(a, min(a + 64, n))))
-            except RuntimeError as err: raise StoreError(path, f'a JPEG in frames {a}-{min(a + 64, n) - 1} does not decode ({err})') from None
-            if tuple(fr.shape[-2:]) != (idx['height'], idx['width']): raise StoreError(path, f'frame size {tuple(fr.shape[-2:])} != index')
+            ix = list(range(a, min(a + 64, n)))
+            fr = decode_frames(read_jpegs(path, ix), path=path, frames=ix)
+            if tuple(fr.shape[-2:]) != (idx['height'], idx['width']):
+                hw = (idx['height'], idx['width'])
+                raise StoreError(path, f'frames {a}-{ix[-1]}: {tuple(fr.shape[-2:])}, index.json says {hw}',
+                                 'frame size does not match index.json')
     return idx
 
 # %% ../nbs/01a_store.ipynb #st016
@@ -157,11 +241,12 @@ MANIFEST_COLUMNS = ['key', 'file', 'source', 'frames', 'fps', 'width', 'height',
 _FATAL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 def _decode_to_jpeg(c, src, short_side, quality, spool, chunk: int = 32):
-    "Sequentially decode container `c`, resize, JPEG-encode into `spool`; returns (sizes, (H, W), (H0, W0))."
-    s = c.streams.video[0]; sizes, buf, n, size, src_size = [], [], 0, None, None
+    """Sequentially decode container `c`, resize, JPEG-encode into `spool`; returns (sizes, crc32s, (H, W),
+    (H0, W0))."""
+    s = c.streams.video[0]; sizes, crcs, buf, n, size, src_size = [], [], [], 0, None, None
     def flush():
         for j in encode_jpeg(list(fit_short_side(torch.stack(buf), short_side, size)), quality=quality):
-            b = j.numpy().tobytes(); spool.write(b); sizes.append(len(b))
+            b = j.numpy().tobytes(); spool.write(b); sizes.append(len(b)); crcs.append(zlib.crc32(b))
         buf.clear()
     try:
         for fr in c.decode(s):
@@ -174,7 +259,7 @@ def _decode_to_jpeg(c, src, short_side, quality, spool, chunk: int = 32):
         if n == 0: raise UnreadableVideoError(src, f'no frame decodes: {err}') from None
         raise TruncatedVideoError(src, f'decode error after {n} frames: {err}') from None
     if buf: flush()
-    return sizes, size, src_size
+    return sizes, crcs, size, src_size
 
 # %% ../nbs/01a_store.ipynb #st017
 def convert_video(src, dst, short_side: int | None = 320, quality: int = 95, min_frames: int = 1,
@@ -190,12 +275,12 @@ def convert_video(src, dst, short_side: int | None = 320, quality: int = 95, min
             vs = c.streams.video[0]
             fps, codec = float(vs.average_rate or vs.guessed_rate or 0), vs.codec_context.name
             with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=dst.parent) as spool:
-                sizes, (H, W), (H0, W0) = _decode_to_jpeg(c, src, short_side, quality, spool)
+                sizes, crcs, (H, W), (H0, W0) = _decode_to_jpeg(c, src, short_side, quality, spool)
                 if not sizes: raise EmptyVideoError(src, 'no frame decodes')
                 if len(sizes) < min_frames: raise TooShortVideoError(src, f'{len(sizes)} frame(s) decode, need {min_frames}')
                 meta = dict(format=STORE_FORMAT, key=row['key'], source=str(src), frames=len(sizes), fps=fps, width=W,
                             height=H, src_width=W0, src_height=H0, codec=codec, short_side=short_side, quality=quality)
-                spool.seek(0); pack_frames(spool, sizes, tmp, meta)
+                spool.seek(0); pack_frames(spool, sizes, tmp, meta, crcs)
         finally: c.close()
         verify_clip_file(tmp, 'tar', frames=len(sizes))
         os.replace(tmp, dst)
@@ -393,8 +478,10 @@ class ClipStore:
 def _error_of(info: VideoInfo) -> VideoError:
     cls = {c.kind: c for c in (MissingVideoError, EmptyVideoError, TruncatedVideoError, UnreadableVideoError,
                                TooShortVideoError, StoreError)}.get(info.error)
+    if cls is None and info.error in STORE_REASONS: cls = StoreError
     if cls is None: cls = type(f'{info.error.title()}Error', (VideoError,), {'kind': info.error})
     e = cls.__new__(cls); RuntimeError.__init__(e, info.message); e.path = info.path
+    if cls is StoreError: e.kind, e.frame = info.error, None
     return e
 
 def _info(self, path) -> VideoInfo:
@@ -411,8 +498,10 @@ def _read_tensor(self, path, indices: Sequence[int], device='cpu') -> torch.Tens
     idx = np.asarray([int(i) for i in indices], dtype=np.int64)
     if not idx.size: raise ValueError('read: indices is empty')
     uniq, inv = np.unique(idx, return_inverse=True)
-    fr = decode_frames(read_jpegs(self.file(path), uniq.tolist()), device)
-    return fr if len(uniq) == len(idx) and (uniq == idx).all() else fr[torch.as_tensor(inv.reshape(-1), device=fr.device)]
+    f, ix = self.file(path), uniq.tolist()
+    fr = decode_frames(read_jpegs(f, ix), device, path=f, frames=ix)        # every JPEG CRC-checked, decoded
+    if len(uniq) == len(idx) and (uniq == idx).all(): return fr
+    return fr[torch.as_tensor(inv.reshape(-1), device=fr.device)]
 
 def _read_frames(self, path, indices: Sequence[int]) -> np.ndarray:
     "Frames `indices` as uint8 `(T, H, W, 3)` numpy, like `evl_nb.video.read_clip`."
@@ -422,11 +511,14 @@ ClipStore.info, ClipStore.read_tensor, ClipStore.read_frames = _info, _read_tens
 
 # %% ../nbs/01a_store.ipynb #st029
 def _read_batch(self, items: Sequence[tuple], device='cuda') -> list[torch.Tensor]:
-    "Several clips `[(path, indices), ...]` decoded in ONE `decode_jpeg` call (nvjpeg batches on CUDA): `(T, 3, H, W)` each."
-    jpegs, spans = [], []
+    """Several clips `[(path, indices), ...]` decoded in ONE `decode_jpeg` call (nvjpeg batches on CUDA):
+    `(T, 3, H, W)` each. Every JPEG is CRC-checked on the CPU first; a bad one raises `StoreError` naming
+    it."""
+    jpegs, spans, where = [], [], []
     for path, indices in items:
-        ix = [int(i) for i in indices]; spans.append((len(jpegs), len(ix))); jpegs += read_jpegs(self.file(path), ix)
-    out = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=torch.device(device))
+        f, ix = self.file(path), [int(i) for i in indices]
+        spans.append((len(jpegs), len(ix))); jpegs += read_jpegs(f, ix); where += [(f, i) for i in ix]
+    out = _decode(jpegs, device, where)
     return [torch.stack(out[a:a + n]) for a, n in spans]
 
 def _verify(self, level: str = 'tar') -> dict[str, str]:

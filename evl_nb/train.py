@@ -4,7 +4,8 @@
 
 # %% ../nbs/06_train.ipynb #a1fe2a38
 from __future__ import annotations
-import argparse, contextlib, csv, json, math, os, pickle, random, resource, shutil, subprocess, sys, time, warnings
+import argparse, contextlib, csv, json, math, os, pickle, random, re, resource, shutil, signal, subprocess, sys, threading
+import time, warnings, zipfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -15,8 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .core import (add_context, all_gather_objects, all_reduce_sum, as_dtype, atomic_save, dist_info, get_logger,
-                         init_distributed, seed_everything)
+from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_sum, as_dtype, atomic_save,
+                         check_output_path, dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
+                         seed_everything)
 from .data import (ANN_NAMES, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, default_ann, find_ann,
                          normalize_clip, parse_views, random_clips, record_skipped)
 from .evaluate import evaluate, format_report, save_results
@@ -27,13 +29,17 @@ from .model import EVL, PRESETS, build_evl, get_config, model_input_size
 _log = get_logger('evl_nb.train')
 
 # %% auto #0
-__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'METRIC_COLUMNS', 'recipe', 'option', 'TrainConfig',
-           'Option', 'build_datasets', 'build_optimizer', 'cosine_factor', 'build_scheduler', 'StepSampler',
-           'PositionSeeded', 'list_checkpoints', 'latest_checkpoint', 'prune_checkpoints', 'rng_state', 'set_rng_state',
-           'read_train_checkpoint', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'build_model', 'check_data',
-           'check_classes', 'finished_run', 'RunState', 'setup_run', 'resume_run', 'start_run', 'train_loader',
-           'save_checkpoint', 'release_feature_caches', 'cache_run_features', 'forward_backward', 'train_step',
-           'log_step', 'evaluate_run', 'run_summary', 'train', 'run', 'build_parser', 'main', 'cli_args',
+__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'POSITIVE', 'NON_NEGATIVE', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'METRIC_COLUMNS',
+           'RESUME_HARMLESS', 'CHECKPOINT_KEYS', 'recipe', 'option', 'check_type', 'check_types', 'check_ranges',
+           'TrainConfig', 'Option', 'build_datasets', 'build_optimizer', 'cosine_factor', 'CosineSchedule',
+           'build_scheduler', 'StepSampler', 'PositionSeeded', 'list_checkpoints', 'latest_checkpoint',
+           'prune_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointRefused', 'read_train_checkpoint',
+           'convert_checkpoint', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'build_model', 'check_data',
+           'check_classes', 'config_changes', 'format_changes', 'finished_run', 'cpu_cores', 'RunState', 'setup_run',
+           'load_resumable', 'pick_checkpoint', 'check_fits', 'apply_changes', 'resume_run', 'start_run',
+           'ignore_stop_signals', 'train_loader', 'save_checkpoint', 'release_feature_caches', 'cache_run_features',
+           'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'TrainingStopped',
+           'GracefulStop', 'run_folder_lock', 'train', 'train_loop', 'run', 'build_parser', 'main', 'cli_args',
            'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
 
 # %% ../nbs/06_train.ipynb #108e865b
@@ -53,6 +59,43 @@ def option(default=None, help: str = '', factory=None):
     if factory is not None: return field(default_factory=factory, metadata={'help': help})
     return field(default=default, metadata={'help': help})
 
+
+# %% ../nbs/06_train.ipynb #1347d081
+_KINDS = {'int': ('an integer', lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          'float': ('a number', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+          'str': ('a string', lambda v: isinstance(v, str)), 'bool': ('True or False', lambda v: isinstance(v, bool)),
+          'dict': ('a dict', lambda v: isinstance(v, dict)), 'tuple': ('a pair', lambda v: isinstance(v, (tuple, list)))}
+
+def check_type(name: str, value, annotation: str):
+    "Refuse `value` unless it fits `annotation` ('int | None', 'float', ...), naming `name`."
+    kinds = [k.strip() for k in annotation.split('|')]
+    if value is None and 'None' in kinds: return
+    if any(_KINDS[k][1](value) for k in kinds if k in _KINDS): return
+    want = ' or '.join(_KINDS[k][0] for k in kinds if k in _KINDS) + (' or None' if 'None' in kinds else '')
+    raise ValueError(f'{name}={value!r}: expected {want}, got {type(value).__name__}')
+
+def check_types(cfg):
+    "Check every field of a config dataclass against its annotation."
+    for f in fields(cfg): check_type(f.name, getattr(cfg, f.name), str(f.type))
+
+# %% ../nbs/06_train.ipynb #4dfac1f2
+POSITIVE = ('num_frames', 'num_classes', 'batch_size', 'accum_steps', 'max_steps', 'eval_batch_size', 'eval_short_side',
+            'keep_last', 'log_every', 'stop_at_step', 'threads')
+NON_NEGATIVE = ('warmup_steps', 'eval_every', 'num_workers', 'ckpt_every', 'cache_features', 'seed')
+
+def check_ranges(c):
+    "Counts positive (None: the preset's), steps and workers >= 0, lr > 0, weight decay >= 0, betas in [0, 1)."
+    for k in POSITIVE:
+        if getattr(c, k) is not None and getattr(c, k) < 1:
+            raise ValueError(f'{k}={getattr(c, k)!r}: must be a positive integer (None for the default)')
+    for k in NON_NEGATIVE:
+        if getattr(c, k) < 0: raise ValueError(f'{k}={getattr(c, k)!r}: must be an integer >= 0')
+    if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
+    if c.weight_decay < 0: raise ValueError(f'weight_decay={c.weight_decay!r}: must be >= 0')
+    if len(c.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas):
+        raise ValueError(f'betas={c.betas!r}: expected two numbers in [0, 1)')
+
+# %% ../nbs/06_train.ipynb #9393553d
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (None = the preset's recipe; see `recipe`)."
@@ -96,10 +139,15 @@ class TrainConfig:
                                     '(eval views cached too; exact: the tower is frozen; memory: see 06a_features)')
     stop_at_step: int | None = option(None, 'stop (as if killed) after this step: for tests and time-boxed jobs')
     progress: bool = option(True, 'show progress bars')
+    threads: int | None = option(None, "torch CPU threads; None: the machine's cores (never a timing: runs repeat bit "
+                                       'for bit at a given count)')
+    allow_changes: bool = option(False, "resume with parameters that change the run's math (lr, batch, data, ...): "
+                                        'applied from the resumed step and recorded in summary.json')
 
     def resolve(self) -> 'TrainConfig':
         "A copy with the preset's recipe filled in and the combination checked."
         c = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
+        check_types(c)
         if c.dataset not in DEFAULT_MODEL:
             raise ValueError(f"dataset={c.dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
         c.model = c.model or DEFAULT_MODEL[c.dataset]
@@ -110,18 +158,12 @@ class TrainConfig:
         if c.precision is None: c.precision = 'fp16' if torch.cuda.is_available() else 'fp32'
         as_dtype(c.precision, 'precision')
         c.betas = tuple(c.betas)
-        for k in ('batch_size', 'accum_steps', 'max_steps'):
-            if not isinstance(getattr(c, k), int) or getattr(c, k) < 1: raise ValueError(f'{k}={getattr(c, k)!r}: must be a positive integer')
-        for k in ('warmup_steps', 'eval_every', 'num_workers', 'ckpt_every', 'cache_features'):
-            if not isinstance(getattr(c, k), int) or getattr(c, k) < 0: raise ValueError(f'{k}={getattr(c, k)!r}: must be an integer >= 0')
-        if c.keep_last < 1: raise ValueError(f'keep_last={c.keep_last}: keep at least one checkpoint')
-        if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
+        check_ranges(c)
+        check_output_path(c.output_dir, 'output_dir')
         if c.eval_views is None: c.eval_views = '1x1' if c.dataset == 'synthetic' else '3x1'
         if c.eval_short_side is None and c.in_memory:      # train crops are cut from input + input // 7 (mmaction2's 256/224)
             size = model_input_size(get_config(c.model, **{k: v for k, v in c.model_overrides.items() if k == 'backbone'}))
             c.eval_short_side = size + size // 7
-        if c.eval_short_side is not None and not (isinstance(c.eval_short_side, int) and c.eval_short_side > 0):
-            raise ValueError(f'eval_short_side={c.eval_short_side!r}: must be a positive integer (pixels) or None')
         parse_views(c.eval_views, 'eval_views')
         if c.dataset in ('k400', 'ssv2') and not c.data_root:
             raise ValueError(f'data_root is required for dataset={c.dataset!r} (the folder holding the videos and annotations)')
@@ -204,17 +246,48 @@ def cosine_factor(step: int, max_steps: int, warmup_steps: int = 0) -> float:
     t = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, t))))
 
-def build_scheduler(optimizer, max_steps: int, warmup_steps: int = 0):
-    "A per-step `LambdaLR` following `cosine_factor`."
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, max_steps, warmup_steps))
+class CosineSchedule:
+    """The per-step lr: `lr x cosine_factor` over segments. The run is one segment from step 0; `restart(step, lr,
+    max_steps)` (a resume with a changed lr or length) begins a new cosine from `lr` at `step` to 0 at `max_steps`."""
+    def __init__(self, optimizer, lr: float, max_steps: int, warmup_steps: int = 0):
+        self.optimizer, self.last_step = optimizer, 0
+        self.segments = [dict(start=0, lr=lr, end=max_steps, warmup=warmup_steps)]
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        g = [s for s in self.segments if s['start'] <= step][-1]
+        return g['lr'] * cosine_factor(step - g['start'], g['end'] - g['start'], g['warmup'])
+
+    def _apply(self):
+        for g in self.optimizer.param_groups: g['lr'] = self.lr_at(self.last_step)
+
+    def step(self): self.last_step += 1; self._apply()
+    def get_last_lr(self) -> list[float]: return [g['lr'] for g in self.optimizer.param_groups]
+
+    def restart(self, step: int, lr: float, max_steps: int):
+        self.segments = [s for s in self.segments if s['start'] < step] + [dict(start=step, lr=lr, end=max_steps, warmup=0)]
+        self._apply()
+
+    def state_dict(self) -> dict: return dict(segments=[dict(s) for s in self.segments], last_step=self.last_step)
+
+    def load_state_dict(self, sd: dict):
+        if 'segments' not in sd:        # a LambdaLR state (evl-nb 0.2): one segment, its peak lr and position
+            sd = dict(segments=[dict(self.segments[0], lr=sd['base_lrs'][0])], last_step=sd['last_epoch'])
+        self.segments, self.last_step = [dict(s) for s in sd['segments']], int(sd['last_step'])
+        self._apply()
+
+def build_scheduler(optimizer, max_steps: int, warmup_steps: int = 0, lr: float | None = None) -> CosineSchedule:
+    "The run's `CosineSchedule` (peak `lr`: the optimiser's)."
+    return CosineSchedule(optimizer, optimizer.param_groups[0]['lr'] if lr is None else lr, max_steps, warmup_steps)
 
 # %% ../nbs/06_train.ipynb #230c4966
 class StepSampler(Sampler):
     "Deterministic, distributed, resumable: yields (position, index) for this rank from `start_step` to `max_steps`."
     def __init__(self, n: int, per_rank: int, max_steps: int, start_step: int = 0, rank: int = 0, world: int = 1,
-                 seed: int = 0, shuffle: bool = True):
+                 seed: int = 0, shuffle: bool = True, start_pos: int | None = None):
         if n < 1: raise ValueError('the training set is empty')
         self.n, self.per_rank, self.max_steps, self.start_step = n, per_rank, max_steps, start_step
+        self.start_pos = start_step * per_rank * world if start_pos is None else start_pos   # a batch change moves it
         self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
         self._perm_epoch, self._perm = None, None
 
@@ -228,12 +301,17 @@ class StepSampler(Sampler):
     def __len__(self): return max(0, self.max_steps - self.start_step) * self.per_rank
 
     def __iter__(self):
-        B = self.per_rank * self.world
         for s in range(self.start_step, self.max_steps):
-            base = s * B + self.rank * self.per_rank
+            base = self.position_at(s) + self.rank * self.per_rank
             for j in range(self.per_rank): yield (base + j, self.index_at(base + j))
 
-    def state_dict(self) -> dict: return dict(n=self.n, per_rank=self.per_rank, world=self.world, seed=self.seed, shuffle=self.shuffle)
+    def position_at(self, step: int) -> int:
+        "The stream position of step `step`'s first sample."
+        return self.start_pos + (step - self.start_step) * self.per_rank * self.world
+
+    def state_dict(self, step: int | None = None) -> dict:
+        return dict(n=self.n, per_rank=self.per_rank, world=self.world, seed=self.seed, shuffle=self.shuffle,
+                    **({} if step is None else dict(step=step, position=self.position_at(step))))
 
 class PositionSeeded(Dataset):
     "Wrap a dataset so item `(position, index)` is produced with torch/numpy/random seeded from (seed, position)."
@@ -282,13 +360,43 @@ def set_rng_state(s: dict):
     random.setstate(py); np.random.set_state(npy); torch.set_rng_state(s['torch'])
     if s.get('cuda') is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
+class CheckpointRefused(ValueError):
+    "A checkpoint the weights-only loader refuses: unpickling it could run code. It is never loaded that way."
+
 def read_train_checkpoint(path) -> dict:
-    "A training checkpoint read with `weights_only=True` (files written before RNG states were tensors: full unpickling)."
+    "A training checkpoint, read with `weights_only=True` only; a refused file is a `CheckpointRefused` naming it."
     try: return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        _log.warning(f'{path}: written by an older evl-nb (NumPy RNG state); read with weights_only=False. '
-                     'Checkpoints written from now on open with weights_only=True.')
-        return torch.load(path, map_location='cpu', weights_only=False)
+    except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path): raise        # not a torch file at all: corrupt, not foreign
+        m = re.search(r'GLOBAL (\S+)|safe_globals\(\[([^\]]+)\]\)', str(e))
+        what = f" (it asks for {m.group(1) or m.group(2)})" if m else ''
+        raise CheckpointRefused(
+            f'{path}: the weights-only loader refuses this file{what}; loading it fully could run code. If an older '
+            f'evl-nb wrote it and you trust its origin: evl-nb convert-checkpoint --trust {path}') from None
+
+# %% ../nbs/06_train.ipynb #677bf57b
+def _tensor_rng(r: dict) -> dict:
+    "RNG states as `rng_state` stores them (tensors and numbers) from the tuple/array form of evl-nb 0.1."
+    py, npy = r['python'], r['numpy']
+    if not isinstance(py, dict): py = dict(version=int(py[0]), state=torch.tensor(py[1], dtype=torch.int64), gauss=py[2])
+    if not isinstance(npy, dict):
+        npy = dict(kind=str(npy[0]), keys=torch.from_numpy(np.asarray(npy[1]).astype(np.int64)), pos=int(npy[2]),
+                   has_gauss=int(npy[3]), cached=float(npy[4]))
+    return dict(r, python=py, numpy=npy)
+
+def convert_checkpoint(src, dst=None) -> Path:
+    """Rewrite a checkpoint the weights-only loader refuses (evl-nb 0.1 stored NumPy RNG states) so that it opens
+    with `weights_only=True`. This unpickles `src` in full, which runs any code it holds: only for files whose
+    origin you trust. `dst` defaults to `src` (the original kept as `<name>.orig`)."""
+    src = Path(src); dst = Path(dst) if dst else src
+    _log.warning(f'{src}: unpickling in full (weights_only=False), trusting its origin as asked')
+    state = torch.load(src, map_location='cpu', weights_only=False)
+    if not isinstance(state, dict) or 'model' not in state: raise ValueError(f'{src}: not an evl-nb checkpoint (no model)')
+    state['rng'] = [_tensor_rng(r) for r in state.get('rng') or []]
+    if dst == src: shutil.copy2(src, src.with_name(src.name + '.orig'))
+    atomic_save(state, dst)
+    read_train_checkpoint(dst)              # the result opens safely, or this names what is still refused
+    return dst
 
 # %% ../nbs/06_train.ipynb #2f982de8
 METRIC_COLUMNS = ['kind', 'step', 'loss', 'lr', 'top1', 'top5', 'mean_class_accuracy', 'num_samples',
@@ -392,6 +500,21 @@ def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
                              + (f' (id {clash[0]}: {vc[clash[0]]!r} vs {classes[clash[0]]!r})' if clash else ''))
     return pad_classes(classes, n) if classes is not None else None
 
+# %% ../nbs/06_train.ipynb #0664de62
+RESUME_HARMLESS = ('num_workers', 'eval_every', 'eval_views', 'eval_short_side', 'eval_batch_size', 'ckpt_every',
+                   'keep_last', 'log_every', 'output_dir', 'resume', 'reevaluate', 'device', 'stop_at_step', 'progress',
+                   'threads', 'allow_changes')
+
+def _plain(v): return json.loads(json.dumps(v, default=str))
+
+def config_changes(saved: dict, cfg: TrainConfig) -> list[dict]:
+    "The parameters that change the run's math and differ between a stored config and `cfg`: [{param, old, new}]."
+    return [dict(param=f.name, old=_plain(saved[f.name]), new=_plain(getattr(cfg, f.name))) for f in fields(cfg)
+            if f.name not in RESUME_HARMLESS and f.name in saved and _plain(saved[f.name]) != _plain(getattr(cfg, f.name))]
+
+def format_changes(changes: list[dict]) -> str:
+    return '; '.join(f"{c['param']}: {c['old']!r} -> {c['new']!r}" for c in changes)
+
 # %% ../nbs/06_train.ipynb #d469a34e
 def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
     "The stored summary of the finished run in `cfg.output_dir` (reported through `echo`), or None to train/evaluate."
@@ -401,6 +524,10 @@ def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
     last = latest_checkpoint(out / 'checkpoints')
     if s.get('stopped_early') or s.get('steps') != cfg.max_steps or last is None or last.stem != f'step_{cfg.max_steps:07d}':
         return None
+    changes = config_changes(s.get('config') or {}, cfg)
+    if changes and not cfg.allow_changes:
+        raise ValueError(f"{out} holds a complete run with other parameters ({format_changes(changes)}); give another "
+                         "output_dir, or resume='none' to start over there")
     res = out / 'results.json'
     text = format_report(json.loads(res.read_text())) if res.is_file() else 'no validation results were recorded'
     msg = (f'{out}: this run is complete (step {s["steps"]} of {cfg.max_steps}, checkpoint {last.name}); '
@@ -409,6 +536,10 @@ def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
     return dict(s, already_complete=True)
 
 # %% ../nbs/06_train.ipynb #59e51012
+def cpu_cores() -> int:
+    "The cores this process may run on (its affinity), the default torch thread count: a fact, not a timing."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 @dataclass
 class RunState:
     "What one training process holds: config, its place in the job, model and optimiser, progress."
@@ -418,7 +549,7 @@ class RunState:
     device: torch.device
     model: EVL
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: CosineSchedule
     scaler: torch.amp.GradScaler
     micro_batch: int
     classes: list
@@ -432,6 +563,8 @@ class RunState:
     resumed_from: str | None = None
     skipped: int = 0                           # training draws that hit an unreadable file
     clips: int = 0                             # clips trained on by this process since the start
+    start_pos: int | None = None               # stream position of start_step (moves when the batch changed)
+    changes: list = field(default_factory=list)   # parameters changed on resume: {step, param, old, new}
     @property
     def out(self) -> Path: return Path(self.cfg.output_dir)
     @property
@@ -443,6 +576,7 @@ def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState
     "Join the job, split the batch, build model, optimiser, schedule and scaler (the same initial weights on every rank)."
     t_start = time.time()
     rank, world, device = init_distributed(cfg.device)
+    if device.type == 'cpu' or cfg.threads: torch.set_num_threads(cfg.threads or cpu_cores())
     if rank == 0: Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     micro, rem = divmod(cfg.batch_size, world * cfg.accum_steps)
     if rem or micro < 1:
@@ -453,7 +587,7 @@ def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState
     if model is None: model = build_model(cfg, getattr(train_set, 'num_classes', None))
     model.to(device)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, fused=device.type == 'cuda')
-    sched = build_scheduler(opt, cfg.max_steps, cfg.warmup_steps)
+    sched = build_scheduler(opt, cfg.max_steps, cfg.warmup_steps, cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     seed_everything(cfg.seed + 7919 * rank)   # dropout differs per rank, reproducibly
     classes = list(getattr(train_set, 'classes', []) or [])
@@ -462,20 +596,94 @@ def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState
         classes = pad_classes(classes, model.config.num_classes)
     return RunState(cfg, rank, world, device, model, opt, sched, scaler, micro, classes, t_start)
 
-# %% ../nbs/06_train.ipynb #6a396b50
-def resume_run(run: RunState) -> Path | None:
-    "Load the checkpoint `resume` asks for ('auto': the latest in output_dir): weights, optimiser, schedule, RNG, step."
-    cfg = run.cfg
-    if cfg.resume in (False, None, 'none', 'no', 'false', ''): return None
-    path = latest_checkpoint(run.ckpt_dir) if cfg.resume in (True, 'auto', 'latest') else Path(cfg.resume)
-    if path is None: return None
-    if not path.is_file(): raise FileNotFoundError(f'resume={str(cfg.resume)!r}: no such checkpoint')
+# %% ../nbs/06_train.ipynb #370a36b1
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'step')
+
+def _why(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [''])[0][:160]
+    return f'{type(e).__name__}: {first}' if first else f'{type(e).__name__} (empty or truncated file)'
+
+def load_resumable(path) -> dict:
+    "A step checkpoint read safely and checked: a dict with the training state, at the step its name says."
     saved = read_train_checkpoint(path)
+    if not isinstance(saved, dict): raise ValueError(f'holds a {type(saved).__name__}, not a training state')
+    missing = [k for k in CHECKPOINT_KEYS if k not in saved]
+    if missing: raise ValueError(f'no {", ".join(missing)} in it')
+    m = re.fullmatch(r'step_(\d+)', Path(path).stem)
+    if m and int(m.group(1)) != int(saved['step']): raise ValueError(f"its name says step {int(m.group(1))}, it holds {saved['step']}")
+    return saved
+
+def pick_checkpoint(resume, ckpt_dir) -> tuple[Path | None, dict | None]:
+    "(path, state) of the checkpoint `resume` asks for; 'auto': the newest usable one, unusable ones set aside."
+    if resume in (False, None, 'none', 'no', 'false', ''): return None, None
+    if resume not in (True, 'auto', 'latest'):
+        p = Path(resume)
+        if not p.is_file(): raise FileNotFoundError(f'resume={str(resume)!r}: no such checkpoint')
+        try: return p, load_resumable(p)
+        except CheckpointRefused: raise
+        except Exception as e: raise ValueError(f'resume={str(resume)!r}: the checkpoint does not load ({_why(e)})') from None
+    found, aside, picked = list_checkpoints(ckpt_dir), [], (None, None)
+    for p in reversed(found):
+        try: picked = (p, load_resumable(p)); break
+        except CheckpointRefused: raise
+        except Exception as e:
+            aside.append(f'{p.name} ({_why(e)})'); os.replace(p, p.with_name(p.name + '.corrupt'))
+    if aside: _log.warning(f'{ckpt_dir}: set aside as *.corrupt, not loadable: ' + '; '.join(aside))
+    if found and picked[0] is None:
+        raise ValueError(f'{ckpt_dir}: none of the {len(found)} step checkpoints loads (set aside as *.corrupt). '
+                         "Start over with resume='none', or give resume=<a checkpoint file>")
+    if aside: _log.warning(f'resuming from {picked[0].name}, the newest checkpoint that loads')
+    return picked
+
+# %% ../nbs/06_train.ipynb #26a56cb6
+def check_fits(model: EVL, state: dict, path):
+    "Refuse a checkpoint whose weights do not fit `model` (another architecture), naming the keys."
+    own = model.state_dict()
+    bad = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if bad or missing or extra:
+        raise ValueError(f'{path} does not fit the model built from these parameters: ' + '; '.join(
+            x for x in (f'shapes differ for {bad[:3]}' if bad else '', f'missing {missing[:3]}' if missing else '',
+                        f'unexpected {extra[:3]}' if extra else '') if x))
+
+def apply_changes(run: RunState, changes: list[dict]):
+    "Apply changed parameters from the resumed step (schedule restart, AdamW decay and betas) and record them."
+    cfg, names = run.cfg, {c['param'] for c in changes}
+    if names & {'lr', 'max_steps', 'warmup_steps'}:
+        run.scheduler.restart(run.step, cfg.lr if 'lr' in names else run.optimizer.param_groups[0]['lr'], cfg.max_steps)
+    for g in run.optimizer.param_groups:
+        g['betas'] = tuple(cfg.betas)
+        if g['weight_decay']: g['weight_decay'] = cfg.weight_decay
+    run.changes += [dict(step=run.step, **c) for c in changes]
+    if run.rank == 0: _log.warning(f'resumed at step {run.step} with changed parameters (allow_changes): {format_changes(changes)}')
+
+# %% ../nbs/06_train.ipynb #209fcd2c
+def resume_run(run: RunState) -> Path | None:
+    """Load the checkpoint `resume` asks for (rank 0 picks it, `pick_checkpoint`): weights, optimiser, schedule, RNG,
+    step, stream position; changed parameters are refused, or applied with `allow_changes`."""
+    cfg, err, path, saved = run.cfg, None, None, None
+    if run.rank == 0:
+        try: path, saved = pick_checkpoint(cfg.resume, run.ckpt_dir)
+        except Exception as e: err = e
+    picked, msg = all_gather_objects((str(path) if path else None, str(err) if err else None))[0]
+    if err is not None: raise err
+    if msg is not None: raise RuntimeError(f'rank 0 could not resume: {msg}')
+    if picked is None: return None
+    path = Path(picked); saved = saved if saved is not None else read_train_checkpoint(path)
+    changes = config_changes(saved.get('config') or {}, cfg)
+    if changes and not cfg.allow_changes:
+        raise ValueError(f"resuming {path} with changed parameters ({format_changes(changes)}): they change the run. "
+                         f"Pass allow_changes=True (--allow-changes) to apply them from step {saved['step']}, "
+                         "or use another output_dir")
+    check_fits(run.model, saved['model'], path)
     run.model.load_state_dict(saved['model'])
     run.optimizer.load_state_dict(saved['optimizer']); run.scheduler.load_state_dict(saved['scheduler'])
     if saved.get('scaler'): run.scaler.load_state_dict(saved['scaler'])
     run.step = run.start_step = int(saved['step'])
-    run.best, run.resumed_from = saved.get('best'), str(path)
+    sp = saved.get('sampler') or {}
+    run.start_pos = sp.get('position', run.step * sp.get('per_rank', run.micro_batch * cfg.accum_steps) * sp.get('world', run.world))
+    run.best, run.resumed_from, run.changes = saved.get('best'), str(path), list(saved.get('changes') or [])
+    if changes: apply_changes(run, changes)
     rngs = saved.get('rng') or []
     if rngs: set_rng_state(rngs[run.rank % len(rngs)])
     if saved.get('world_size', run.world) != run.world:
@@ -484,6 +692,7 @@ def resume_run(run: RunState) -> Path | None:
     if run.rank == 0: _log.info(f'resumed from {path} at step {run.start_step}')
     return path
 
+# %% ../nbs/06_train.ipynb #6a396b50
 def start_run(run: RunState) -> RunState:
     "Wrap the model (`DecoderHead` with `cache_features`) in DDP (world > 1); open the metrics log from the resumed step."
     run.ddp = DecoderHead(run.model) if run.cfg.cache_features else run.model    # cached features: decoder + head only
@@ -496,17 +705,22 @@ def start_run(run: RunState) -> RunState:
     return run
 
 # %% ../nbs/06_train.ipynb #5f925783
+def ignore_stop_signals(worker_id: int = 0):
+    "In a loader worker: leave SIGTERM/SIGINT to the main process, which finishes its step and saves (`GracefulStop`)."
+    for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
+
 def train_loader(run: RunState, train_set) -> DataLoader:
     "This rank's micro-batches from the resumed step on (`StepSampler`, augmentation seeded by stream position)."
     cfg = run.cfg
     run.sampler = StepSampler(len(train_set), run.micro_batch * cfg.accum_steps, cfg.max_steps, run.start_step,
-                              run.rank, run.world, cfg.seed)
+                              run.rank, run.world, cfg.seed, start_pos=run.start_pos)
     in_memory = isinstance(train_set, (TensorClips, FeatureCache))      # clips or features: no loader processes
     workers = 0 if in_memory else cfg.num_workers
     return DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=run.micro_batch, sampler=run.sampler,
                       num_workers=workers, pin_memory=run.device.type == 'cuda',
                       collate_fn=collate_features if isinstance(train_set, FeatureCache) else collate_clips,
                       generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers else None,
                       **({'prefetch_factor': 4} if workers else {}))
 
 def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path | None:
@@ -514,9 +728,9 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     rngs = all_gather_objects(rng_state())
     if run.rank != 0: return None
     state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                 scaler=run.scaler.state_dict(), step=run.step, sampler=run.sampler.state_dict(), rng=rngs,
+                 scaler=run.scaler.state_dict(), step=run.step, sampler=run.sampler.state_dict(run.step), rng=rngs,
                  world_size=run.world, best=run.best, config=asdict(run.cfg), model_config=asdict(run.model.config),
-                 classes=run.classes, **(extra or {}))
+                 classes=run.classes, changes=run.changes, **(extra or {}))
     p = atomic_save(state, path or run.ckpt_dir / f'step_{run.step:07d}.pt')
     if path is None: prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
     return p
@@ -651,7 +865,8 @@ def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float,
              peak_memory_gb=max(all_gather_objects(_peak_mem_gb(device))),
              peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
              train_skipped=run.skipped, train_skipped_files=_skip_details(train_set), best=run.best,
-             output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), config=asdict(cfg))
+             output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes,
+             config=asdict(cfg))
     if last_eval is not None:
         s['val'] = {k: last_eval[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
                                               'num_dataset', 'skipped_files')}
@@ -672,49 +887,113 @@ def _skip_details(ds) -> list[dict]:
             f"{r['path']} ({r['where'] or '?'}): {r['reason']}, {r['count']} draw(s)" for r in list(merged.values())[:10]))
     return list(merged.values())
 
+# %% ../nbs/06_train.ipynb #ddca0eb8
+class TrainingStopped(Exception):
+    "Training stopped on SIGTERM/SIGINT after saving a checkpoint; `exit_code` is 128 + the signal (143, 130)."
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint, self.exit_code = signum, step, checkpoint, 128 + signum
+        super().__init__(f'{signal.Signals(signum).name}: stopped at step {step}; checkpoint {checkpoint}')
+
+class GracefulStop:
+    "While active (main thread), SIGTERM/SIGINT ask the loop to stop after the current step; a second one acts at once."
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    def __init__(self): self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is None: self.signum = signum; return
+        self.__exit__(); os.kill(os.getpid(), signum)          # asked twice: the usual behaviour, now
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items(): signal.signal(s, h)
+        self._old = {}
+
+    def requested(self, world: int = 1, device='cpu') -> int | None:
+        "The signal any rank received, or None (ranks agree: one all-reduce when distributed)."
+        if world == 1: return self.signum
+        t = torch.tensor([self.signum or 0], device=device); dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item()) or None
+
+# %% ../nbs/06_train.ipynb #543e09d9
+@contextlib.contextmanager
+def run_folder_lock(cfg: TrainConfig, purpose: str = 'train'):
+    "Hold `cfg.output_dir`'s run lock for the block (rank 0 takes it; every rank raises if it could not)."
+    rank, _, _ = init_distributed(cfg.device)
+    err, held = None, False
+    if rank == 0:
+        try: hold_run_lock(cfg.output_dir, purpose); held = True
+        except RunLockedError as e: err = str(e)
+    refused = [e for e in all_gather_objects(err) if e]
+    if refused: raise RunLockedError(refused[0])
+    try: yield
+    finally:
+        if held: release_run_lock(cfg.output_dir)
+
 # %% ../nbs/06_train.ipynb #0d392fac
 def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -> dict:
-    "Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun."
+    """Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun. Holds
+    `output_dir`'s lock; on SIGTERM/SIGINT saves the step reached and raises `TrainingStopped`."""
     cfg = cfg.resolve()
-    done = finished_run(cfg)
-    if done is not None: return done
-    run = setup_run(cfg, train_set, model)
-    resume_run(run); start_run(run)
-    if cfg.cache_features: train_set, val_set = cache_run_features(run, train_set, val_set)
+    with run_folder_lock(cfg):
+        done = finished_run(cfg)
+        if done is not None: return done
+        run = setup_run(cfg, train_set, model)
+        resume_run(run); start_run(run)
+        if cfg.cache_features: train_set, val_set = cache_run_features(run, train_set, val_set)
+        return train_loop(run, train_set, val_set)
+
+def train_loop(run: RunState, train_set, val_set=None) -> dict:
+    "The steps from `run.step` on, checkpoints, evaluations and the summary (`train`'s body)."
+    cfg, stop = run.cfg, GracefulStop()
     batches = iter(train_loader(run, train_set))
     end_step = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc='train', disable=not (cfg.progress and run.rank == 0),
                dynamic_ncols=True, mininterval=1.0)
-    last_eval, t_loop = None, time.time()
+    last_eval, t_loop, signum = None, time.time(), None
     try:
-        while run.step < end_step:
-            loss, lr = train_step(run, batches, train_set)
-            log_step(run, loss, lr, run.clips * run.world / max(time.time() - t_loop, 1e-9), bar, end_step)
-            midway = run.step < cfg.max_steps
-            if cfg.eval_every and run.step % cfg.eval_every == 0 and midway: last_eval = evaluate_run(run, val_set)
-            if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and midway: save_checkpoint(run)
-        stopped = run.step < cfg.max_steps
-        if run.step > run.start_step or run.resumed_from is None: save_checkpoint(run)   # nothing new when re-evaluating
+        with stop:
+            while run.step < end_step:
+                loss, lr = train_step(run, batches, train_set)
+                log_step(run, loss, lr, run.clips * run.world / max(time.time() - t_loop, 1e-9), bar, end_step)
+                signum = stop.requested(run.world, run.device)
+                if signum: break
+                midway = run.step < cfg.max_steps
+                if cfg.eval_every and run.step % cfg.eval_every == 0 and midway: last_eval = evaluate_run(run, val_set)
+                if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and midway: save_checkpoint(run)
+        stopped = signum is not None or run.step < cfg.max_steps
+        ckpt = None
+        if run.step > run.start_step or run.resumed_from is None: ckpt = save_checkpoint(run)  # none new: re-evaluating
         if not stopped: last_eval = evaluate_run(run, val_set)
     finally:
         bar.close()
         if run.metrics is not None: run.metrics.flush()
-    return run_summary(run, train_set, last_eval, t_loop, stopped)
+    summary = run_summary(run, train_set, last_eval, t_loop, stopped)
+    if signum:
+        if run.rank == 0:
+            _log.warning(f'{signal.Signals(signum).name}: stopped at step {run.step} of {cfg.max_steps}, checkpoint '
+                         f'{ckpt or latest_checkpoint(run.ckpt_dir)}; the same command resumes from it')
+        raise TrainingStopped(signum, run.step, ckpt)
+    return summary
 
 # %% ../nbs/06_train.ipynb #19508b69
 def run(cfg: TrainConfig) -> dict:
-    "Resolve `cfg`, build data and model, train and evaluate; returns the run summary (a finished run: its stored one)."
+    "Resolve `cfg`, lock `output_dir`, build data and model, train and evaluate; the run summary (a finished run: its stored one)."
     cfg = cfg.resolve()
-    done = finished_run(cfg)
-    if done is not None: return done
-    if cfg.dataset == 'synthetic':         # made if missing (by rank 0; the other ranks wait for it)
-        from evl_nb.synthetic import ensure_synthetic
-        cfg.data_root = str(ensure_synthetic(cfg.data_root or None))
-    train_set, val_set = build_datasets(cfg)
-    classes = check_classes(cfg, train_set, val_set)
-    if classes is not None: cfg.num_classes = len(classes)     # the head covers every class id (sparse ids kept)
-    return train(cfg, train_set, val_set)
+    with run_folder_lock(cfg):             # before any data is read: a second run on the folder stops at once
+        done = finished_run(cfg)
+        if done is not None: return done
+        if cfg.dataset == 'synthetic':     # made if missing (by rank 0; the other ranks wait for it)
+            from evl_nb.synthetic import ensure_synthetic
+            cfg.data_root = str(ensure_synthetic(cfg.data_root or None))
+        train_set, val_set = build_datasets(cfg)
+        classes = check_classes(cfg, train_set, val_set)
+        if classes is not None: cfg.num_classes = len(classes)     # the head covers every class id (sparse ids kept)
+        return train(cfg, train_set, val_set)
 
 # %% ../nbs/06_train.ipynb #36abb276
 def _parse_bool_or_str(v):
@@ -741,8 +1020,10 @@ def main(argv=None) -> dict:
     "Entry point of `python -m evl_nb.train` (and of torchrun)."
     args = vars(build_parser().parse_args(argv))
     summary_json = args.pop('summary_json')
-    cfg = TrainConfig(**args)
-    s = run(cfg)
+    try: s = run(TrainConfig(**args))
+    except TrainingStopped as e: sys.exit(e.exit_code)
+    except (ValueError, FileNotFoundError, RunLockedError) as e:
+        print(f'python -m evl_nb.train: error: {e}', file=sys.stderr); sys.exit(2)
     rank, _ = dist_info()
     if rank == 0:
         print('SUMMARY ' + json.dumps({k: v for k, v in s.items() if k != 'config'}, default=str), flush=True)
@@ -815,7 +1096,9 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
     return TrainConfig(**params).resolve()
 
 def job_data(cfg: TrainConfig):
-    "The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`) is made if missing."
+    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`) is made if
+    missing. Takes `output_dir`'s run lock first (kept until `run_job` ends): the job owns its folder from here."""
+    hold_run_lock(cfg.output_dir, 'train job')
     if cfg.dataset == 'synthetic':
         from evl_nb.demo import DEMO_DATA
         from evl_nb.synthetic import ensure_synthetic
@@ -825,18 +1108,19 @@ def job_data(cfg: TrainConfig):
 # %% ../nbs/06_train.ipynb #b0bed590
 def run_job(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: str = '127.0.0.1',
             master_port: int = 29500, echo=print) -> dict | None:
-    "Train `cfg` here (one process; on CPU with the faster thread count) or through torchrun; the summary (None off node 0)."
+    "Train `cfg` here (one process, `cfg.threads` CPU threads) or through torchrun; the summary (None off node 0)."
     t0 = time.time()
-    if gpus > 1 or nodes > 1:
-        cmd = torchrun_command(cfg, gpus=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
-                               master_port=master_port)
-        echo(' '.join(cmd)); launch(cmd, echo=echo)
-        summary = json.loads((Path(cfg.output_dir) / 'summary.json').read_text()) if node_rank == 0 else None
-    else:
-        if not torch.cuda.is_available():
-            from evl_nb.demo import pick_threads
-            torch.set_num_threads(pick_threads()); echo(f'CPU: {torch.get_num_threads()} thread(s)')
-        summary = run(cfg)
+    try:
+        if gpus > 1 or nodes > 1:
+            release_run_lock(cfg.output_dir, everything=True)     # torchrun's rank 0 takes it over
+            cmd = torchrun_command(cfg, gpus=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
+                                   master_port=master_port)
+            echo(' '.join(cmd)); launch(cmd, echo=echo)
+            summary = json.loads((Path(cfg.output_dir) / 'summary.json').read_text()) if node_rank == 0 else None
+        else:
+            if not torch.cuda.is_available(): echo(f'CPU: {cfg.threads or cpu_cores()} thread(s)')
+            summary = run(cfg)
+    finally: release_run_lock(cfg.output_dir, everything=True)
     echo(f'{time.time() - t0:.0f}s')
     if summary: echo(json.dumps({k: v for k, v in summary.items() if k != 'config'}, indent=1, default=str))
     return summary

@@ -25,7 +25,7 @@ CHAIN = ['core', 'video', 'store', 'data', 'synthetic', 'backbone', 'model', 'ev
 # so fixing one means deleting it here.
 UPWARD_EXCEPTIONS = {
     ('train', 'demo'): 'job_config/job_data/run_job take the synthetic job settings (DEMO_MODEL, DEMO_TRAIN, '
-                       'DEMO_DATA, pick_threads) from the demo chapter, which owns them; to fix, move the settings '
+                       'DEMO_DATA) from the demo chapter, which owns them; to fix, move the settings '
                        'into the trainer chapter with aliases in demo (09_demo was being edited by another helper)',
     ('attention', 'demo'): "the attention chapter's trained-demo model reads DEMO_MODEL/DEMO_TRAIN from demo "
                            '(08_attention was being edited by another helper)',

@@ -1,6 +1,6 @@
 """The clip store: same frame counts and indices as the videos, frames within JPEG loss of the sequential decode,
 a converter that survives SIGKILL, broken sources listed and skipped."""
-import csv, json, os, signal, subprocess, sys, time
+import csv, json, os, shutil, signal, subprocess, sys, tarfile, time, zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from conftest import fixture_path
 from evl_nb.data import dense_indices, uniform_indices
 from evl_nb.store import (ClipStore, build_store, fit_short_side, read_index, verify_clip_file, StoreError,
-                          MANIFEST_COLUMNS)
+                          MANIFEST_COLUMNS, STORE_REASONS, pack_frames, read_jpegs)
 from evl_nb.video import check_video, read_frames_pyav, VIDEO_EXTS, TruncatedVideoError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +218,115 @@ def test_train_notebook_trains_tiny_preset_from_a_store(tmp_path):
                                         output_json=str(tmp_path / 'eval.json')),
                         kernel_name='python3', progress_bar=False, log_output=False)
     assert json.loads((tmp_path / 'eval.json').read_text())['num_samples'] == 8
+
+
+# --- per-frame CRC32 in index.json: corrupt frames are caught and named, older stores still read ------------
+
+@pytest.fixture(scope='module')
+def small_store_src(tmp_path_factory):
+    "A store of two real clips (carphone: 120 frames at 176x144; bikes), built once; tests corrupt copies."
+    vids, d = fixture_path('videos'), tmp_path_factory.mktemp('crc')
+    src = d / 'src'; src.mkdir()
+    for name, f in (('good.mp4', 'carphone_pristine.mp4'), ('other.mp4', 'bikes.mp4')):
+        (src / name).write_bytes((vids / f).read_bytes())
+    store = build_store(src, d / 'store', num_workers=1, progress=False)
+    assert store.last_build['failed'] == 0
+    return src, d / 'store'
+
+
+@pytest.fixture
+def small_store(small_store_src, tmp_path):
+    "A fresh copy of the small store (each test may corrupt its files)."
+    src, root = small_store_src
+    shutil.copytree(root, tmp_path / 'store')
+    return src, ClipStore(tmp_path / 'store')
+
+
+def flip_bit(tar, frame, bit=0x10):
+    "Flip one bit in the middle of frame `frame`'s JPEG payload, in place (same size)."
+    idx = read_index(tar); pos = int(idx['offsets'][frame]) + int(idx['sizes'][frame]) // 2
+    with open(tar, 'r+b') as f:
+        f.seek(pos); b = f.read(1)[0]; f.seek(pos); f.write(bytes([b ^ bit]))
+
+
+def rewrite_without_crc(tar, replace=None):
+    "Write `tar` again as a store written before CRCs (no `crc32` in index.json); `replace` {frame: bytes}."
+    idx = read_index(tar); n = idx['frames']
+    jp = [bytes(j.numpy()) for j in read_jpegs(tar, range(n))]
+    for i, b in (replace or {}).items(): jp[i] = b
+    pack_frames(b''.join(jp), [len(j) for j in jp], tar, idx, crc=False)
+
+
+def test_index_carries_a_crc_per_frame(small_store):
+    src, store = small_store
+    tar = store.file(src / 'good.mp4'); idx = read_index(tar)
+    with tarfile.open(tar) as t:
+        raw = json.loads(t.extractfile('index.json').read())
+        jpegs = [t.extractfile(f'{i:06d}.jpg').read() for i in range(idx['frames'])]
+    assert raw['crc32'] == [zlib.crc32(j) for j in jpegs]
+    assert idx['frames'] == 120 and idx['crc32'] == raw['crc32']
+    assert store.verify('full') == {}
+
+
+def test_flipped_bit_in_a_jpeg_raises_store_error_naming_tar_and_frame(small_store):
+    src, store = small_store
+    p = src / 'good.mp4'; tar = store.file(p); want = read_index(tar)['crc32'][57]
+    before = store.read_frames(p, [3, 57, 100])
+    flip_bit(tar, 57)
+    got = zlib.crc32(bytes(read_jpegs(tar, [57], check=False)[0].numpy()))
+    batch = [(src / 'other.mp4', [0, 1]), (p, [100, 57])]
+    for read in (lambda: store.read_frames(p, [3, 57, 100]),                 # the datasets' path
+                 lambda: store.read_batch(batch, device='cpu'),             # the nvjpeg path, on the CPU here
+                 lambda: verify_clip_file(tar, 'full')):
+        with pytest.raises(StoreError) as e: read()
+        err = e.value
+        assert err.kind == 'crc mismatch' and err.frame == 57 and err.path == str(tar), str(err)
+        assert str(tar) in str(err) and 'frame 57' in str(err)
+        assert f'{got:#010x}' in str(err) and f'expected {want:#010x}' in str(err)
+    np.testing.assert_array_equal(store.read_frames(p, [3, 100]), before[[0, 2]])    # the others still read
+    assert set(store.verify('full')) == {'good.mp4'}
+
+
+def test_store_written_before_crcs_still_reads(small_store):
+    src, store = small_store
+    p = src / 'good.mp4'; tar = store.file(p)
+    before = store.read_frames(p, [0, 57, 119])
+    rewrite_without_crc(tar)
+    with tarfile.open(tar) as t: assert 'crc32' not in json.loads(t.extractfile('index.json').read())
+    assert read_index(tar)['crc32'] is None
+    np.testing.assert_array_equal(store.read_frames(p, [0, 57, 119]), before)
+    assert verify_clip_file(tar, 'full')['frames'] == 120 and store.verify('full') == {}
+    flip_bit(tar, 57)                                   # without CRCs nothing can tell: the check is skipped
+    assert len(read_jpegs(tar, [57])[0]) == read_index(tar)['sizes'][57]
+
+
+def _corrupt(tar, how, frame):
+    if how == 'crc mismatch': flip_bit(tar, frame)
+    elif how == 'jpeg does not decode':                 # only a file without CRCs gets this far
+        rewrite_without_crc(tar, {frame: bytes(int(read_index(tar)['sizes'][frame]))})
+    elif how == 'truncated tar': os.truncate(tar, tar.stat().st_size // 2)
+    elif how == 'index.json does not parse':
+        with open(tar, 'r+b') as f: f.seek(512); f.write(b'!')
+
+
+@pytest.mark.parametrize('how', ['crc mismatch', 'jpeg does not decode', 'truncated tar',
+                                 'index.json does not parse'])
+def test_dataset_records_the_precise_reason_of_a_corrupt_store_file(small_store, tmp_path, how):
+    "The skip reason says what is wrong with the store file (not 'RuntimeError' or 'store')."
+    from evl_nb.data import build_dataset, build_loader
+    src, store = small_store
+    lst = tmp_path / 'list.txt'; lst.write_text('good.mp4 0\nother.mp4 1\n')
+    ds = build_dataset('list', 'test', data_root=src, ann_file=lst, num_frames=4, input_size=64, store=store)
+    frame = int(ds.indices(store.info(src / 'good.mp4').frames)[0, 1])      # a frame this split reads
+    tar = store.file(src / 'good.mp4'); _corrupt(tar, how, frame)
+    assert how in STORE_REASONS
+    with pytest.raises(StoreError) as e: store.read_frames(src / 'good.mp4', [frame])
+    assert e.value.kind == how and str(tar) in str(e.value)
+    if how in ('crc mismatch', 'jpeg does not decode'): assert e.value.frame == frame
+    batch = next(iter(build_loader(ds, batch_size=2, shuffle=False)))
+    assert batch['video'].shape == (1, 3, 4, 64, 64)
+    [skip] = batch['skipped']
+    assert (Path(skip['path']).name, skip['reason']) == ('good.mp4', how)
+    assert str(tar) in skip['message']
+    if how in ('crc mismatch', 'jpeg does not decode'): assert f'frame {frame}' in skip['message']
+    assert ds.skip_summary()['by_reason'] == {how: 1}
