@@ -501,9 +501,9 @@ def build_cli() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Entry point of the `evl-nb` console script."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ['demo']:
-        from evl_nb.demo import main as demo_main
-        demo_main(argv[1:]); return 0
+    if argv[:1] == ['demo']:     # its own process: the demo sets OpenMP's wait policy before torch loads
+        import subprocess
+        return subprocess.call([sys.executable, '-m', 'evl_nb.demo', *argv[1:]])
     if argv[:1] == ['slurm-task']: slurm_task(argv[1:]); return 0
     a = vars(build_cli().parse_args(argv))
     cmd = a.pop('command')

@@ -865,6 +865,7 @@ def _note_short(path, n: int, need: int):
 def _err_from(info: VideoInfo) -> VideoError:
     cls = error_class(info.error)
     e = cls.__new__(cls); RuntimeError.__init__(e, info.message); e.path = info.path
+    if cls is VideoError and info.error: e.kind = info.error     # a precise reason (a store's)
     return e
 
 # %% ../nbs/02_data.ipynb #4cf31a2d

@@ -4,9 +4,11 @@
 
 # %% ../nbs/09_demo.ipynb #87dfc209
 from __future__ import annotations
-import argparse, json, os, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
+# OpenMP threads that spin while they wait take the core a busy neighbour needs; read when torch loads (below)
+if 'torch' not in sys.modules: os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch
 
 from .core import get_logger

@@ -79,7 +79,8 @@ class TemporalCrossAttention(nn.Module):
         two identical 2-thread runs drifted apart (0.02 in the weights after 200 steps)."""
         def part(A, w):
             B, T1, P, _ = A.shape
-            g = torch.bmm(A.to(w.dtype).flatten(0, 1).transpose(0, 1), F.embedding(self.idx, w))   # (P, B(T-1), C)
+            At = A.to(w.dtype).flatten(0, 1).transpose(0, 1)                      # (P, B(T-1), hw)
+            g = torch.bmm(At, F.embedding(self.idx, w))                           # (P, B(T-1), C)
             return g.transpose(0, 1).unflatten(0, (B, T1))
         return F.pad(part(prev, self.w1), (0, 0, 1, 0, 1, 0)) + F.pad(part(nxt, self.w2), (0, 0, 1, 0, 0, 1))
 

@@ -174,21 +174,33 @@ def test_in_memory_flip_swaps_paired_labels():
 
 @pytest.mark.slow
 def test_demo_acceptance(tmp_path):
-    "`make demo` (python -m evl_nb.demo): top-1 >= 90%, >= 3x chance and >= 1.5x the temporal-off control (its time is reported, not asserted)."
+    """`make demo` (python -m evl_nb.demo) run twice, the second time beside a CPU-bound process: the same top-1 (the
+    runs are bit-reproducible at a fixed thread count), >= 92%, >= 3x chance and >= 1.5x the temporal-off control.
+    Both wall times are printed and reported in the README, not asserted."""
     from evl_nb.core import in_ci
-    if not (in_ci() or os.environ.get('EVL_NB_RUN_DEMO')): pytest.skip('runs the full demo (minutes): set EVL_NB_RUN_DEMO=1 (always on under CI)')
+    if not (in_ci() or os.environ.get('EVL_NB_RUN_DEMO')): pytest.skip('runs the full demo twice (minutes): set EVL_NB_RUN_DEMO=1 (always on under CI)')
     import time
-    t = time.time()
-    r = subprocess.run([sys.executable, '-m', 'evl_nb.demo', '--output-dir', str(tmp_path), '--no-progress'],
-                       capture_output=True, text=True, cwd=ROOT, timeout=900)
-    wall = time.time() - t
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    res = json.loads((tmp_path / 'demo_results.json').read_text())
-    evl, off = res['results']['evl']['top1'], res['results']['temporal_off']['top1']
-    print(r.stdout, f'wall time {wall:.0f}s')  # the 10-minute budget is measured and reported (README), not asserted
-    assert evl >= 3 * res['chance'], (evl, res['chance'])
-    n = res['results']['evl']['num_val']
-    assert round(evl * n) >= 0.9 * n, (evl, n)   # counted in clips: top-1 is a float32 (180/200 reads 0.89999998)
+    runs = []
+    for busy in (False, True):
+        out = tmp_path / ('busy' if busy else 'quiet')
+        data = ['--data-root', str(tmp_path / 'quiet' / 'synthetic')] if busy else []   # the first run's data
+        hog = subprocess.Popen([sys.executable, '-c', 'while True: pass']) if busy else None
+        t = time.time()
+        try:
+            r = subprocess.run([sys.executable, '-m', 'evl_nb.demo', '--output-dir', str(out), '--no-progress', *data],
+                               capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        finally:
+            if hog is not None: hog.kill(); hog.wait()
+        wall = time.time() - t
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        print(r.stdout, f"wall time {wall:.0f}s ({'beside a CPU-bound process' if busy else 'alone'})")
+        runs.append(json.loads((out / 'demo_results.json').read_text()))
+    quiet, loaded = runs
+    for k in ('evl', 'temporal_off'): assert quiet['results'][k]['top1'] == loaded['results'][k]['top1'], k
+    evl, off = quiet['results']['evl']['top1'], quiet['results']['temporal_off']['top1']
+    assert evl >= 3 * quiet['chance'], (evl, quiet['chance'])
+    n = quiet['results']['evl']['num_val']
+    assert round(evl * n) >= 0.92 * n, (evl, n)   # counted in clips: top-1 is a float32 (184/200 may read 0.91999)
     assert evl >= 1.5 * off, (evl, off)
 
 
