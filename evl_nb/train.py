@@ -854,8 +854,9 @@ def _peak_mem_gb(device) -> float:
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
 
-def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool) -> dict:
-    "The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log."
+def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool, val_set=None) -> dict:
+    """The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log.
+    `videos`: per split the annotated, found, missing and unreadable videos (None: in-memory clips, not counted)."""
     wall, cfg, device = time.time() - run.t_start, run.cfg, run.device
     train_time = time.time() - t_loop
     s = dict(steps=run.step, start_step=run.start_step, max_steps=cfg.max_steps, stopped_early=stopped,
@@ -868,7 +869,8 @@ def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float,
              peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
              train_skipped=run.skipped, train_skipped_files=_skip_details(train_set), best=run.best,
              output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes,
-             config=asdict(cfg))
+             config=asdict(cfg), videos={k: getattr(d, 'video_counts', None)
+                                         for k, d in (('train', train_set), ('val', val_set)) if d is not None})
     if last_eval is not None:
         s['val'] = {k: last_eval[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
                                               'num_dataset', 'skipped_files')}
@@ -974,7 +976,7 @@ def train_loop(run: RunState, train_set, val_set=None) -> dict:
     finally:
         bar.close()
         if run.metrics is not None: run.metrics.flush()
-    summary = run_summary(run, train_set, last_eval, t_loop, stopped)
+    summary = run_summary(run, train_set, last_eval, t_loop, stopped, val_set)
     if signum:
         if run.rank == 0:
             _log.warning(f'{signal.Signals(signum).name}: stopped at step {run.step} of {cfg.max_steps}, checkpoint '

@@ -195,3 +195,19 @@ def test_missing_videos_are_counted_and_listed(syn, tmp_path):
     with pytest.raises(ValueError, match=r'more than max_missing=0\.2'):
         build_datasets(_cfg(dataset, root, out, max_missing=0.2))
     with pytest.raises(ValueError, match='max_missing=1.5'): _cfg(dataset, root, out, max_missing=1.5)
+
+
+def test_summary_json_carries_the_counts(syn, tmp_path):
+    "A short run on a copy missing 1 of 3 val and 2 of 6 train videos: summary.json says what was scored of what."
+    from evl_nb.train import run
+    dataset, root = _make(syn, tmp_path, 'k400-cvdfoundation')
+    for split, n in (('train', 2), ('val', 1)):
+        for f in sorted((root / split).glob('*.mp4'))[:n]: f.unlink()
+    out = tmp_path / 'run'
+    run(TrainConfig(dataset='k400', data_root=str(root), model='evl-tiny', num_classes=3, batch_size=2, max_steps=1,
+                    num_workers=0, output_dir=str(out), progress=False, eval_views='1x1', threads=1,
+                    model_overrides=dict(decoder_num_layers=1)))
+    s = json.loads((out / 'summary.json').read_text())
+    assert s['videos'] == dict(train=dict(annotated=6, found=4, missing=2, unreadable=0),
+                               val=dict(annotated=3, found=2, missing=1, unreadable=0))
+    assert s['val']['num_samples'] == 2
