@@ -29,8 +29,9 @@ __all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING
            'resolve_convention', 'dense_indices', 'uniform_indices', 'parse_views', 'rand_augment_op',
            'ClipRandAugment', 'short_side_size', 'resize_short', 'center_crop', 'three_crop', 'ClipResizedCrop',
            'normalize_clip', 'lr_flip_pairs', 'FlipPolicy', 'VideoClipDataset', 'warn_skip', 'record_skipped',
-           'collate_clips', 'ClipLoader', 'build_loader', 'build_dataset', 'default_ann', 'find_ann', 'TensorClips',
-           'random_clips', 'cache_dataset']
+           'collate_clips', 'ClipLoader', 'build_loader', 'default_ann', 'find_ann', 'Layout', 'resolve_layout',
+           'read_class_folders', 'video_counts', 'missing_summary', 'write_missing', 'check_found', 'build_dataset',
+           'TensorClips', 'random_clips', 'cache_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -655,7 +656,7 @@ class VideoClipDataset(Dataset):
                  rand_augment=None, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
                  flip: FlipPolicy | None = None,
                  manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str | None = None,
-                 missing=(), name: str = '', fixed_class_ids: bool = False,
+                 missing=(), name: str = '', fixed_class_ids: bool = False, report_missing: bool = True,
                  convention: str | dict = 'official', antialias: bool | None = None,
                  crop_offset: str | None = None, train_range: str | None = None, store=None):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
@@ -698,10 +699,17 @@ class VideoClipDataset(Dataset):
             _log.info(f'{name or "dataset"}: {len(empty)} of {len(class_ids(self.classes))} classes have no '
                       f'samples here '
                       f'(fine: class ids stay as given), e.g. {min(empty)} {self.classes[min(empty)]!r}')
-        if self.missing:
+        if self.missing and report_missing:
             _log.warning(f'{name or "dataset"}: {len(self.missing)} annotated videos are missing, e.g. '
                          f'{self.missing[0][0]} -> {self.missing[0][1]}')
 
+    @property
+    def video_counts(self) -> dict:
+        """`annotated`, `found`, `missing` and `unreadable` (the files the loader has skipped so far) videos:
+        what a run's summary says it scored."""
+        n = len(self.samples)
+        return dict(annotated=n + len(self.missing), found=n, missing=len(self.missing),
+                    unreadable=len(self.skipped))
     @property
     def num_classes(self) -> int:
         """Largest class id + 1: the smallest model head that covers every id (ids are kept as given, see
@@ -937,123 +945,6 @@ def _norm_split(split: str) -> str:
         raise ValueError(f"split={split!r}: expected 'train', 'val' or 'test'")
     return split
 
-# %% ../nbs/02_data.ipynb #39599914
-@dataclass
-class _Source:
-    "What a dataset's reader hands `build_dataset`: its annotations and its defaults."
-    ann: Annotations
-    sampling: str
-    flip_mode: str
-    rand_augment: str | None
-    crop_scale: tuple
-    pairs: dict
-    never: set
-
-# %% ../nbs/02_data.ipynb #b85be0ff
-def _synthetic_source(split: str, data_root, ann_file, classes, sampling) -> _Source:
-    "The synthetic set: paths, classes and flip pairs from its `synthetic.json`; uniform sampling."
-    if data_root is None: data_root = default_synthetic_root()
-    meta_file = Path(data_root) / 'synthetic.json'
-    if not meta_file.exists():
-        raise FileNotFoundError(f'{meta_file} not found: make it with '
-                                f'evl_nb.synthetic.make_synthetic_dataset({str(data_root)!r})')
-    meta = json.loads(meta_file.read_text())
-    ann = read_k400_csv(ann_file or Path(data_root) / meta['k400'][split if split != 'test' else 'val'],
-                        Path(data_root), classes or Path(data_root) / meta['classes'])
-    pairs = {ann.classes.index(a): ann.classes.index(b) for a, b in meta.get('flip_pairs', {}).items()
-             if a in ann.classes and b in ann.classes}
-    never = {i for i, c in enumerate(ann.classes) if c in meta.get('never_flip', [])}
-    return _Source(ann, sampling or 'uniform', 'swap', None, (0.5, 1.0), pairs, never)
-
-# %% ../nbs/02_data.ipynb #20895a14
-def _k400_source(ann_file, data_root, classes, sampling) -> _Source:
-    "Kinetics: the official CSV; dense sampling, plain flips, the official RandAugment."
-    if ann_file is None: raise ValueError('k400: pass ann_file= (the official CSV for this split)')
-    return _Source(read_k400_csv(ann_file, data_root, classes), sampling or 'dense', 'plain',
-                   'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0), {}, set())
-
-# %% ../nbs/02_data.ipynb #e51cfde3
-def _ssv2_renumber(ann: Annotations, classes) -> Annotations:
-    "SSv2 annotations renumbered to the ids of `classes`, which must name the labels JSON's classes."
-    names = read_class_list(classes)
-    if sorted(c for c in names if c is not None) != sorted(c for c in ann.classes if c is not None):
-        raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
-    remap = {i: names.index(c) for i, c in enumerate(ann.classes) if c is not None}
-    return Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing, fixed_ids=True)
-
-# %% ../nbs/02_data.ipynb #ea7424c9
-def _ssv2_source(ann_file, data_root, classes, sampling, labels_file) -> _Source:
-    "SSv2: the official JSON trio (labels found beside `ann_file`); uniform segments only; left/right swaps."
-    if ann_file is None:
-        raise ValueError('ssv2: pass ann_file= (something-something-v2-train.json or -validation.json)')
-    labels_file = labels_file or next(iter(sorted(Path(ann_file).parent.glob('*labels.json'))), None)
-    if labels_file is None:
-        raise ValueError(f'ssv2: no *labels.json beside {ann_file}; pass labels_file=')
-    ann = read_ssv2_json(ann_file, labels_file, data_root)
-    if classes is not None: ann = _ssv2_renumber(ann, classes)
-    sampling = sampling or 'uniform'
-    if sampling != 'uniform':
-        raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
-    pairs, never = lr_flip_pairs(ann.classes)
-    return _Source(ann, sampling, 'swap', 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0), pairs, never)
-
-# %% ../nbs/02_data.ipynb #7af64059
-def _list_source(ann_file, data_root, classes, sampling) -> _Source:
-    "A `path label` list: dense sampling, plain flips, no RandAugment."
-    if ann_file is None: raise ValueError('list: pass ann_file= (a "path label" list file)')
-    return _Source(read_list_file(ann_file, data_root, classes), sampling or 'dense', 'plain', None,
-                   (0.08, 1.0), {}, set())
-
-# %% ../nbs/02_data.ipynb #73abd5be
-def _dataset_source(dataset: str, split: str, data_root, ann_file, classes, sampling, labels_file) -> _Source:
-    "The reader of `dataset` (lower case; the names of the table above and their aliases)."
-    if dataset == 'synthetic': return _synthetic_source(split, data_root, ann_file, classes, sampling)
-    if dataset in ('k400', 'kinetics', 'kinetics400'):
-        return _k400_source(ann_file, data_root, classes, sampling)
-    if dataset in ('ssv2', 'sthv2', 'something-something-v2'):
-        return _ssv2_source(ann_file, data_root, classes, sampling, labels_file)
-    if dataset == 'list': return _list_source(ann_file, data_root, classes, sampling)
-    raise ValueError(f"dataset={dataset!r}: expected 'synthetic', 'k400', 'ssv2' or 'list'")
-
-# %% ../nbs/02_data.ipynb #478f3cf6
-def _flip_policy(src: _Source, flip, train: bool) -> FlipPolicy:
-    "Off unless `flip` is set and the split trains; a string `flip` names the mode ('off', 'plain', 'swap')."
-    flip_mode = src.flip_mode
-    if isinstance(flip, str): flip_mode, flip = flip, flip != 'off'
-    return FlipPolicy(flip_mode, src.pairs, src.never) if (flip and train) else FlipPolicy('off')
-
-# %% ../nbs/02_data.ipynb #840f55d5
-def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_frames: int = 8,
-                  frame_interval: int | None = None, sampling: str | None = None, views='1x1',
-                  input_size: int = 224, short_side: int | None = None, classes=None,
-                  flip: bool | str | None = None, rand_augment='default', crop_scale=None, manifest=None,
-                  decode: str = 'auto', min_frames: int = 1,
-                  out_of_bound: str | None = None, labels_file=None, train: bool | None = None,
-                  convention: str | dict = 'official', antialias: bool | None = None,
-                  crop_offset: str | None = None, train_range: str | None = None,
-                  store=None) -> VideoClipDataset:
-    """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above).
-    `convention` ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches
-    are explained in the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a
-    `ClipStore`) reads the frames from the clip store instead of the videos: same samples, same indices for
-    the same seed."""
-    dataset, split = dataset.lower(), _norm_split(split)
-    train = (split == 'train') if train is None else train
-    # fail early
-    resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)
-    src = _dataset_source(dataset, split, data_root, ann_file, classes, sampling, labels_file)
-    ra = src.rand_augment if rand_augment == 'default' else rand_augment
-    return VideoClipDataset(src.ann.samples, src.ann.classes, train=train, sampling=src.sampling,
-                            num_frames=num_frames, views=views,
-                            frame_interval=frame_interval or _dense_interval(num_frames),
-                            input_size=input_size, short_side=short_side,
-                            rand_augment=ra if train else None, crop_scale=crop_scale or src.crop_scale,
-                            flip=_flip_policy(src, flip, train), manifest=manifest, decode=decode,
-                            min_frames=min_frames, out_of_bound=out_of_bound, missing=src.ann.missing,
-                            name=f'{dataset}/{split}', fixed_class_ids=src.ann.fixed_ids,
-                            convention=convention, antialias=antialias, crop_offset=crop_offset,
-                            train_range=train_range, store=store)
-
 # %% ../nbs/02_data.ipynb #d33ed05e
 ANN_NAMES = {'k400': {'train': ['train.csv', 'kinetics400_train.csv', 'k400_train.csv'],
                       'val': ['validate.csv', 'val.csv', 'kinetics400_val.csv', 'k400_val.csv']},
@@ -1088,6 +979,329 @@ def find_ann(ann, data_root=None, param: str = 'ann_file') -> Path:
 # the preset per dataset when none is named
 DEFAULT_MODEL = {'synthetic': 'evl-tiny', 'k400': 'evl-b16-8f', 'ssv2': 'evl-b16-8f-ssv2',
                  'list': 'evl-b16-8f'}
+
+# %% ../nbs/02_data.ipynb #4f460021
+@dataclass
+class Layout:
+    "Where one split of a dataset is: the layout's name, annotation file, video folder and class list source."
+    dataset: str
+    split: str
+    name: str                    # '20bn', 'current', 'mmaction2', 'flat', 'cvdfoundation', ...
+    ann_file: Path | None        # None: class folders (the folder names are the labels)
+    video_dir: Path | None       # None: the annotation file's folder
+    classes: Path | None = None  # the class list it found (SSv2 labels JSON, a label map), None: the data's
+    fmt: str = 'csv'             # how `ann_file` is read: 'csv', 'json', 'list' or 'folders'
+
+    def describe(self) -> str:
+        "One line: what was chosen."
+        ann = self.ann_file if self.ann_file is not None else 'none (class folders)'
+        vids, cls = self.video_dir or Path(self.ann_file).parent, self.classes or 'the annotations'
+        return (f'{self.dataset}/{self.split}: layout {self.name!r}, annotations {ann}, videos in {vids}, '
+                f'classes from {cls}')
+
+# %% ../nbs/02_data.ipynb #dc1c601d
+_DATASETS = {'k400': 'k400', 'kinetics': 'k400', 'kinetics400': 'k400', 'ssv2': 'ssv2', 'sthv2': 'ssv2',
+             'something-something-v2': 'ssv2', 'list': 'list'}
+_SPLIT_DIRS = {'train': ['train'], 'val': ['val', 'validation', 'validate'], 'test': ['test']}
+_SSV2_JSON = {'train': 'train', 'val': 'validation', 'test': 'test'}
+_SUBS = ('', 'label', 'labels', 'annotations')
+
+def _ssv2_layouts(split: str) -> list:
+    "(name, annotation candidates, video folder candidates, class list candidates) in the order tried."
+    j = _SSV2_JSON[split]
+    old = [f'{s}/something-something-v2-{j}.json' for s in _SUBS]
+    mm = [f'{s}/sthv2_{split}_list_videos.txt' for s in _SUBS]
+    labels = [f'{s}/something-something-v2-labels.json' for s in _SUBS] + ['labels/labels.json']
+    return [('20bn', old, ['20bn-something-something-v2'], labels),
+            ('current', [f'labels/{j}.json'], ['20bn-something-something-v2'], ['labels/labels.json']),
+            ('mmaction2', mm, ['videos'], labels)]
+
+def _k400_layouts(split: str) -> list:
+    "(name, annotation candidates, video folder candidates, class list candidates) in the order tried."
+    csvs = [f'{s}/{d}.csv' for s in ('annotations', '') for d in _SPLIT_DIRS[split]]
+    mm = [f'{s}/kinetics400_{split}_list_videos.txt' for s in ('', 'annotations')]
+    maps = [f'{s}/label_map_k400.txt' for s in ('', 'annotations')]
+    return [('cvdfoundation', csvs, _SPLIT_DIRS[split], []),
+            ('mmaction2', mm, [f'videos_{split}'], maps)]
+
+# %% ../nbs/02_data.ipynb #e7989cec
+def _first(root: Path, cands, kind: str = 'file') -> Path | None:
+    "The first of `cands` (relative to `root`) that is a file (`kind='file'`) or a folder."
+    for c in cands:
+        p = root / c.lstrip('/')
+        if p.is_file() if kind == 'file' else p.is_dir(): return p
+    return None
+
+def _ann_format(dataset: str, ann_file) -> str:
+    "How an annotation file is read: a 'list' dataset always as a list; else by its suffix."
+    if dataset == 'list' or Path(ann_file).suffix == '.txt': return 'list'
+    return 'json' if dataset == 'ssv2' else 'csv'
+
+def _class_folders(d: Path | None) -> bool:
+    "`d` holds sub-folders with videos (`<class name>/*.mp4`)."
+    if d is None or not d.is_dir(): return False
+    return any(s.is_dir() and any(f.suffix.lower() in VIDEO_EXTS for f in s.iterdir()) for s in d.iterdir())
+
+# %% ../nbs/02_data.ipynb #5e24a5a6
+def _detect(dataset: str, split: str, root: Path) -> Layout | None:
+    "The first known layout under `root` with an annotation file (or class folders) for `split`."
+    tables = {'ssv2': _ssv2_layouts, 'k400': _k400_layouts}.get(dataset, lambda s: [])(split)
+    for name, anns, vids, cls in tables:
+        ann = _first(root, anns)
+        if ann is None: continue
+        vdir = _first(root, vids, 'dir')
+        if vdir is None and dataset == 'ssv2' and name != 'mmaction2': name = 'flat'
+        return Layout(dataset, split, name, ann, vdir or root, _first(root, cls), _ann_format(dataset, ann))
+    ann = default_ann(dataset, split, root) if split in ANN_NAMES.get(dataset, {}) else None
+    if ann is not None: return Layout(dataset, split, 'flat', ann, root, None, _ann_format(dataset, ann))
+    vdir = _first(root, _SPLIT_DIRS[split], 'dir')
+    if dataset == 'k400' and _class_folders(vdir):
+        return Layout(dataset, split, 'class folders', None, vdir, None, 'folders')
+    return None
+
+def resolve_layout(dataset: str, split: str, data_root=None, ann_file=None, video_dir=None,
+                   log: bool = True) -> Layout:
+    """Where `split` of `dataset` ('k400', 'ssv2', 'list') is under `data_root` (the layouts of the table
+    above); an explicit `ann_file` / `video_dir` wins. Logs the choice in one line."""
+    if dataset.lower() not in _DATASETS:
+        raise ValueError(f"dataset={dataset!r}: expected 'k400', 'ssv2' or 'list' (or their aliases)")
+    dataset, split = _DATASETS[dataset.lower()], _norm_split(split)
+    root = Path(data_root) if data_root is not None else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f'data_root={str(root)!r} is not a folder')
+    found = _detect(dataset, split, root) if root is not None else None
+    if ann_file is not None:
+        name = found.name if found is not None and found.fmt != 'folders' else 'given'
+        found = Layout(dataset, split, name if video_dir is None else 'given', Path(ann_file),
+                       found.video_dir if found is not None else root, found and found.classes,
+                       _ann_format(dataset, ann_file))
+    if found is None:
+        where = f'under data_root={str(root)!r}' if root is not None else '(no data_root given)'
+        raise FileNotFoundError(f'{dataset}/{split}: no annotation file {where}; looked for '
+                                f'{_expected_anns(dataset, split)}; pass ann_file= or data_root=')
+    if video_dir is not None: found.video_dir, found.name = Path(video_dir), 'given'
+    if log: _log.info(found.describe())
+    return found
+
+def _expected_anns(dataset: str, split: str) -> str:
+    "The annotation names looked for, shortened."
+    rows = {'ssv2': _ssv2_layouts, 'k400': _k400_layouts}.get(dataset, lambda s: [])(split)
+    names = [a.lstrip('/') for _, anns, _, _ in rows for a in anns[:1]]
+    names += ANN_NAMES.get(dataset, {}).get(split, [])[:2]
+    return ', '.join(dict.fromkeys(names))
+
+# %% ../nbs/02_data.ipynb #4f095c03
+def read_class_folders(video_dir, classes=None) -> Annotations:
+    """Samples from class folders `video_dir/<class name>/*.mp4`: the folder names, sorted, are the classes
+    (or, with `classes`, their ids; `_` in a folder name may stand for a space)."""
+    video_dir = Path(video_dir)
+    folders = sorted(s for s in video_dir.iterdir() if s.is_dir()) if video_dir.is_dir() else []
+    given = read_class_list(classes)
+    names = given or [s.name for s in folders]
+    cidx = _class_index(names)
+    samples = []
+    for s in folders:
+        lab = cidx.get(s.name, cidx.get(s.name.replace('_', ' ')))
+        if lab is None:
+            raise AnnotationError(s, 0, f'class folder {s.name!r} is not in the class list '
+                                        f'({len(cidx)} classes)')
+        samples += [(str(f), lab, str(s)) for f in sorted(s.iterdir()) if f.suffix.lower() in VIDEO_EXTS]
+    return Annotations(samples, names, [], fixed_ids=given is not None)
+
+# %% ../nbs/02_data.ipynb #d3a7b3b8
+def video_counts(ann: Annotations) -> dict:
+    "`annotated`, `found` and `missing` videos of `ann`."
+    n, m = len(ann.samples), len(ann.missing)
+    return dict(annotated=n + m, found=n, missing=m)
+
+def missing_summary(name: str, counts: dict, missing=(), list_file=None, n_named: int = 3) -> str:
+    "One line: `counts` of split `name`, a few `missing` `(where, path)` named, and where the full list is."
+    a, f, m = counts['annotated'], counts['found'], counts['missing']
+    if not m: return f'{name}: all {a:,} annotated videos found'
+    named = ', '.join(p for _, p in list(missing)[:n_named]) + (', ...' if m > n_named else '')
+    full = f'full list in {list_file}' if list_file else 'pass output_dir= for the full list'
+    return (f'{name}: {f:,} of {a:,} annotated videos found ({f / max(a, 1):.1%}), {m:,} missing: {named}; '
+            f'{full}')
+
+def write_missing(missing, output_dir, split: str) -> Path | None:
+    """`output_dir/missing_<split>.txt` (one `path<TAB>annotation:line` a line) when videos are missing; a
+    stale one is removed when none is."""
+    if output_dir is None: return None
+    f = Path(output_dir) / f'missing_{split}.txt'
+    if not missing: f.unlink(missing_ok=True); return None
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f'{f.name}.tmp{os.getpid()}')
+    tmp.write_text(''.join(f'{p}\t{w}\n' for w, p in missing)); os.replace(tmp, f)
+    return f
+
+# %% ../nbs/02_data.ipynb #dd5ec7a0
+def check_found(ann: Annotations, name: str, ann_file, video_dir, layout: str | None = None,
+                output_dir=None, max_missing: float | None = None) -> dict:
+    """The counts of `ann` after the checks: nothing found is an error naming `ann_file`, the folder searched
+    (`video_dir`) and one expected path; more than `max_missing` (a fraction) missing is an error; else one
+    summary line (a warning when videos are missing) and the missing list written to `output_dir`."""
+    c = video_counts(ann)
+    lay = f' (layout {layout!r})' if layout else ''
+    if not c['found']:
+        what = (f'none of the {c["annotated"]:,} videos annotated in {ann_file} was found' if c['annotated']
+                else f'{ann_file or video_dir} lists no videos')
+        expect = f'; expected e.g. {ann.missing[0][1]}' if ann.missing else ''
+        raise FileNotFoundError(f'{name}: {what}{lay}; folders searched: {video_dir} (and its sub-folders)'
+                                f'{expect}; point data_root at the unpacked download or pass video_dir=')
+    split = name.rsplit('/', 1)[-1]
+    list_file = write_missing(ann.missing, output_dir, split)
+    line = missing_summary(name, c, ann.missing, list_file)
+    if max_missing is not None and c['missing'] > max_missing * c['annotated']:
+        raise ValueError(f'{line}; more than max_missing={max_missing:g} of the videos are missing{lay}')
+    (_log.warning if c['missing'] else _log.info)(line)
+    return c
+
+# %% ../nbs/02_data.ipynb #39599914
+@dataclass
+class _Source:
+    "What a dataset's reader hands `build_dataset`: its annotations and its defaults."
+    ann: Annotations
+    sampling: str
+    flip_mode: str
+    rand_augment: str | None
+    crop_scale: tuple
+    pairs: dict
+    never: set
+
+# %% ../nbs/02_data.ipynb #b85be0ff
+def _synthetic_source(split: str, data_root, ann_file, classes, sampling) -> _Source:
+    "The synthetic set: paths, classes and flip pairs from its `synthetic.json`; uniform sampling."
+    if data_root is None: data_root = default_synthetic_root()
+    meta_file = Path(data_root) / 'synthetic.json'
+    if not meta_file.exists():
+        raise FileNotFoundError(f'{meta_file} not found: make it with '
+                                f'evl_nb.synthetic.make_synthetic_dataset({str(data_root)!r})')
+    meta = json.loads(meta_file.read_text())
+    ann = read_k400_csv(ann_file or Path(data_root) / meta['k400'][split if split != 'test' else 'val'],
+                        Path(data_root), classes or Path(data_root) / meta['classes'])
+    pairs = {ann.classes.index(a): ann.classes.index(b) for a, b in meta.get('flip_pairs', {}).items()
+             if a in ann.classes and b in ann.classes}
+    never = {i for i, c in enumerate(ann.classes) if c in meta.get('never_flip', [])}
+    return _Source(ann, sampling or 'uniform', 'swap', None, (0.5, 1.0), pairs, never)
+
+# %% ../nbs/02_data.ipynb #20895a14
+def _k400_source(ann_file, data_root, classes, sampling, fmt: str = 'csv') -> _Source:
+    """Kinetics: the official CSV (a `path label` list for `fmt='list'`, class folders for `'folders'`); dense
+    sampling, plain flips, the official RandAugment."""
+    if ann_file is None and fmt != 'folders':
+        raise ValueError('k400: pass ann_file= (the official CSV for this split) or data_root=')
+    ann = (read_class_folders(data_root, classes) if fmt == 'folders' else
+           (read_list_file if fmt == 'list' else read_k400_csv)(ann_file, data_root, classes))
+    return _Source(ann, sampling or 'dense', 'plain', 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0), {}, set())
+
+# %% ../nbs/02_data.ipynb #e51cfde3
+def _ssv2_renumber(ann: Annotations, classes) -> Annotations:
+    "SSv2 annotations renumbered to the ids of `classes`, which must name the labels JSON's classes."
+    names = read_class_list(classes)
+    if sorted(c for c in names if c is not None) != sorted(c for c in ann.classes if c is not None):
+        raise ValueError('ssv2: classes= does not hold the same names as the labels JSON')
+    remap = {i: names.index(c) for i, c in enumerate(ann.classes) if c is not None}
+    return Annotations([(p, remap[l], w) for p, l, w in ann.samples], names, ann.missing, fixed_ids=True)
+
+# %% ../nbs/02_data.ipynb #ea7424c9
+def _ssv2_source(ann_file, data_root, classes, sampling, labels_file, fmt: str = 'json',
+                 found_labels=None) -> _Source:
+    """SSv2: the official JSON trio (labels found beside `ann_file`, else `found_labels`) or mmaction2's list
+    (`fmt='list'`); uniform segments only; left/right swaps (no flips when the classes have no names)."""
+    if ann_file is None:
+        raise ValueError('ssv2: pass ann_file= (something-something-v2-train.json or -validation.json) '
+                         'or data_root=')
+    if fmt == 'list':
+        labels_file = labels_file or found_labels
+        ann = read_list_file(ann_file, data_root, labels_file or classes)
+        if labels_file is not None and classes is not None: ann = _ssv2_renumber(ann, classes)
+    else:
+        labels_file = (labels_file or next(iter(sorted(Path(ann_file).parent.glob('*labels.json'))), None)
+                       or found_labels)
+        if labels_file is None:
+            raise ValueError(f'ssv2: no *labels.json beside {ann_file}; pass labels_file=')
+        ann = read_ssv2_json(ann_file, labels_file, data_root)
+        if classes is not None: ann = _ssv2_renumber(ann, classes)
+    sampling = sampling or 'uniform'
+    if sampling != 'uniform':
+        raise ValueError(f'ssv2: sampling={sampling!r}; SSv2 uses uniform segments, never dense clips')
+    pairs, never = lr_flip_pairs(ann.classes)
+    mode = 'swap' if labels_file is not None or classes is not None else 'off'
+    return _Source(ann, sampling, mode, 'rand-m7-n4-mstd0.5-inc1', (0.08, 1.0), pairs, never)
+
+# %% ../nbs/02_data.ipynb #7af64059
+def _list_source(ann_file, data_root, classes, sampling) -> _Source:
+    "A `path label` list: dense sampling, plain flips, no RandAugment."
+    if ann_file is None: raise ValueError('list: pass ann_file= (a "path label" list file)')
+    return _Source(read_list_file(ann_file, data_root, classes), sampling or 'dense', 'plain', None,
+                   (0.08, 1.0), {}, set())
+
+# %% ../nbs/02_data.ipynb #73abd5be
+def _dataset_source(dataset: str, split: str, data_root, ann_file, classes, sampling, labels_file,
+                    layout: Layout | None = None) -> _Source:
+    """The reader of `dataset` (lower case; the names of the table above and their aliases); a `layout` (from
+    `resolve_layout`) gives the annotation file, video folder, format and class list."""
+    fmt = found = None
+    if layout is not None: data_root, ann_file, fmt, found = (layout.video_dir, layout.ann_file, layout.fmt,
+                                                              layout.classes)
+    if dataset == 'synthetic': return _synthetic_source(split, data_root, ann_file, classes, sampling)
+    if dataset in ('k400', 'kinetics', 'kinetics400'):
+        return _k400_source(ann_file, data_root, classes or found, sampling, fmt or 'csv')
+    if dataset in ('ssv2', 'sthv2', 'something-something-v2'):
+        return _ssv2_source(ann_file, data_root, classes, sampling, labels_file, fmt or 'json', found)
+    if dataset == 'list': return _list_source(ann_file, data_root, classes, sampling)
+    raise ValueError(f"dataset={dataset!r}: expected 'synthetic', 'k400', 'ssv2' or 'list'")
+
+# %% ../nbs/02_data.ipynb #478f3cf6
+def _flip_policy(src: _Source, flip, train: bool) -> FlipPolicy:
+    "Off unless `flip` is set and the split trains; a string `flip` names the mode ('off', 'plain', 'swap')."
+    flip_mode = src.flip_mode
+    if isinstance(flip, str): flip_mode, flip = flip, flip != 'off'
+    return FlipPolicy(flip_mode, src.pairs, src.never) if (flip and train) else FlipPolicy('off')
+
+# %% ../nbs/02_data.ipynb #840f55d5
+def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_frames: int = 8,
+                  frame_interval: int | None = None, sampling: str | None = None, views='1x1',
+                  input_size: int = 224, short_side: int | None = None, classes=None,
+                  flip: bool | str | None = None, rand_augment='default', crop_scale=None, manifest=None,
+                  decode: str = 'auto', min_frames: int = 1,
+                  out_of_bound: str | None = None, labels_file=None, train: bool | None = None,
+                  convention: str | dict = 'official', antialias: bool | None = None,
+                  crop_offset: str | None = None, train_range: str | None = None,
+                  store=None, video_dir=None, output_dir=None,
+                  max_missing: float | None = None) -> VideoClipDataset:
+    """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above).
+    `convention` ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches
+    are explained in the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a
+    `ClipStore`) reads the frames from the clip store instead of the videos: same samples, same indices for
+    the same seed. `data_root` alone is enough for the layouts of `resolve_layout` (an explicit `ann_file` /
+    `video_dir` wins). Missing videos are counted, summarised and listed in `output_dir` (`check_found`); none
+    found, or more than `max_missing` (a fraction) missing, is an error before any clip is read."""
+    dataset, split = dataset.lower(), _norm_split(split)
+    train = (split == 'train') if train is None else train
+    # fail early
+    resolve_convention(convention, antialias=antialias, crop_offset=crop_offset, train_range=train_range)
+    if max_missing is not None and not 0 <= max_missing <= 1:
+        raise ValueError(f'max_missing={max_missing!r}: expected a fraction in [0, 1]')
+    lay = None
+    if dataset in _DATASETS and (data_root is not None or video_dir is not None or ann_file is None):
+        lay = resolve_layout(dataset, split, data_root, ann_file, video_dir)
+    src = _dataset_source(dataset, split, data_root, ann_file, classes, sampling, labels_file, lay)
+    vdir = lay.video_dir if lay else data_root or (Path(ann_file).parent if ann_file else None)
+    counts = check_found(src.ann, f'{dataset}/{split}', lay.ann_file if lay else ann_file, vdir,
+                         lay and lay.name, output_dir, max_missing)
+    ra = src.rand_augment if rand_augment == 'default' else rand_augment
+    ds = VideoClipDataset(src.ann.samples, src.ann.classes, train=train, sampling=src.sampling,
+                          num_frames=num_frames, views=views,
+                          frame_interval=frame_interval or _dense_interval(num_frames),
+                          input_size=input_size, short_side=short_side,
+                          rand_augment=ra if train else None, crop_scale=crop_scale or src.crop_scale,
+                          flip=_flip_policy(src, flip, train), manifest=manifest, decode=decode,
+                          min_frames=min_frames, out_of_bound=out_of_bound, missing=src.ann.missing,
+                          name=f'{dataset}/{split}', fixed_class_ids=src.ann.fixed_ids,
+                          convention=convention, antialias=antialias, crop_offset=crop_offset,
+                          train_range=train_range, store=store, report_missing=False)
+    return ds
 
 # %% ../nbs/02_data.ipynb #5910ea42
 class TensorClips(Dataset):

@@ -91,6 +91,8 @@ def check_ranges(c):
     for k in NON_NEGATIVE:
         if getattr(c, k) < 0: raise ValueError(f'{k}={getattr(c, k)!r}: must be an integer >= 0')
     if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
+    if c.max_missing is not None and not 0 <= c.max_missing <= 1:
+        raise ValueError(f'max_missing={c.max_missing!r}: expected a fraction in [0, 1] (None: any)')
     if c.weight_decay < 0: raise ValueError(f'weight_decay={c.weight_decay!r}: must be >= 0')
     if len(c.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas):
         raise ValueError(f'betas={c.betas!r}: expected two numbers in [0, 1)')
@@ -104,6 +106,8 @@ class TrainConfig:
     store: str | None = option(None, 'clip store folder (build_store / evl-nb prepare store): frames read from it, not the videos; None: videos')
     train_ann: str | None = option(None, 'train annotations (relative: cwd, then data_root); None: official name')
     val_ann: str | None = option(None, 'validation annotations (relative: cwd, then data_root); None: official name')
+    max_missing: float | None = option(None, "fraction of a split's annotated videos that may be missing (e.g. 0.05); "
+                                             'None: any, while some are found (always counted and listed)')
     model: str | None = option(None, 'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), evl-b16-8f-ssv2 (ssv2)')
     pretrained: str | None = option(None, "CLIP tower: None (random, offline), an open_clip tag ('openai') or a weight file")
     num_frames: int | None = option(None, "frames per clip; None: the preset's")
@@ -207,11 +211,8 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
     for split, ann_param in (('train', 'train_ann'), ('val', 'val_ann')):
         ann = getattr(cfg, ann_param)
         if ann is not None: ann = find_ann(ann, cfg.data_root, ann_param)
-        elif cfg.dataset != 'synthetic':
-            ann = default_ann(cfg.dataset, split, cfg.data_root)
-            if ann is None:
-                raise FileNotFoundError(f"{ann_param}: no {split} annotation file given and none of "
-                                        f"{ANN_NAMES[cfg.dataset][split]} found under data_root={cfg.data_root!r}")
+        elif cfg.dataset != 'synthetic' and cfg.data_root is None:
+            raise FileNotFoundError(f'{ann_param}: no {split} annotation file given and no data_root to find it under')
         kw = dict(num_frames=mcfg.num_frames, input_size=size, views='1x1' if split == 'train' else cfg.eval_views)
         if split == 'val' and cfg.eval_short_side: kw['short_side'] = cfg.eval_short_side
         if cfg.in_memory and cfg.store is None: kw['decode'] = 'pyav'   # read once, front to back: no seek to verify
@@ -222,6 +223,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                                             frame_interval=mcfg.frame_interval)
         kw.update(aug)
         if cfg.class_list is not None: kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
+        kw.update(output_dir=cfg.output_dir, max_missing=cfg.max_missing)   # missing videos listed there
         try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, store=cfg.store, **kw)
         except Exception as e:
             raise add_context(e, f'{ann_param}={str(ann) if ann else None!r} (data_root={cfg.data_root!r})')
@@ -503,7 +505,7 @@ def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
 # %% ../nbs/06_train.ipynb #0664de62
 RESUME_HARMLESS = ('num_workers', 'eval_every', 'eval_views', 'eval_short_side', 'eval_batch_size', 'ckpt_every',
                    'keep_last', 'log_every', 'output_dir', 'resume', 'reevaluate', 'device', 'stop_at_step', 'progress',
-                   'threads', 'allow_changes')
+                   'threads', 'allow_changes', 'max_missing')
 
 def _plain(v): return json.loads(json.dumps(v, default=str))
 
@@ -852,8 +854,9 @@ def _peak_mem_gb(device) -> float:
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
 
-def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool) -> dict:
-    "The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log."
+def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool, val_set=None) -> dict:
+    """The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log.
+    `videos`: per split the annotated, found, missing and unreadable videos (None: in-memory clips, not counted)."""
     wall, cfg, device = time.time() - run.t_start, run.cfg, run.device
     train_time = time.time() - t_loop
     s = dict(steps=run.step, start_step=run.start_step, max_steps=cfg.max_steps, stopped_early=stopped,
@@ -866,7 +869,8 @@ def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float,
              peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
              train_skipped=run.skipped, train_skipped_files=_skip_details(train_set), best=run.best,
              output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes,
-             config=asdict(cfg))
+             config=asdict(cfg), videos={k: getattr(d, 'video_counts', None)
+                                         for k, d in (('train', train_set), ('val', val_set)) if d is not None})
     if last_eval is not None:
         s['val'] = {k: last_eval[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
                                               'num_dataset', 'skipped_files')}
@@ -972,7 +976,7 @@ def train_loop(run: RunState, train_set, val_set=None) -> dict:
     finally:
         bar.close()
         if run.metrics is not None: run.metrics.flush()
-    summary = run_summary(run, train_set, last_eval, t_loop, stopped)
+    summary = run_summary(run, train_set, last_eval, t_loop, stopped, val_set)
     if signum:
         if run.rank == 0:
             _log.warning(f'{signal.Signals(signum).name}: stopped at step {run.step} of {cfg.max_steps}, checkpoint '
