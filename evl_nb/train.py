@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_sum, as_dtype, atomic_save,
                          check_output_path, dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
                          seed_everything)
-from .data import (ANN_NAMES, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, default_ann, find_ann,
-                         normalize_clip, parse_views, random_clips, record_skipped)
+from .data import (DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, find_ann, normalize_clip, parse_views,
+                         random_clips, record_skipped)
 from .evaluate import evaluate, format_report, save_results
 from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features, collate_features,
                              evaluate_features, unpack_features, without_maps)
