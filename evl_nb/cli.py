@@ -23,12 +23,12 @@ from .evaluate import (evaluate, format_report, load_for_eval, per_class_table, 
 _log = get_logger('evl_nb.cli')
 
 # %% auto #0
-__all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'expand_videos', 'predict_videos',
-           'format_predictions', 'write_attention', 'defaults_of', 'video_files', 'first_host', 'slurm_env',
-           'submitit_env', 'run_task', 'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script',
-           'slurm_task', 'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser',
-           'evaluate_command', 'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command',
-           'add_convert_parser', 'convert_command', 'build_cli', 'main']
+__all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'video_files', 'expand_videos', 'predict_videos',
+           'format_predictions', 'write_attention', 'defaults_of', 'first_host', 'slurm_env', 'submitit_env',
+           'run_task', 'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task',
+           'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser', 'evaluate_command',
+           'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command', 'add_convert_parser',
+           'convert_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #959efcdf
 STRUCTURE = ('backbone', 'num_frames', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
@@ -55,13 +55,23 @@ def load_predictor(checkpoint, preset: str | None = None, pretrained=None, class
     names = [n if n is not None else f'class {i}' for i, n in enumerate(info['classes'] or [None] * model.config.num_classes)]
     return model.to(device).eval(), names
 
+# %% ../nbs/10_cli.ipynb #6fce32b8
+def video_files(srcs) -> tuple[list[Path], Path | None]:
+    "Video files of `srcs` (files, or folders searched recursively) and the root to keep paths relative to."
+    files, dirs = [], []
+    for s in map(Path, srcs):
+        if s.is_dir(): dirs.append(s); files += sorted(p for p in s.rglob('*') if p.suffix.lower() in VIDEO_EXTS)
+        elif s.exists(): files.append(s)
+        else: raise FileNotFoundError(f'{s}: no such file or folder')
+    return files, (dirs[0] if len(dirs) == 1 and len(srcs) == 1 else None)
+
 # %% ../nbs/10_cli.ipynb #ee49db27
 def expand_videos(srcs) -> list[str]:
     "The videos of `srcs`: files as given (missing ones too: they are reported), folders searched recursively, sorted."
     out = []
     for s in map(Path, srcs):
         if not s.is_dir(): out.append(str(s)); continue
-        found = sorted(str(f) for f in s.rglob('*') if f.is_file() and f.suffix.lower() in VIDEO_EXTS)
+        found = [str(f) for f in video_files([s])[0] if f.is_file()]
         if not found: raise FileNotFoundError(f'{s}: a folder without video files ({" ".join(sorted(VIDEO_EXTS))})')
         out += found
     return out
@@ -116,16 +126,6 @@ def defaults_of(fn) -> dict:
     "The default value of each keyword parameter of `fn` (the single source of a command's defaults)."
     import inspect
     return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
-
-# %% ../nbs/10_cli.ipynb #6fce32b8
-def video_files(srcs) -> tuple[list[Path], Path | None]:
-    "Video files of `srcs` (files, or folders searched recursively) and the root to keep paths relative to."
-    files, dirs = [], []
-    for s in map(Path, srcs):
-        if s.is_dir(): dirs.append(s); files += sorted(p for p in s.rglob('*') if p.suffix.lower() in VIDEO_EXTS)
-        elif s.exists(): files.append(s)
-        else: raise FileNotFoundError(f'{s}: no such file or folder')
-    return files, (dirs[0] if len(dirs) == 1 and len(srcs) == 1 else None)
 
 # %% ../nbs/10_cli.ipynb #89272bc5
 def first_host(nodelist: str) -> str:
