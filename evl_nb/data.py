@@ -21,9 +21,10 @@ from .core import atomic_save, default_synthetic_root, find_fixture, get_logger
 from .video import (VIDEO_EXTS, VideoError, VideoInfo, check_video, decord_reader, error_class,
                           load_manifest, read_clip)
 from .store import ClipStore
+from .augment import ClipAug, posterize_mask, resize_clip
 
 # %% auto #0
-__all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING_OPS', 'ANN_NAMES', 'DEFAULT_MODEL',
+__all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING_OPS', 'AUGMENT_ON', 'ANN_NAMES', 'DEFAULT_MODEL',
            'AnnotationError', 'Annotations', 'read_class_list', 'class_ids', 'pad_classes', 'index_videos', 'k400_name',
            'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels', 'read_ssv2_json', 'read_list_file',
            'resolve_convention', 'dense_indices', 'uniform_indices', 'parse_views', 'rand_augment_op',
@@ -445,6 +446,7 @@ def _pil_op(name, img, m, s):
         return img.transform(img.size, Image.AFFINE, matrix, **geo)
     if name == 'PosterizeIncreasing':
         bits = 4 - int(m / 10 * 4)
+        if bits <= 0: return img.point([i & posterize_mask(bits) for i in range(256)] * 3)  # black
         return img if bits >= 8 else ImageOps.posterize(img, bits)
     if name == 'SolarizeIncreasing': return ImageOps.solarize(img, 256 - int(m / 10 * 256))
     if name == 'SolarizeAdd':
@@ -506,37 +508,31 @@ class ClipRandAugment(torch.nn.Module):
         if not inc:
             raise ValueError(f'rand_augment={spec!r}: only the increasing op set (inc1) is implemented')
         return cls(**kw, style=style)
-    def forward(self, video, generator=None):
-        v = video if isinstance(video, tv_tensors.Video) else tv_tensors.Video(video)
+    def draw(self, generator=None) -> list:
+        """The clip's ops [(name, magnitude, sign)]: `n` draws, each kept with probability `p` (timm's order
+        of draws)."""
         todo = []
         for _ in range(self.n):
             name = self.ops[int(torch.randint(len(self.ops), (), generator=generator))]
             if torch.rand((), generator=generator) >= self.p: continue
             m = self.m if self.mstd <= 0 else float(torch.normal(self.m, self.mstd, (), generator=generator))
             todo.append((name, min(10.0, max(0.0, m)), _sign(generator) if name in _SIGNED else 1.0))
+        return todo
+    def apply(self, video, todo: list):
+        """Apply drawn ops to a uint8 clip in this `style` (PIL: one conversion per clip, every op on every
+        frame)."""
+        v = video if isinstance(video, tv_tensors.Video) else tv_tensors.Video(video)
         if not todo: return v
         if self.style == 'torchvision':
             for name, m, s in todo: v = _tv_op(name, v, m, s)
             return v
-        imgs = _to_pil(v)                      # one conversion per clip, every op on every frame
+        imgs = _to_pil(v)
         for name, m, s in todo: imgs = [_pil_op(name, im, m, s) for im in imgs]
         return _from_pil(imgs, v)
+    def forward(self, video, generator=None): return self.apply(video, self.draw(generator))
     def extra_repr(self): return f'n={self.n}, m={self.m}, mstd={self.mstd}, p={self.p}, style={self.style!r}'
 
 # %% ../nbs/02_data.ipynb #04efae6c
-def _resize(video, hw, antialias: bool):
-    """Bilinear resize of a uint8 (or float) `(..., H, W)` clip to `hw`; without antialias in float, then
-    rounded back."""
-    if antialias:
-        return TF.resize(video, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    x = video.as_subclass(torch.Tensor) if isinstance(video, torch.Tensor) else torch.as_tensor(video)
-    lead = x.shape[:-3]
-    y = torch.nn.functional.interpolate(x.reshape(-1, *x.shape[-3:]).float(), size=tuple(hw), mode='bilinear',
-                                        align_corners=False)
-    if x.dtype == torch.uint8: y = y.round_().clamp_(0, 255).to(torch.uint8)
-    y = y.reshape(*lead, *y.shape[-3:])
-    return tv_tensors.wrap(y, like=video) if isinstance(video, tv_tensors.Video) else y
-
 def short_side_size(h: int, w: int, size: int, long_side: str = 'floor') -> tuple[int, int]:
     """Short side `size`; long side `long * size // short` ('floor', official) or mmcv's `int(long *
     size/short + 0.5)` ('round')."""
@@ -550,7 +546,7 @@ def short_side_size(h: int, w: int, size: int, long_side: str = 'floor') -> tupl
 def resize_short(video, size: int, antialias: bool = False, long_side: str = 'floor'):
     "Resize so the short side is `size` (bilinear; antialiased only if asked), keeping the aspect ratio."
     H, W = video.shape[-2:]
-    return _resize(video, short_side_size(H, W, size, long_side), antialias)
+    return resize_clip(video, short_side_size(H, W, size, long_side), antialias)
 
 # %% ../nbs/02_data.ipynb #0ad99a58
 def center_crop(video, size: int, offset: str = 'floor'):
@@ -581,10 +577,15 @@ class ClipResizedCrop:
     (antialias optional)."""
     def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias: bool = False):
         self.size, self.scale, self.ratio, self.antialias = int(size), tuple(scale), tuple(ratio), antialias
-    def __call__(self, video):
+    def draw(self, H: int, W: int) -> tuple:
+        "The box (top, left, height, width) in an H x W frame: torchvision's draw, from the global RNG."
         from torchvision.transforms import RandomResizedCrop
-        i, j, h, w = RandomResizedCrop.get_params(video, list(self.scale), list(self.ratio))
-        return _resize(TF.crop(video, i, j, h, w), (self.size, self.size), self.antialias)
+        shape = torch.empty(1, 1, 1, dtype=torch.uint8).expand(1, H, W)
+        return tuple(RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio)))
+    def apply(self, video, box):
+        i, j, h, w = box
+        return resize_clip(TF.crop(video, i, j, h, w), (self.size, self.size), self.antialias)
+    def __call__(self, video): return self.apply(video, self.draw(*video.shape[-2:]))
     def __repr__(self):
         return (f'ClipResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio}, '
                 f'antialias={self.antialias})')
@@ -637,14 +638,20 @@ class FlipPolicy:
         self.pairs = {int(k): int(v) for k, v in self.pairs.items()}
         bad = [k for k, v in self.pairs.items() if self.pairs.get(v) != k]
         if bad: raise ValueError(f'flip pairs are not symmetric for labels {bad[:5]}')
+    def draw(self, label: int, generator=None) -> tuple[bool, int]:
+        "(whether to flip, the label after it)."
+        if self.mode == 'off' or label in self.never: return False, label
+        if float(torch.rand((), generator=generator)) >= self.p: return False, label
+        return True, (self.pairs.get(label, label) if self.mode == 'swap' else label)
     def __call__(self, video, label: int, generator=None):
         "Return (video, label, flipped)."
-        if self.mode == 'off' or label in self.never: return video, label, False
-        if float(torch.rand((), generator=generator)) >= self.p: return video, label, False
-        return TF.horizontal_flip(video), (self.pairs.get(label,
-                                                          label) if self.mode == 'swap' else label), True
+        flipped, label = self.draw(label, generator)
+        return (TF.horizontal_flip(video) if flipped else video), label, flipped
+
 
 # %% ../nbs/02_data.ipynb #9d18dd5e
+AUGMENT_ON = ('worker', 'device')
+
 class VideoClipDataset(Dataset):
     """Clips from `(path, label)` samples; items `{'video': uint8 (3,T,H,W) or (V,3,T,H,W), 'label',
     'index'}`. `convention` ('official' by default, 'mmaction2', 'legacy') sets the input switches;
@@ -658,13 +665,17 @@ class VideoClipDataset(Dataset):
                  manifest=None, decode: str = 'auto', min_frames: int = 1, out_of_bound: str | None = None,
                  missing=(), name: str = '', fixed_class_ids: bool = False, report_missing: bool = True,
                  convention: str | dict = 'official', antialias: bool | None = None,
-                 crop_offset: str | None = None, train_range: str | None = None, store=None):
+                 crop_offset: str | None = None, train_range: str | None = None, store=None,
+                 augment_on: str = 'worker'):
         self.samples = [(str(s[0]), int(s[1]), s[2] if len(s) > 2 else '') for s in samples]
         self.classes, self.train, self.name = list(classes), train, name
         if sampling not in ('dense', 'uniform'):
             raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
         if decode not in ('auto', 'decord', 'pyav'):
             raise ValueError(f"decode={decode!r}: expected 'auto', 'decord' or 'pyav'")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f'augment_on={augment_on!r}: expected one of {AUGMENT_ON}')
+        self.augment_on = augment_on
         self.sampling, self.num_frames, self.frame_interval = sampling, int(num_frames), int(frame_interval)
         self.views = parse_views(views)
         if train and self.views != (1, 1): raise ValueError(f'views={views!r}: training uses one view (1x1)')
@@ -781,11 +792,26 @@ class VideoClipDataset(Dataset):
             frames = read_clip(path, uniq.tolist(), info, backend='pyav' if self.decode == 'pyav' else 'auto')
         return inds, frames[inv.reshape(-1)]
 
+    def draw_aug(self, H: int, W: int, label: int) -> tuple[ClipAug, int]:
+        """A training clip's augmentation for an H x W frame, drawn as `transform` draws it (RandAugment ops,
+        crop box, flip), and the label after the flip."""
+        ops = self.rand_augment.draw() if self.rand_augment is not None else []
+        box = self.crop.draw(H, W)
+        flip, label = self.flip.draw(label)
+        return ClipAug(ops, box, flip, self.input_size, self.switches['antialias']), label
+
     def load(self, i: int) -> dict:
-        "Item `i`; raises on a broken file (`__getitem__` turns that into a skip)."
+        """Item `i`; raises on a broken file (`__getitem__` turns that into a skip). With
+        `augment_on='device'` a training item is the uint8 `frames` (T, 3, H, W) and their drawn `aug`, left
+        to `batch_clips`."""
         label = self.samples[i][1]
         inds, frames = self.read_frames(i)
         clip = torch.from_numpy(frames).permute(0, 3, 1, 2)            # (V*T, 3, H, W)
+        if self.train and self.augment_on == 'device':
+            if self.short_side: clip = resize_short(clip, self.short_side, self.switches['antialias'],
+                                                    self.switches['long_side'])
+            aug, lab = self.draw_aug(*clip.shape[-2:], label)
+            return {'frames': clip, 'aug': aug, 'label': lab, 'index': i}
         outs = []
         for t in range(inds.shape[0]):
             crops, lab = self.transform(clip[t * self.num_frames:(t + 1) * self.num_frames], label)
@@ -888,16 +914,16 @@ def record_skipped(dataset, batch: dict) -> list[dict]:
 # %% ../nbs/02_data.ipynb #a282c51c
 def collate_clips(items: Sequence[dict]) -> dict:
     """Stack good items; `batch['skipped']` lists the skipped ones (`index`, `path`, `where`, `reason`,
-    `message`)."""
+    `message`). Items left to the device keep `frames` (any size) and `aug` as lists (`batch_clips` applies
+    them)."""
     good = [it for it in items if 'skip' not in it]
     batch = {'skipped': [it['skip'] for it in items if 'skip' in it]}
-    if good:
-        batch['video'] = torch.stack([it['video'] for it in good])
-        batch['label'] = torch.tensor([it['label'] for it in good], dtype=torch.long)
-        batch['index'] = torch.tensor([it['index'] for it in good], dtype=torch.long)
-    else:
-        empty = torch.zeros(0, dtype=torch.long)
-        batch.update(video=None, label=empty, index=empty.clone())
+    if good and 'frames' in good[0]:                 # augment_on='device': frames of any size + their draws
+        batch.update(frames=[it['frames'] for it in good], aug=[it['aug'] for it in good])
+    elif good: batch['video'] = torch.stack([it['video'] for it in good])
+    else: batch['video'] = None
+    batch['label'] = torch.tensor([it['label'] for it in good], dtype=torch.long)
+    batch['index'] = torch.tensor([it['index'] for it in good], dtype=torch.long)
     return batch
 
 # %% ../nbs/02_data.ipynb #c7b93f39
@@ -915,7 +941,7 @@ class ClipLoader:
         self.epoch_skipped = []
         for b in self.loader:
             self.epoch_skipped += record_skipped(self.dataset, b)
-            if b['video'] is None: continue
+            if b.get('video') is None and b.get('frames') is None: continue
             yield b
 
 # %% ../nbs/02_data.ipynb #1fd336aa
@@ -1269,7 +1295,7 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                   convention: str | dict = 'official', antialias: bool | None = None,
                   crop_offset: str | None = None, train_range: str | None = None,
                   store=None, video_dir=None, output_dir=None,
-                  max_missing: float | None = None) -> VideoClipDataset:
+                  max_missing: float | None = None, augment_on: str = 'worker') -> VideoClipDataset:
     """A `VideoClipDataset` for `dataset` in 'synthetic', 'k400', 'ssv2', 'list' (see the table above).
     `convention` ('official' by default: the EVL repo's inputs; 'mmaction2'; 'legacy') and the single switches
     are explained in the conventions table. `store` (a folder made by `evl_nb.store.build_store`, or a
@@ -1300,7 +1326,8 @@ def build_dataset(dataset: str, split: str, data_root=None, ann_file=None, num_f
                           min_frames=min_frames, out_of_bound=out_of_bound, missing=src.ann.missing,
                           name=f'{dataset}/{split}', fixed_class_ids=src.ann.fixed_ids,
                           convention=convention, antialias=antialias, crop_offset=crop_offset,
-                          train_range=train_range, store=store, report_missing=False)
+                          train_range=train_range, store=store, report_missing=False,
+                          augment_on=augment_on)
     return ds
 
 # %% ../nbs/02_data.ipynb #5910ea42

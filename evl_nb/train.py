@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_sum, as_dtype, atomic_save,
                          check_output_path, dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
                          seed_everything)
-from .data import (DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, find_ann, normalize_clip, parse_views,
+from .augment import batch_clips
+from .data import (AUGMENT_ON, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, find_ann, normalize_clip, parse_views,
                          random_clips, record_skipped)
 from .evaluate import evaluate, format_report, save_results
 from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features, collate_features,
@@ -137,6 +138,8 @@ class TrainConfig:
     device: str | None = option(None, 'torch device; None: cuda:LOCAL_RANK when available, else cpu')
     train_aug: dict = option(help='extra build_dataset arguments for training (rand_augment, crop_scale, flip, ...)',
                              factory=dict)
+    augment_on: str = option('device', "training augmentation: 'device' (drawn in the loader worker, applied on the "
+                                      "model's device) or 'worker' (PIL in the worker: the official code's path)")
     model_overrides: dict = option(help='EVLConfig fields to override (decoder_num_layers, ...)', factory=dict)
     in_memory: bool = option(False, 'decode every clip once and train from memory (small datasets: the synthetic demo)')
     cache_features: int = option(0, 'K > 0: train the decoder on cached backbone features of K augmented views per clip '
@@ -161,6 +164,8 @@ class TrainConfig:
             if getattr(c, k) is None: setattr(c, k, v)
         if c.precision is None: c.precision = 'fp16' if torch.cuda.is_available() else 'fp32'
         as_dtype(c.precision, 'precision')
+        if c.augment_on not in AUGMENT_ON:
+            raise ValueError(f'augment_on={c.augment_on!r}: expected one of {AUGMENT_ON}')
         c.betas = tuple(c.betas)
         check_ranges(c)
         check_output_path(c.output_dir, 'output_dir')
@@ -222,6 +227,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
         if cfg.dataset != 'ssv2': kw.update(sampling=mcfg.sampling if cfg.dataset != 'synthetic' else None,
                                             frame_interval=mcfg.frame_interval)
         kw.update(aug)
+        if split == 'train' and not cfg.in_memory: kw['augment_on'] = cfg.augment_on
         if cfg.class_list is not None: kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
         kw.update(output_dir=cfg.output_dir, max_missing=cfg.max_missing)   # missing videos listed there
         try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, store=cfg.store, **kw)
@@ -505,7 +511,7 @@ def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
 # %% ../nbs/06_train.ipynb #0664de62
 RESUME_HARMLESS = ('num_workers', 'eval_every', 'eval_views', 'eval_short_side', 'eval_batch_size', 'ckpt_every',
                    'keep_last', 'log_every', 'output_dir', 'resume', 'reevaluate', 'device', 'stop_at_step', 'progress',
-                   'threads', 'allow_changes', 'max_missing')
+                   'threads', 'allow_changes', 'max_missing', 'augment_on')
 
 def _plain(v): return json.loads(json.dumps(v, default=str))
 
@@ -777,7 +783,7 @@ def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tens
             loss = F.cross_entropy(logits.float(), y)
             run.scaler.scale(loss / run.cfg.accum_steps).backward()
         return loss.detach(), bool(torch.isfinite(loss)), len(y)
-    x = batch['video']
+    x = batch_clips(batch, run.device)   # the device share of augmentation, when the worker left it
     empty = x is None                       # every clip unreadable: a zero clip keeps this rank in the all-reduce
     if empty:
         x = torch.zeros(1, 3, run.model.config.num_frames, *2 * [model_input_size(run.model.config)], dtype=torch.uint8)
