@@ -14,10 +14,18 @@ the noise of a shared machine hits every column alike; each cell is the median o
 Also: bytes per clip, cores needed per 1,000 clips/s, DataLoader clips/s with 1 and 2 workers (store vs
 decord seek on the originals), conversion cost, and the disk/time estimates for converting K400 and SSv2.
 
+The augmentation split (`augment_on`, evl_nb.augment), interleaved in one run, written with `--json OUT`:
+store_worker_pil (clips/s per core of the training item with PIL RandAugment + crop in the worker),
+store_worker_device (the worker's share with augment_on='device': decode + draws), device_augment_cpu (the device
+share on CPU tensors, batch 32, one thread), device_augment_cuda (the same on CUDA, only with a GPU), and
+dataloader_2_workers_{device,pil} (clips/s from a DataLoader with 2 workers; the device share applied in the main
+process with --main-threads threads). `--augment-only` measures just these.
+
     nice python benchmarks/data_throughput.py [--repeats 12] [--videos DIR] [--short-side 320] [--keyint 16]
                                               [--legacy]   # also the sequential / full-decode readers
+                                              [--json OUT] [--augment-only] [--main-threads 2]
 """
-import argparse, os, platform, sys, tempfile, time
+import argparse, json, os, platform, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
@@ -29,8 +37,9 @@ import torch
 
 torch.set_num_threads(1)
 
+from evl_nb.augment import batch_clips
 from evl_nb.core import find_fixture
-from evl_nb.data import dense_indices, VideoClipDataset
+from evl_nb.data import build_dataset, collate_clips, dense_indices, VideoClipDataset
 from evl_nb.store import build_store, read_jpegs, decode_frames
 from evl_nb.video import check_video, read_frames_decord, read_frames_pyav, reencode_video, VIDEO_EXTS
 
@@ -96,10 +105,20 @@ def main():
     ap.add_argument('--keyint', type=int, default=16)
     ap.add_argument('--loader-clips', type=int, default=64, help='clips per DataLoader measurement')
     ap.add_argument('--legacy', action='store_true', help='also time the sequential and full-decode readers')
+    ap.add_argument('--json', default=None, help='write the augmentation-split rates (and the machine) here')
+    ap.add_argument('--augment-only', action='store_true', help='measure only the augmentation split')
+    ap.add_argument('--main-threads', type=int, default=2, help="main process threads in the DataLoader runs")
     a = ap.parse_args()
     vdir = Path(a.videos) if a.videos else find_fixture('videos', required=True)
     paths = sorted(p for p in vdir.iterdir() if p.suffix.lower() in VIDEO_EXTS)
     tmp = tempfile.TemporaryDirectory(); tdir = Path(tmp.name)
+    if a.augment_only or a.json:
+        sdir = tdir / 'astore'
+        build_store(paths, sdir, short_side=a.short_side, num_workers=1, progress=False)
+        res = augment_split_rates(sdir, paths, tdir, a.repeats, a.loader_clips, a.main_threads)
+        res['machine'] = f'{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}'
+        if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+        if a.augment_only: tmp.cleanup(); return
     # conversions, one core each (timed): short-GOP re-encode and the store
     reenc, t_re = {}, {}
     for p in paths:
@@ -197,6 +216,78 @@ def main():
               f"{d['width']}x{d['height']}: store (q95) {disk / 1e12:.2f} TB ({alt}); conversion on 16 cores ~"
               f"{frames / fps_conv / 16 / 3600:.1f} h (re-encode ~{frames / fps_re / 16 / 3600:.1f} h)")
     tmp.cleanup()
+
+
+class Seeded(torch.utils.data.Dataset):
+    "Item k of a dataset, `n` items in all, drawn with torch seeded by k (the same clip whichever path reads it)."
+    def __init__(self, ds, n): self.ds, self.n = ds, n
+    def __len__(self): return self.n
+    def __getitem__(self, k):
+        torch.manual_seed(k)
+        return self.ds[k % len(self.ds)]
+
+
+def augment_split_rates(store_dir, paths, tdir, repeats, loader_clips, main_threads, batch=32):
+    "The augment_on rates (see the module doc), PIL and device interleaved in every repeat."
+    lst = tdir / 'aug_list.txt'
+    lst.write_text(''.join(f'{p} 0\n' for p in paths))
+    mk = lambda on: build_dataset('list', 'train', ann_file=lst, store=store_dir, num_frames=8, frame_interval=16,
+                                  sampling='dense', rand_augment=RA, input_size=224, augment_on=on)
+    sets = {'pil': mk('worker'), 'device': mk('device')}
+    n = len(paths)
+    item = {k: [] for k in sets}
+    for ds in sets.values(): Seeded(ds, n)[0]                                  # warm up
+    for rep in range(repeats):
+        for k in range(n):
+            for name, ds in sets.items():
+                s = Seeded(ds, 10 ** 6)
+                t0 = time.perf_counter(); s[rep * n + k]; item[name].append(time.perf_counter() - t0)
+    res = {'store_worker_pil': n * repeats / sum(item['pil']), 'store_worker_device': n * repeats / sum(item['device'])}
+    dev = Seeded(sets['device'], batch)
+    b = collate_clips([dev[k] for k in range(batch)])
+    batch_clips(b)
+    tc = []
+    for _ in range(max(3, repeats // 3)):
+        t0 = time.perf_counter(); batch_clips(b); tc.append(time.perf_counter() - t0)
+    res['device_augment_cpu'] = batch / float(np.median(tc))
+    if torch.cuda.is_available():
+        batch_clips(b, 'cuda'); torch.cuda.synchronize(); tg = []
+        for _ in range(max(3, repeats)):
+            t0 = time.perf_counter(); batch_clips(b, 'cuda'); torch.cuda.synchronize(); tg.append(time.perf_counter() - t0)
+        res['device_augment_cuda'] = batch / float(np.median(tg))
+    dl = {k: [] for k in sets}
+    for _ in range(2):                                                       # interleaved: pil, device, pil, device
+        for name, ds in sets.items():
+            dl[name].append(loader_aug_rate(Seeded(ds, loader_clips), name == 'device', main_threads))
+    res['dataloader_2_workers_pil'] = float(np.mean(dl['pil']))
+    res['dataloader_2_workers_device'] = float(np.mean(dl['device']))
+    res = {k: round(v, 2) for k, v in res.items()}
+    combined = 1 / (1 / res['store_worker_device'] + 1 / res['device_augment_cpu'])
+    print(f"augment_on split ({RA}, store at short side, 8x16 clips, crop 224): worker PIL {res['store_worker_pil']:.1f}"
+          f" clips/s per core, worker share with augment_on='device' {res['store_worker_device']:.1f} "
+          f"({res['store_worker_device'] / res['store_worker_pil']:.1f}x); device share on CPU (batch {batch}, 1 thread) "
+          f"{res['device_augment_cpu']:.1f} clips/s; both on one core {combined:.1f} "
+          f"({combined / res['store_worker_pil']:.2f}x PIL)"
+          + (f"; device share on CUDA {res['device_augment_cuda']:.0f} clips/s" if 'device_augment_cuda' in res else ''))
+    print(f"DataLoader, 2 workers: augment_on='device' {res['dataloader_2_workers_device']:.1f} clips/s (device share "
+          f"in the main process, {main_threads} threads), 'worker' {res['dataloader_2_workers_pil']:.1f} clips/s "
+          f"({res['dataloader_2_workers_device'] / res['dataloader_2_workers_pil']:.2f}x)")
+    res['main_threads'] = main_threads
+    return res
+
+
+def loader_aug_rate(ds, device_share, main_threads, batch=8):
+    was = torch.get_num_threads()
+    torch.set_num_threads(main_threads)
+    try:
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=2, collate_fn=collate_clips,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1), prefetch_factor=4)
+        t0, n = time.perf_counter(), 0
+        for b in dl:
+            v = batch_clips(b) if device_share else b['video']
+            n += v.shape[0]
+        return n / (time.perf_counter() - t0)
+    finally: torch.set_num_threads(was)
 
 
 def quality_ratios(store, paths, infos, every=25):

@@ -211,3 +211,26 @@ def test_stopped_at_500_and_resumed_equals_2000_uninterrupted_steps(syn, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((part / 'summary.json').read_text())['start_step'] == 500
     _assert_same_weights(_weights(full, 2000), _weights(part, 2000))
+
+
+def test_sigkill_at_random_moments_with_device_augmentation_resumes_bit_exactly(syn, tmp_path):
+    """augment_on='device' with the official RandAugment and 2 loader workers (they draw every parameter) on the
+    synthetic set's real video files: SIGKILL twice at random steps, resume each time; the weights equal an
+    uninterrupted run's."""
+    import random
+    aug = ['--augment-on', 'device', '--train-aug', json.dumps({'rand_augment': 'rand-m7-n4-mstd0.5-inc1'}),
+           '--num-workers', '2', '--max-steps', 60, '--ckpt-every', 4]
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    rng = random.Random(int(time.time()))
+    kills = sorted(rng.sample(range(6, 50), 2))
+    for at in kills:
+        p = _start(_args(syn, part, *aug))
+        try: _wait_for(lambda: (part / 'metrics.csv').exists() and len(_train_rows(part)) >= at, 600, f'step {at}')
+        finally:
+            p.send_signal(signal.SIGKILL); p.wait(60)
+        assert p.returncode == -signal.SIGKILL, f'finished before the kill at step {at}'
+    r = _run(_args(syn, part, *aug))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((part / 'summary.json').read_text())['start_step'] > 0, kills
+    assert _run(_args(syn, full, *aug)).returncode == 0
+    _assert_same_weights(_weights(full, 60), _weights(part, 60))
