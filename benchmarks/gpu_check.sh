@@ -108,6 +108,8 @@ done
 
 # ---- 5. the clip store's GPU decode rate -------------------------------------------------------------------
 run data_throughput 45 "$PY" benchmarks/data_throughput.py --repeats 3
+# the augment_on split with device_augment_cuda (the device share of a batch of 32 on CUDA)
+run augment_throughput 60 "$PY" benchmarks/data_throughput.py --augment-only --repeats 3 --json "$OUT/augment_throughput.json"
 
 # ---- 6. the `#| cuda` notebook cells ----------------------------------------------------------------------
 CUDA_NBS=$(grep -l '#| cuda' nbs/*.ipynb 2>/dev/null | tr '\n' ' ')
