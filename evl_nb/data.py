@@ -29,10 +29,10 @@ __all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING
            'read_k400_csv', 'ssv2_class_name', 'read_ssv2_labels', 'read_ssv2_json', 'read_list_file',
            'resolve_convention', 'dense_indices', 'uniform_indices', 'parse_views', 'rand_augment_op',
            'ClipRandAugment', 'short_side_size', 'resize_short', 'center_crop', 'three_crop', 'ClipResizedCrop',
-           'normalize_clip', 'lr_flip_pairs', 'FlipPolicy', 'VideoClipDataset', 'warn_skip', 'record_skipped',
-           'collate_clips', 'ClipLoader', 'build_loader', 'default_ann', 'find_ann', 'Layout', 'resolve_layout',
-           'read_class_folders', 'video_counts', 'missing_summary', 'write_missing', 'check_found', 'build_dataset',
-           'TensorClips', 'random_clips', 'cache_dataset']
+           'normalize_clip', 'lr_flip_pairs', 'FlipPolicy', 'augment_place', 'VideoClipDataset', 'warn_skip',
+           'record_skipped', 'collate_clips', 'ClipLoader', 'build_loader', 'default_ann', 'find_ann', 'Layout',
+           'resolve_layout', 'read_class_folders', 'video_counts', 'missing_summary', 'write_missing', 'check_found',
+           'build_dataset', 'TensorClips', 'random_clips', 'cache_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -652,6 +652,19 @@ class FlipPolicy:
 # %% ../nbs/02_data.ipynb #9d18dd5e
 AUGMENT_ON = ('worker', 'device')
 
+def augment_place(augment_on: str, rand_augment, name: str = '') -> str:
+    """Where a training clip is augmented: `augment_on`, except that RandAugment other than the official ops
+    (the torchvision style of the mmaction2/legacy conventions, or your own callable) stays in the worker."""
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f'augment_on={augment_on!r}: expected one of {AUGMENT_ON}')
+    ra = rand_augment
+    official = isinstance(ra, ClipRandAugment) and ra.style == 'official'
+    if augment_on == 'device' and ra is not None and not official:
+        _log.info(f'{name or "dataset"}: RandAugment {ra!r} runs in the loader worker '
+                  '(the device applies the official ops only)')
+        return 'worker'
+    return augment_on
+
 class VideoClipDataset(Dataset):
     """Clips from `(path, label)` samples; items `{'video': uint8 (3,T,H,W) or (V,3,T,H,W), 'label',
     'index'}`. `convention` ('official' by default, 'mmaction2', 'legacy') sets the input switches;
@@ -673,9 +686,6 @@ class VideoClipDataset(Dataset):
             raise ValueError(f"sampling={sampling!r}: expected 'dense' or 'uniform'")
         if decode not in ('auto', 'decord', 'pyav'):
             raise ValueError(f"decode={decode!r}: expected 'auto', 'decord' or 'pyav'")
-        if augment_on not in AUGMENT_ON:
-            raise ValueError(f'augment_on={augment_on!r}: expected one of {AUGMENT_ON}')
-        self.augment_on = augment_on
         self.sampling, self.num_frames, self.frame_interval = sampling, int(num_frames), int(frame_interval)
         self.views = parse_views(views)
         if train and self.views != (1, 1): raise ValueError(f'views={views!r}: training uses one view (1x1)')
@@ -686,6 +696,7 @@ class VideoClipDataset(Dataset):
         self.convention = sw['name']
         self.rand_augment = (ClipRandAugment.from_string(rand_augment, style=sw['rand_augment'])
                              if isinstance(rand_augment, str) else rand_augment)
+        self.augment_on = augment_place(augment_on, self.rand_augment, name)
         self.crop = ClipResizedCrop(self.input_size, crop_scale, crop_ratio, antialias=sw['antialias'])
         self.flip = flip or FlipPolicy('off')
         self.decode, self.min_frames = decode, min_frames

@@ -133,3 +133,10 @@ def test_device_augment_on_another_frame_size_in_one_batch(frames):
 def test_augment_on_is_checked():
     with pytest.raises(ValueError, match='augment_on'):
         VideoClipDataset([], ['a'], augment_on='gpu')
+
+
+def test_torchvision_style_randaugment_stays_in_the_worker():
+    "The mmaction2/legacy conventions' torchvision-style ops are not the device's: those datasets augment in the worker."
+    ds = VideoClipDataset([], ['a'], rand_augment=RA, convention='mmaction2', augment_on='device')
+    assert ds.augment_on == 'worker'
+    assert VideoClipDataset([], ['a'], rand_augment=RA, augment_on='device').augment_on == 'device'
