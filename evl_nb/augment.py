@@ -16,10 +16,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 # %% auto #0
-__all__ = ['LEVELS', 'GEOMETRIC_OPS', 'WHOLE_PICTURE_OPS', 'resize_clip', 'blend_lut', 'point_lut', 'posterize_mask',
+__all__ = ['LEVELS', 'GEOMETRIC_OPS', 'TRUNC_EPS', 'WHOLE_PICTURE_OPS', 'resize_clip', 'blend_lut', 'point_lut', 'posterize_mask',
            'histograms', 'autocontrast_lut', 'equalize_lut', 'grey', 'apply_lut', 'pil_affine', 'source_region',
-           'affine_region', 'color_op', 'contrast_op', 'sharpness_op', 'tensor_op', 'ClipAug', 'needed_regions',
-           'apply_clip_aug', 'augment_batch', 'batch_clips']
+           'pil_cubic', 'shift_rows', 'affine_region', 'color_op', 'contrast_op', 'sharpness_op', 'tensor_op',
+           'ClipAug', 'needed_regions', 'apply_clip_aug', 'augment_batch', 'batch_clips']
 
 # %% ../nbs/01b_augment.ipynb #d63d6161
 def resize_clip(video, hw, antialias: bool = False):
@@ -145,11 +145,46 @@ def source_region(mat, region, H: int, W: int) -> tuple:
     (top, bottom), (left, right) = span(min(vs), max(vs), H), span(min(us), max(us), W)
     return top, left, bottom, right
 
+# %% ../nbs/01b_augment.ipynb #fdea87f4
+# float error must not turn an exact level k into k - 1e-6 (PIL keeps k; a floor would give k - 1)
+TRUNC_EPS = 1e-3
+
+def pil_cubic(t) -> torch.Tensor:
+    """PIL's affine bicubic weights (Keys' cubic, a = -1) of the taps floor - 1 .. floor + 2 for fractions
+    `t`: (4, ...)."""
+    t2, t3 = t * t, t * t * t
+    return torch.stack([-t + 2 * t2 - t3, 1 - 2 * t2 + t3, t + t2 - t3, t3 - t2])
+
+# %% ../nbs/01b_augment.ipynb #978be758
+def shift_rows(x, b: float, c: float, src, dst, W: int, fill: int = 128) -> torch.Tensor:
+    """PIL's bicubic transform `(1, b, c, 0, 1, 0)` of a W-wide frame (row y moves by `b * (y + .5) + c`:
+    ShearX, TranslateX), for output region `dst` from `x` = the frame's region `src`. Every row reads one
+    input row, so the bicubic is 4 taps along it, with PIL's weights: exact up to float32."""
+    dev = x.device
+    rows = x[..., dst[0] - src[0]:dst[2] - src[0], :]
+    o = b * (torch.arange(dst[0], dst[2], dtype=torch.float64, device=dev) + 0.5) + c   # source x - output x
+    k = o.floor()
+    w = pil_cubic((o - k).float()).unsqueeze(-1)                                       # (4, h, 1)
+    xs = torch.arange(dst[1], dst[3], device=dev)
+    u = xs.double().view(1, -1) + 0.5 + o.view(-1, 1)
+    base = xs.view(1, -1) + k.long().view(-1, 1) - 1 - src[1]
+    out = 0
+    for i in range(4):
+        idx = (base + i).clamp(-src[1], W - 1 - src[1]).expand(*rows.shape[:-1], base.shape[-1])
+        out = out + rows.gather(-1, idx).float() * w[i]
+    inside = (u >= 0) & (u < W)
+    return torch.where(inside, out.clamp_(0, 255).add_(TRUNC_EPS).floor_(), float(fill)).to(torch.uint8)
+
 # %% ../nbs/01b_augment.ipynb #49f996c2
 def affine_region(x, mat, src, dst, H: int, W: int, fill: int = 128) -> torch.Tensor:
     """PIL's bicubic affine of an H x W frame, computed for output region `dst` only, from `x` = the frame's
-    region `src` (uint8 `(..., 3, h, w)`); pixels whose source is outside the frame are `fill`."""
+    region `src` (uint8 `(..., 3, h, w)`); pixels whose source is outside the frame are `fill`. Shears and
+    translations move whole rows (or columns): `shift_rows`, exact. Rotation: `grid_sample`'s bicubic."""
     a, b, c, d, e, f = mat
+    if (a, d, e, f) == (1, 0, 1, 0): return shift_rows(x, b, c, src, dst, W, fill)      # ShearX, TranslateX
+    if (a, b, c, e) == (1, 0, 0, 1):                                                    # ShearY, TranslateY
+        t = lambda r: (r[1], r[0], r[3], r[2])
+        return shift_rows(x.transpose(-1, -2), d, f, t(src), t(dst), H, fill).transpose(-1, -2)
     dev = x.device
     ys = torch.arange(dst[0], dst[2], dtype=torch.float64, device=dev).view(-1, 1) + 0.5
     xs = torch.arange(dst[1], dst[3], dtype=torch.float64, device=dev).view(1, -1) + 0.5
@@ -160,7 +195,7 @@ def affine_region(x, mat, src, dst, H: int, W: int, fill: int = 128) -> torch.Te
     xin = x.reshape(-1, *x.shape[-3:]).float()
     y = F.grid_sample(xin, grid.float().expand(xin.shape[0], *grid.shape), mode='bicubic',
                       padding_mode='border', align_corners=False)
-    y = torch.where(inside, y.clamp_(0, 255).floor_(), float(fill)).to(torch.uint8)
+    y = torch.where(inside, y.clamp_(0, 255).add_(TRUNC_EPS).floor_(), float(fill)).to(torch.uint8)
     return y.view(*x.shape[:-2], *y.shape[-2:])
 
 # %% ../nbs/01b_augment.ipynb #fb294695
