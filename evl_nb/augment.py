@@ -170,8 +170,10 @@ def shift_rows(x, b: float, c: float, src, dst, W: int, fill: int = 128) -> torc
     base = xs.view(1, -1) + k.long().view(-1, 1) - 1 - src[1]
     out = 0
     for i in range(4):
-        idx = (base + i).clamp(-src[1], W - 1 - src[1]).expand(*rows.shape[:-1], base.shape[-1])
-        out = out + rows.gather(-1, idx).float() * w[i]
+        idx = (base + i).clamp(-src[1], W - 1 - src[1])
+        if b == 0: taps = rows.index_select(-1, idx[0])              # a translation: the same taps on every row
+        else: taps = rows.gather(-1, idx.expand(*rows.shape[:-1], idx.shape[-1]))
+        out = out + taps.float() * w[i]
     inside = (u >= 0) & (u < W)
     return torch.where(inside, out.clamp_(0, 255).add_(TRUNC_EPS).floor_(), float(fill)).to(torch.uint8)
 
