@@ -1,7 +1,7 @@
 """Real-browser test of the attention viewer: JupyterLab on 127.0.0.1, Debian's headless Chromium driven by Playwright.
 
 Runs `nbs/explore.ipynb` (a copy, in a temporary root), drags the frame slider with the mouse (its track must be wider
-than 100 px), checks the readout and the picture change, and saves a screenshot of the viewer (SCREENSHOT).
+than 100 px), checks the readout and the picture change, and saves a screenshot of the viewer (tmp, or EVL_NB_SCREENSHOT).
 Needs the `chromium` apt package and the `playwright` Python package (never `playwright install`).
 Skips locally when either is missing; fails under CI=true (.ci/run installs them)."""
 import io, json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
@@ -17,8 +17,9 @@ CHROMIUM = os.environ.get('EVL_NB_CHROMIUM', '/usr/bin/chromium')
 CHROME_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
                '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage']
 DEADLINE_S = 240          # the whole test, server start to cleanup
-# the viewer's picture for the README, rewritten by every run (EVL_NB_SCREENSHOT puts it elsewhere)
-SCREENSHOT = Path(os.environ.get('EVL_NB_SCREENSHOT', REPO / 'docs' / 'images' / 'attention_viewer_browser.png'))
+# the viewer's picture: into the test's tmp folder, unless EVL_NB_SCREENSHOT names a file (to refresh the README's
+# docs/images/attention_viewer_browser.png: EVL_NB_SCREENSHOT=docs/images/attention_viewer_browser.png)
+SCREENSHOT = os.environ.get('EVL_NB_SCREENSHOT')
 
 
 def _requirements():
@@ -172,8 +173,9 @@ def test_mouse_dragged_frame_slider_changes_the_picture_in_jupyterlab(tmp_path):
                     assert 'frame 3' in measures.first.inner_text(), measures.first.inner_text()
                 # the viewer as a user sees it (sliders with their tracks), for the README
                 viewer = page.locator('.widget-vbox', has=img).last
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                viewer.screenshot(path=str(SCREENSHOT))
+                shot = Path(SCREENSHOT) if SCREENSHOT else tmp_path / 'attention_viewer.png'
+                shot.parent.mkdir(parents=True, exist_ok=True)
+                viewer.screenshot(path=str(shot))
                 # dragging back to the left end restores frame 0
                 slider.scroll_into_view_if_needed()
                 tb, hb = track.bounding_box(), handle.bounding_box()
