@@ -156,6 +156,15 @@ def pil_cubic(t) -> torch.Tensor:
     return torch.stack([-t + 2 * t2 - t3, 1 - 2 * t2 + t3, t + t2 - t3, t3 - t2])
 
 # %% ../nbs/01b_augment.ipynb #978be758
+def _translate_taps(rows, first: int, n: int, w: list) -> torch.Tensor:
+    "4 weighted taps at columns first + j + i (j < n) of float `rows`, edge-clamped: slices of a padded copy."
+    lo, hi = first, first + n + 2
+    a, z = min(max(lo, 0), rows.shape[-1] - 1), max(min(hi, rows.shape[-1] - 1), 0)
+    core = rows[..., a:z + 1]
+    pad = F.pad(core.reshape(-1, *core.shape[-2:]), (a - lo, hi - z, 0, 0), mode='replicate').view(
+        *core.shape[:-1], -1)
+    return sum(pad[..., i:i + n] * w[i] for i in range(4))
+
 def shift_rows(x, b: float, c: float, src, dst, W: int, fill: int = 128) -> torch.Tensor:
     """PIL's bicubic transform `(1, b, c, 0, 1, 0)` of a W-wide frame (row y moves by `b * (y + .5) + c`:
     ShearX, TranslateX), for output region `dst` from `x` = the frame's region `src`. Every row reads one
@@ -167,13 +176,16 @@ def shift_rows(x, b: float, c: float, src, dst, W: int, fill: int = 128) -> torc
     w = pil_cubic((o - k).float()).unsqueeze(-1)                                       # (4, h, 1)
     xs = torch.arange(dst[1], dst[3], device=dev)
     u = xs.double().view(1, -1) + 0.5 + o.view(-1, 1)
-    base = xs.view(1, -1) + k.long().view(-1, 1) - 1 - src[1]
-    out = 0
-    for i in range(4):
-        idx = (base + i).clamp(-src[1], W - 1 - src[1])
-        if b == 0: taps = rows.index_select(-1, idx[0])              # a translation: the same taps on every row
-        else: taps = rows.gather(-1, idx.expand(*rows.shape[:-1], idx.shape[-1]))
-        out = out + taps.float() * w[i]
+    base = xs.view(1, -1) + k.long().view(-1, 1) - 1 - src[1]                          # tap 0, in x
+    if b == 0:
+        first = int(k[0]) + dst[1] - 1 - src[1]
+        out = _translate_taps(rows.float(), first, base.shape[-1], w[:, 0, 0].tolist())
+    else:                                                            # a shear: each row its own taps
+        out = None
+        for i in range(4):
+            idx = (base + i).clamp(0, rows.shape[-1] - 1).expand(*rows.shape[:-1], base.shape[-1])
+            tap = rows.gather(-1, idx).float()
+            out = tap.mul_(w[i]) if out is None else out.addcmul_(tap, w[i])
     inside = (u >= 0) & (u < W)
     return torch.where(inside, out.clamp_(0, 255).add_(TRUNC_EPS).floor_(), float(fill)).to(torch.uint8)
 
