@@ -329,7 +329,11 @@ EVALUATE_OPTIONS = [
     Option('batch_size', 'int', 4, 'videos per batch (each holds T*S views)'),
     Option('num_workers', 'int', 2, 'decoding workers'),
     Option('precision', 'str', 'fp32', 'fp32 | bf16 | fp16'),
-    Option('output_json', 'str', 'runs/eval/results.json', 'where the metrics are written')]
+    Option('output_json', 'str | None', None, 'where the metrics are written; None: output_dir/results.json'),
+    Option('output_dir', 'str | None', None, "results.json, the pictures and the missing list go here; None: output_json's "
+           'folder (runs/eval if neither is given)'),
+    Option('convention', 'str | None', None, "input conventions: 'official' or 'mmaction2' (scores an mmaction2-trained "
+           "checkpoint); None: the training run's, else official")]
 
 def add_evaluate_parser(sub):
     "The `evaluate` subcommand (the options of `nbs/evaluate.ipynb`)."
@@ -345,7 +349,8 @@ def evaluate_command(a: dict) -> dict:
     "Run `evl-nb evaluate` as `nbs/evaluate.ipynb` does."
     job = prepare_evaluation(a['checkpoint'], a['class_list'], a['dataset'], a['data_root'], a['val_ann'], a['model'],
                              a['pretrained'], a['num_frames'], a['eval_views'], a['precision'], store=a['store'], output_json=a['output_json'],
-                             batch_size=a['batch_size'], num_workers=a['num_workers'])
+                             batch_size=a['batch_size'], num_workers=a['num_workers'], convention=a['convention'],
+                             output_dir=a['output_dir'])
     print('checkpoint:', job['checkpoint']); print(job['val_set'])
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     t0 = time.time()
@@ -354,10 +359,10 @@ def evaluate_command(a: dict) -> dict:
                      device=device, precision=a['precision'], classes=job['classes'], label_map=job['label_map'],
                      progress=a['progress'])
         m.update(checkpoint=job['checkpoint'], eval_views=a['eval_views'], dataset=a['dataset'], seconds=time.time() - t0)
-        save_results(m, a['output_json'])
+        save_results(m, job['output_json'])
     finally:
         if job['lock']: release_run_lock(job['lock'])
-    print(format_report(m)); print(per_class_table(m)); print('wrote', a['output_json'])
+    print(format_report(m)); print(per_class_table(m)); print('wrote', job['output_json'])
     return m
 
 # %% ../nbs/10_cli.ipynb #32e63435
