@@ -209,5 +209,5 @@ def test_summary_json_carries_the_counts(syn, tmp_path):
                     model_overrides=dict(decoder_num_layers=1)))
     s = json.loads((out / 'summary.json').read_text())
     assert s['videos'] == dict(train=dict(annotated=6, found=4, missing=2, unreadable=0),
-                               val=dict(annotated=3, found=2, missing=1, unreadable=0))
-    assert s['val']['num_samples'] == 2
+                               val=dict(annotated=3, found=2, missing=1, unreadable=0, scored=2))
+    assert (s['val']['num_samples'], s['val']['num_annotated'], s['val']['num_missing']) == (2, 3, 1)
