@@ -13,6 +13,7 @@ import torch
 from .core import RunLockedError, check_output_path, dist_info, get_logger, release_run_lock
 from .video import VIDEO_EXTS, reencode_video, reencode_videos, scan_videos
 from .store import build_store
+from .doctor import check_dataset, format_doctor, plot_report, save_report
 from .data import VideoClipDataset
 from .model import PRESETS, get_config
 from .train import (LAUNCH_OPTIONS, Option, TrainConfig, TrainingStopped, build_parser as train_parser, cli_args,
@@ -27,8 +28,8 @@ __all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', '
            'format_predictions', 'write_attention', 'defaults_of', 'first_host', 'slurm_env', 'submitit_env',
            'run_task', 'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task',
            'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser', 'evaluate_command',
-           'add_predict_parser', 'predict_command', 'add_prepare_parser', 'prepare_command', 'add_convert_parser',
-           'convert_command', 'build_cli', 'main']
+           'add_predict_parser', 'predict_command', 'add_check_parser', 'check_command', 'add_prepare_parser',
+           'prepare_command', 'add_convert_parser', 'convert_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #959efcdf
 STRUCTURE = ('backbone', 'num_frames', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
@@ -329,7 +330,11 @@ EVALUATE_OPTIONS = [
     Option('batch_size', 'int', 4, 'videos per batch (each holds T*S views)'),
     Option('num_workers', 'int', 2, 'decoding workers'),
     Option('precision', 'str', 'fp32', 'fp32 | bf16 | fp16'),
-    Option('output_json', 'str', 'runs/eval/results.json', 'where the metrics are written')]
+    Option('output_json', 'str | None', None, 'where the metrics are written; None: output_dir/results.json'),
+    Option('output_dir', 'str | None', None, "results.json, the pictures and the missing list go here; None: output_json's "
+           'folder (runs/eval if neither is given)'),
+    Option('convention', 'str | None', None, "input conventions: 'official' or 'mmaction2' (scores an mmaction2-trained "
+           "checkpoint); None: the training run's, else official")]
 
 def add_evaluate_parser(sub):
     "The `evaluate` subcommand (the options of `nbs/evaluate.ipynb`)."
@@ -345,7 +350,8 @@ def evaluate_command(a: dict) -> dict:
     "Run `evl-nb evaluate` as `nbs/evaluate.ipynb` does."
     job = prepare_evaluation(a['checkpoint'], a['class_list'], a['dataset'], a['data_root'], a['val_ann'], a['model'],
                              a['pretrained'], a['num_frames'], a['eval_views'], a['precision'], store=a['store'], output_json=a['output_json'],
-                             batch_size=a['batch_size'], num_workers=a['num_workers'])
+                             batch_size=a['batch_size'], num_workers=a['num_workers'], convention=a['convention'],
+                             output_dir=a['output_dir'])
     print('checkpoint:', job['checkpoint']); print(job['val_set'])
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     t0 = time.time()
@@ -354,10 +360,10 @@ def evaluate_command(a: dict) -> dict:
                      device=device, precision=a['precision'], classes=job['classes'], label_map=job['label_map'],
                      progress=a['progress'])
         m.update(checkpoint=job['checkpoint'], eval_views=a['eval_views'], dataset=a['dataset'], seconds=time.time() - t0)
-        save_results(m, a['output_json'])
+        save_results(m, job['output_json'])
     finally:
         if job['lock']: release_run_lock(job['lock'])
-    print(format_report(m)); print(per_class_table(m)); print('wrote', a['output_json'])
+    print(format_report(m)); print(per_class_table(m)); print('wrote', job['output_json'])
     return m
 
 # %% ../nbs/10_cli.ipynb #32e63435
@@ -394,12 +400,51 @@ def predict_command(a: dict) -> dict:
         Path(a['json']).parent.mkdir(parents=True, exist_ok=True); Path(a['json']).write_text(json.dumps(r, indent=1))
     return r
 
+# %% ../nbs/10_cli.ipynb #84f5d8ce
+def add_check_parser(ps):
+    "`prepare check`: the dataset doctor (`evl_nb.doctor.check_dataset`)."
+    k = ps.add_parser('check', help='the dataset doctor: per split annotated, found, missing, duplicated and unreadable '
+                      'videos, histograms, store estimate; exit status 1 when nothing is usable',
+                      description='Check a download as it unpacked (any layout evl_nb.data.resolve_layout knows): per '
+                                  'split the annotated, found, missing, duplicated and unreadable videos; duration, fps '
+                                  'and size histograms; the clip store estimate. Exit status 0 when some video is '
+                                  'usable, 1 when none is, 2 on bad input.')
+    k.add_argument('--dataset', required=True, choices=['k400', 'ssv2', 'list'])
+    k.add_argument('--data-root', required=True, help='the download as it unpacked')
+    k.add_argument('--ann', default=None, help="one annotation file to check instead of the layout's (its split: --split, "
+                                               'else what its name says)')
+    k.add_argument('--split', action='append', choices=['train', 'val', 'test'], default=None,
+                   help='a split to check (repeat for more; default: train and val)')
+    k.add_argument('--decode', action='store_true', help='decode every frame of every file (default: a header probe and '
+                                                         'the first frame)')
+    k.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
+    k.add_argument('--cores', type=int, default=None, help='cores the conversion estimate assumes (default: this machine)')
+    k.add_argument('--json', default=None, help='write the report here (per split: annotated, found, missing, '
+                                                'duplicates, unreadable, ...)')
+    k.add_argument('--png', default=None, help='write the duration / fps / size histograms here')
+    k.add_argument('--no-progress', dest='progress', action='store_false')
+    return k
+
+def check_command(a: dict) -> dict:
+    "Run `evl-nb prepare check`: print the doctor's report, write its JSON and PNG; the report."
+    for flag in ('json', 'png'):
+        if a[flag]: check_output_path(a[flag], f'--{flag}', is_file=True)
+    r = check_dataset(a['dataset'], a['data_root'], a['ann'], a['split'], a['decode'], a['workers'], a['progress'],
+                      a['cores'])
+    print(format_doctor(r))
+    if a['json']: print('wrote', save_report(r, a['json']))
+    if a['png']:
+        import matplotlib; matplotlib.use('Agg')
+        plot_report(r, a['png']); print('wrote', a['png'])
+    return r
+
 # %% ../nbs/10_cli.ipynb #7df57cc6
 def add_prepare_parser(sub):
-    "The `prepare` subcommands: `scan`, `reencode`, `store` (defaults from the functions' signatures)."
-    p = sub.add_parser('prepare', help='check, re-encode or store a dataset (scan, reencode, store)',
+    "The `prepare` subcommands: `check`, `scan`, `reencode`, `store` (defaults from the functions' signatures)."
+    p = sub.add_parser('prepare', help='check, re-encode or store a dataset (check, scan, reencode, store)',
                        description='Data preparation with progress bars and worker processes.')
-    ps = p.add_subparsers(dest='action', required=True, metavar='{scan,reencode,store}')
+    ps = p.add_subparsers(dest='action', required=True, metavar='{check,scan,reencode,store}')
+    add_check_parser(ps)
     s = ps.add_parser('scan', help='check every video once and write a manifest (scan_videos)')
     s.add_argument('roots', nargs='+', metavar='ROOT', help='folders (searched recursively) or video files')
     s.add_argument('--manifest', required=True, help='CSV manifest to write (read by build_dataset(manifest=...))')
@@ -435,7 +480,8 @@ def add_prepare_parser(sub):
 
 # %% ../nbs/10_cli.ipynb #9fb6f045
 def prepare_command(a: dict):
-    "Run `evl-nb prepare scan|reencode|store`."
+    "Run `evl-nb prepare check|scan|reencode|store`."
+    if a['action'] == 'check': return check_command(a)
     if a['action'] == 'scan':
         roots = a['roots']
         paths = roots[0] if len(roots) == 1 and Path(roots[0]).is_dir() else video_files(roots)[0]
@@ -511,7 +557,8 @@ def main(argv=None) -> int:
         if cmd == 'train': train_command(a); return 0
         if cmd == 'evaluate': evaluate_command(a); return 0
         if cmd == 'predict': return 0 if predict_command(a)['predictions'] else 1
-        if cmd == 'prepare': prepare_command(a); return 0
+        if cmd == 'prepare':        # check: 1 when no video is usable
+            r = prepare_command(a); return 1 if a['action'] == 'check' and not r['usable'] else 0
         if cmd == 'convert-checkpoint': convert_command(a); return 0
     except TrainingStopped as e: return e.exit_code              # SIGTERM 143, SIGINT 130: logged, checkpoint saved
     except (ValueError, FileNotFoundError, ImportError, RunLockedError) as e:   # bad input: named once, no traceback

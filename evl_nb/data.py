@@ -32,7 +32,7 @@ __all__ = ['CONVENTIONS', 'CLIP_MEAN', 'CLIP_STD', 'RA_STYLES', 'RAND_INCREASING
            'normalize_clip', 'lr_flip_pairs', 'FlipPolicy', 'augment_place', 'VideoClipDataset', 'warn_skip',
            'record_skipped', 'collate_clips', 'ClipLoader', 'build_loader', 'default_ann', 'find_ann', 'Layout',
            'resolve_layout', 'read_class_folders', 'video_counts', 'missing_summary', 'write_missing', 'check_found',
-           'build_dataset', 'TensorClips', 'random_clips', 'cache_dataset']
+           'read_split', 'build_dataset', 'TensorClips', 'random_clips', 'cache_dataset']
 
 # %% ../nbs/02_data.ipynb #a871cdde
 _log = get_logger('evl_nb.data')
@@ -1288,6 +1288,18 @@ def _dataset_source(dataset: str, split: str, data_root, ann_file, classes, samp
         return _ssv2_source(ann_file, data_root, classes, sampling, labels_file, fmt or 'json', found)
     if dataset == 'list': return _list_source(ann_file, data_root, classes, sampling)
     raise ValueError(f"dataset={dataset!r}: expected 'synthetic', 'k400', 'ssv2' or 'list'")
+
+# %% ../nbs/02_data.ipynb #8d480ed8
+def read_split(dataset: str, split: str, data_root=None, ann_file=None, video_dir=None, classes=None,
+               labels_file=None) -> tuple[Layout | None, Annotations]:
+    """(layout, annotations) of `split`, resolved as `build_dataset` resolves them (`resolve_layout`; an
+    explicit `ann_file` / `video_dir` wins), missing videos listed in `missing`; nothing found is not an
+    error here."""
+    dataset, split = dataset.lower(), _norm_split(split)
+    lay = None
+    if dataset in _DATASETS and (data_root is not None or video_dir is not None or ann_file is None):
+        lay = resolve_layout(dataset, split, data_root, ann_file, video_dir)
+    return lay, _dataset_source(dataset, split, data_root, ann_file, classes, None, labels_file, lay).ann
 
 # %% ../nbs/02_data.ipynb #478f3cf6
 def _flip_policy(src: _Source, flip, train: bool) -> FlipPolicy:

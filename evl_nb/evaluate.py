@@ -14,15 +14,16 @@ import torch.nn.functional as F
 
 from .core import (add_context, all_gather_objects, as_dtype, check_output_path, dist_info, get_logger,
                          hold_run_lock, is_run_folder, seed_everything)
-from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, default_ann, find_ann, normalize_clip,
-                         pad_classes, parse_views, read_class_list, record_skipped)
+from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, find_ann, normalize_clip, pad_classes,
+                         parse_views, read_class_list, record_skipped, resolve_convention)
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
                           read_checkpoint)
 
 # %% auto #0
 __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'predict', 'evaluate', 'format_skipped', 'save_results',
-           'format_report', 'load_for_eval', 'find_run_checkpoint', 'eval_dataset', 'prepare_evaluation',
-           'most_confused_classes', 'save_figure', 'plot_confusion', 'plot_per_class', 'per_class_table']
+           'scored_of', 'format_report', 'load_for_eval', 'find_run_checkpoint', 'eval_dataset', 'check_eval_params',
+           'eval_outputs', 'eval_synthetic_root', 'prepare_evaluation', 'most_confused_classes', 'save_figure',
+           'plot_confusion', 'plot_per_class', 'per_class_table']
 
 # %% ../nbs/07_evaluate.ipynb #230e6b2b
 def classification_metrics(probs, labels, classes: list[str] | None = None, topk: int = 5,
@@ -138,7 +139,8 @@ def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=N
              classes: list[str] | None = None, label_map: torch.Tensor | None = None, progress: bool = False,
              return_probs: bool = False) -> dict:
     """Distributed multi-view evaluation; every rank gets the metrics over the whole dataset, each video
-    counted once."""
+    counted once. `num_samples` videos were scored of `num_annotated` annotated (`num_missing` missing on
+    disk, `num_skipped` unreadable), read with the dataset's input `convention`."""
     t0 = time.time()
     part = predict(model, dataset, batch_size, num_workers, device, precision, label_map, progress)
     parts = all_gather_objects({k: (v.numpy() if torch.is_tensor(v) else v) for k, v in part.items()})
@@ -156,8 +158,11 @@ def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=N
         classes = pad_classes(classes, probs.shape[1])          # sparse ids: outputs past the last named id
     if classes is not None and len(classes) != probs.shape[1]: classes = None
     m = classification_metrics(probs, labels, classes)
+    counts = getattr(dataset, 'video_counts', None) or {}     # annotation-level: the same on every rank
     m.update(num_skipped=len(skipped), skipped_indices=skipped[:100], skipped_files=files[:100],
-             eval_seconds=time.time() - t0, num_dataset=len(dataset))
+             eval_seconds=time.time() - t0, num_dataset=len(dataset),
+             num_annotated=counts.get('annotated', len(dataset)), num_missing=counts.get('missing', 0),
+             convention=getattr(dataset, 'convention', None))
     if skipped:
         get_logger('evl_nb.evaluate').warning(f'{len(skipped)} validation videos could not be read and were '
                                               'skipped: ' + format_skipped(files))
@@ -181,11 +186,19 @@ def save_results(metrics: dict, path) -> Path:
     tmp.replace(path)
     return path
 
+# %% ../nbs/07_evaluate.ipynb #ee6cf7ec
+def scored_of(m: dict) -> str:
+    """'19,796 of 19,907 annotated videos (26 missing, 85 unreadable)': what metrics `m` scored of what was
+    annotated (results written before the counts existed: the dataset's items are the annotated videos)."""
+    n, skipped, missing = m['num_samples'], m.get('num_skipped', 0), m.get('num_missing', 0)
+    annotated = m.get('num_annotated', n + skipped)
+    return f'{n:,} of {annotated:,} annotated videos ({missing:,} missing, {skipped:,} unreadable)'
+
 # %% ../nbs/07_evaluate.ipynb #2a344d64
 def format_report(m: dict, n_classes: int = 10, n_confusions: int = 5) -> str:
     "A short text report: headline metrics, the weakest classes, the worst confusions and the skipped files."
-    lines = [f"{m['num_samples']} videos ({m.get('num_skipped', 0)} skipped): top-1 {100 * m['top1']:.2f}%  "
-             f"top-5 {100 * m['top5']:.2f}%  mean class accuracy {100 * m['mean_class_accuracy']:.2f}%"]
+    lines = [f"top-1 {100 * m['top1']:.2f}% on {scored_of(m)}; top-5 {100 * m['top5']:.2f}%, "
+             f"mean class accuracy {100 * m['mean_class_accuracy']:.2f}%"]
     pc = sorted([c for c in m['per_class'] if c['top1'] is not None], key=lambda c: c['top1'])[:n_classes]
     if pc:
         lines.append('weakest classes: '
@@ -230,71 +243,96 @@ def find_run_checkpoint(output_dir='runs/train') -> Path | None:
 
 # %% ../nbs/07_evaluate.ipynb #9ad849e6
 def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: str = '3x1', store=None,
-                 short_side: int | None = None):
+                 short_side: int | None = None, convention='official', output_dir=None):
     """The validation set of `dataset` sampled as `mcfg` was trained (frames, sampling, input size), in
-    `eval_views` views, frames resized to `short_side` before the crop (None: the input size); `store`: a clip
-    store to read the frames from (`evl_nb.store`)."""
+    `eval_views` views, frames resized to `short_side` before the crop (None: the input size), read with the
+    input `convention`; `data_root` alone finds it in every layout of `evl_nb.data.resolve_layout` (`val_ann`
+    wins); `store`: a clip store to read the frames from (`evl_nb.store`); `output_dir`: where the list of
+    missing videos goes."""
     from evl_nb.data import build_dataset
-    ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else default_ann(dataset, 'val', data_root)
-    if dataset != 'synthetic' and ann is None:
-        raise FileNotFoundError(f'val_ann: no validation annotations found under data_root={data_root!r}')
+    ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else None
     kw = {} if dataset == 'ssv2' else dict(sampling=None if dataset == 'synthetic' else mcfg.sampling,
                                            frame_interval=mcfg.frame_interval)
     try:
         return build_dataset(dataset, 'val', data_root=data_root, ann_file=ann, num_frames=mcfg.num_frames,
                              views=eval_views, input_size=model_input_size(mcfg), short_side=short_side,
-                             store=store, **kw)
+                             store=store, convention=convention, output_dir=output_dir, **kw)
     except Exception as e:
         raise add_context(e, f'val_ann={str(ann) if ann else None!r} (data_root={data_root!r})')
 
 # %% ../nbs/07_evaluate.ipynb #0fd3c825
-def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None,
-                       val_ann=None, model: str | None = None, pretrained=None, num_frames: int | None = None,
-                       eval_views: str = '3x1',
-                       precision: str = 'fp32', runs_dir='runs/train', store=None,
-                       eval_short_side: int | None = None, output_json=None, batch_size: int = 1,
-                       num_workers: int = 0) -> dict:
-    """Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info', 'lock'} for
-    `evaluate`. `output_json` is checked before anything is read; a run folder's lock is held (`lock`)."""
+def check_eval_params(dataset: str = 'synthetic', data_root=None, eval_views: str = '3x1',
+                      precision: str = 'fp32', model: str | None = None, class_list=None, store=None,
+                      convention=None, batch_size: int = 1, num_workers: int = 0,
+                      num_frames: int | None = None):
+    "Every evaluation parameter that can be checked before anything is read; each error names its parameter."
     from evl_nb.model import PRESETS
     if dataset not in DEFAULT_MODEL:
         raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
     if dataset != 'synthetic' and not data_root:
         raise ValueError(f'data_root is required for dataset={dataset!r}')
     parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')
+    if convention is not None: resolve_convention(convention)
     for name, v, least in (('batch_size', batch_size, 1), ('num_workers', num_workers, 0),
                            ('num_frames', num_frames, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
             raise ValueError(f'{name}={v!r}: must be an integer >= {least}')
-    lock = None
-    if output_json is not None:
-        out = check_output_path(output_json, 'output_json', is_file=True).parent
-        if is_run_folder(out): hold_run_lock(out, 'evaluate'); lock = out    # a training run there refuses it
     if model is not None and model not in PRESETS: raise ValueError(f'model={model!r}: unknown preset')
     if class_list is not None and not Path(class_list).is_file():
         raise FileNotFoundError(f'class_list={class_list!r} does not exist')
     if store is not None and not (Path(store) / 'store.json').is_file():
         raise FileNotFoundError(f'store={str(store)!r} is not a clip store (no store.json): make it with '
                                 f'evl_nb.store.build_store')
+
+def eval_outputs(output_dir=None, output_json=None) -> tuple[Path, Path]:
+    """(results JSON, folder of the pictures and the missing list), checked: `output_json`, else
+    `output_dir/results.json`; the folder is `output_dir`, else the JSON's folder; neither given:
+    runs/eval."""
+    if output_dir is not None: check_output_path(output_dir, 'output_dir')
+    if output_json is None: output_json = Path(output_dir or 'runs/eval') / 'results.json'
+    output_json = check_output_path(output_json, 'output_json', is_file=True)
+    return output_json, Path(output_dir) if output_dir is not None else output_json.parent
+
+def eval_synthetic_root(net: EVL, classes, data_root=None, runs_dir='runs/train') -> str:
+    """The synthetic validation set for `net` (`data_root`, else `runs_dir/synthetic`), made when missing: the
+    checkpoint's own `classes` when they are synthetic ones (the demo's set), else the first `num_classes`."""
+    from evl_nb.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+    data_root = data_root or str(Path(runs_dir) / 'synthetic')
+    if not (Path(data_root) / 'synthetic.json').exists():
+        n, names = net.config.num_classes, classes or []
+        kw = dict(classes=names) if names and set(names) <= {c[0] for c in SYNTHETIC_CLASSES} \
+            else dict(num_classes=n if 2 <= n <= 12 else 10)
+        make_synthetic_dataset(data_root, train_per_class=1, val_per_class=4, **kw)
+    return data_root
+
+# %% ../nbs/07_evaluate.ipynb #f804b7c6
+def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None,
+                       val_ann=None, model: str | None = None, pretrained=None, num_frames: int | None = None,
+                       eval_views: str = '3x1',
+                       precision: str = 'fp32', runs_dir='runs/train', store=None,
+                       eval_short_side: int | None = None, output_json=None, batch_size: int = 1,
+                       num_workers: int = 0, convention: str | None = None, output_dir=None) -> dict:
+    """Checked parameters -> {'model', 'val_set', 'classes', 'label_map', 'checkpoint', 'info', 'lock',
+    'output_json', 'output_dir'} for `evaluate`. The outputs (`eval_outputs`) are checked before anything is
+    read; a run folder's lock is held (`lock`). `convention` None: the training run's, else 'official'."""
+    check_eval_params(dataset, data_root, eval_views, precision, model, class_list, store, convention,
+                      batch_size, num_workers, num_frames)
+    output_json, out_dir = eval_outputs(output_dir, output_json)
+    lock = None
+    if is_run_folder(output_json.parent):              # a training run there refuses it
+        hold_run_lock(output_json.parent, 'evaluate'); lock = output_json.parent
     if checkpoint is None: checkpoint = find_run_checkpoint(runs_dir)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f'checkpoint={str(checkpoint)!r} does not exist')
     if checkpoint is None:
         get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
     net, info = load_for_eval(checkpoint, model or DEFAULT_MODEL[dataset], class_list, pretrained, num_frames)
-    if dataset == 'synthetic':
-        from evl_nb.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
-        data_root = data_root or str(Path(runs_dir) / 'synthetic')
-        if not (Path(data_root) / 'synthetic.json').exists():
-            n, names = net.config.num_classes, info['classes'] or []
-            # the checkpoint's own classes when they are synthetic ones (the demo's set), else the first n
-            kw = dict(classes=names) if names and set(names) <= {c[0] for c in SYNTHETIC_CLASSES} \
-                else dict(num_classes=n if 2 <= n <= 12 else 10)
-            make_synthetic_dataset(data_root, train_per_class=1, val_per_class=4, **kw)
+    if dataset == 'synthetic': data_root = eval_synthetic_root(net, info['classes'], data_root, runs_dir)
     # the scale the run tested at (in_memory runs: eval_short_side, the scale of their training crops)
     short_side = eval_short_side or info['run_config'].get('eval_short_side')
+    convention = convention or info['run_config'].get('convention') or 'official'
     val_set = eval_dataset(dataset, data_root, val_ann, net.config, eval_views, store=store,
-                           short_side=short_side)
+                           short_side=short_side, convention=convention, output_dir=out_dir)
     classes, label_map = info['classes'], None
     if classes: label_map = label_mapping(val_set.classes, classes)
     elif net.config.num_classes != val_set.num_classes:
@@ -302,7 +340,8 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
                          'pass class_list (or model with that count)')
     else: classes = val_set.classes
     return dict(model=net, val_set=val_set, classes=classes, label_map=label_map,
-                checkpoint=str(checkpoint) if checkpoint else None, info=info, lock=lock)
+                checkpoint=str(checkpoint) if checkpoint else None, info=info, lock=lock,
+                output_json=output_json, output_dir=out_dir)
 
 # %% ../nbs/07_evaluate.ipynb #c5782a91
 def most_confused_classes(cm, n: int = 40) -> list[int]:

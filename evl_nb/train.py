@@ -39,9 +39,9 @@ __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'POSITIVE', 'NON_NEGATIVE', 'LAUNCH_OPT
            'check_classes', 'config_changes', 'format_changes', 'finished_run', 'cpu_cores', 'RunState', 'setup_run',
            'load_resumable', 'pick_checkpoint', 'check_fits', 'apply_changes', 'resume_run', 'start_run',
            'ignore_stop_signals', 'train_loader', 'save_checkpoint', 'release_feature_caches', 'cache_run_features',
-           'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'TrainingStopped',
-           'GracefulStop', 'run_folder_lock', 'train', 'train_loop', 'run', 'build_parser', 'main', 'cli_args',
-           'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
+           'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'run_video_counts',
+           'TrainingStopped', 'GracefulStop', 'run_folder_lock', 'train', 'train_loop', 'run', 'build_parser', 'main',
+           'cli_args', 'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
 
 # %% ../nbs/06_train.ipynb #108e865b
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -94,6 +94,8 @@ def check_ranges(c):
     if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
     if c.max_missing is not None and not 0 <= c.max_missing <= 1:
         raise ValueError(f'max_missing={c.max_missing!r}: expected a fraction in [0, 1] (None: any)')
+    from evl_nb.data import resolve_convention
+    if isinstance(c.convention, str): resolve_convention(c.convention)     # 'convention=...: expected one of ...'
     if c.weight_decay < 0: raise ValueError(f'weight_decay={c.weight_decay!r}: must be >= 0')
     if len(c.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas):
         raise ValueError(f'betas={c.betas!r}: expected two numbers in [0, 1)')
@@ -109,6 +111,8 @@ class TrainConfig:
     val_ann: str | None = option(None, 'validation annotations (relative: cwd, then data_root); None: official name')
     max_missing: float | None = option(None, "fraction of a split's annotated videos that may be missing (e.g. 0.05); "
                                              'None: any, while some are found (always counted and listed)')
+    convention: str = option('official', "input conventions of the clips: 'official' (the EVL repo's) or 'mmaction2' "
+                                         "(an mmaction2 recipe); 'legacy': evl-nb 0.1")
     model: str | None = option(None, 'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), evl-b16-8f-ssv2 (ssv2)')
     pretrained: str | None = option(None, "CLIP tower: None (random, offline), an open_clip tag ('openai') or a weight file")
     num_frames: int | None = option(None, "frames per clip; None: the preset's")
@@ -229,7 +233,8 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
         kw.update(aug)
         if split == 'train' and not cfg.in_memory: kw['augment_on'] = cfg.augment_on
         if cfg.class_list is not None: kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
-        kw.update(output_dir=cfg.output_dir, max_missing=cfg.max_missing)   # missing videos listed there
+        kw.update(output_dir=cfg.output_dir, max_missing=cfg.max_missing,    # missing videos listed there
+                  convention=cfg.convention)
         try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, store=cfg.store, **kw)
         except Exception as e:
             raise add_context(e, f'{ann_param}={str(ann) if ann else None!r} (data_root={cfg.data_root!r})')
@@ -862,7 +867,8 @@ def _peak_mem_gb(device) -> float:
 
 def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool, val_set=None) -> dict:
     """The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log.
-    `videos`: per split the annotated, found, missing and unreadable videos (None: in-memory clips, not counted)."""
+    `videos`: per split the annotated, found, missing and unreadable videos over every rank, val also `scored` (the last
+    evaluation's videos); None: in-memory clips, not counted (`run_video_counts`)."""
     wall, cfg, device = time.time() - run.t_start, run.cfg, run.device
     train_time = time.time() - t_loop
     s = dict(steps=run.step, start_step=run.start_step, max_steps=cfg.max_steps, stopped_early=stopped,
@@ -873,13 +879,12 @@ def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float,
              gpu_hours=wall * run.world / 3600 if device.type == 'cuda' else 0.0,
              peak_memory_gb=max(all_gather_objects(_peak_mem_gb(device))),
              peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
-             train_skipped=run.skipped, train_skipped_files=_skip_details(train_set), best=run.best,
+             train_skipped=sum(all_gather_objects(run.skipped)), train_skipped_files=_skip_details(train_set), best=run.best,
              output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes,
-             config=asdict(cfg), videos={k: getattr(d, 'video_counts', None)
-                                         for k, d in (('train', train_set), ('val', val_set)) if d is not None})
+             config=asdict(cfg), videos=run_video_counts(train_set, val_set, last_eval))
     if last_eval is not None:
-        s['val'] = {k: last_eval[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
-                                              'num_dataset', 'skipped_files')}
+        s['val'] = {k: last_eval.get(k) for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
+                                                  'num_dataset', 'num_annotated', 'num_missing', 'skipped_files')}
         if run.rank == 0: save_results(last_eval, run.out / 'results.json')
     if run.rank == 0:
         (run.out / 'summary.json').write_text(json.dumps(s, indent=1, default=str))
@@ -896,6 +901,22 @@ def _skip_details(ds) -> list[dict]:
         _log.warning(f'training left out {len(merged)} file(s): ' + '; '.join(
             f"{r['path']} ({r['where'] or '?'}): {r['reason']}, {r['count']} draw(s)" for r in list(merged.values())[:10]))
     return list(merged.values())
+
+# %% ../nbs/06_train.ipynb #be9d6858
+def run_video_counts(train_set, val_set=None, last_eval: dict | None = None) -> dict:
+    """Per split {annotated, found, missing, unreadable} with `unreadable` the files ANY rank could not read, each
+    counted once (every rank calls this: it gathers); val also `scored`, the videos `last_eval` scored. A split of
+    in-memory clips (no `video_counts`) is None."""
+    out = {}
+    for split, ds in (('train', train_set), ('val', val_set)):
+        if ds is None: continue
+        bad = set().union(*all_gather_objects(sorted(getattr(ds, 'skipped', None) or {})))
+        c = getattr(ds, 'video_counts', None)
+        if c is not None:
+            c = dict(c, unreadable=len(bad))
+            if split == 'val' and last_eval is not None: c['scored'] = last_eval['num_samples']
+        out[split] = c
+    return out
 
 # %% ../nbs/06_train.ipynb #ddca0eb8
 class TrainingStopped(Exception):
