@@ -29,8 +29,8 @@ def resize_clip(video, hw, antialias: bool = False):
         return TF.resize(video, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     x = video.as_subclass(torch.Tensor) if isinstance(video, torch.Tensor) else torch.as_tensor(video)
     lead = x.shape[:-3]
-    y = F.interpolate(x.reshape(-1, *x.shape[-3:]).float(), size=tuple(hw), mode='bilinear',
-                      align_corners=False)
+    xf = x.reshape(-1, *x.shape[-3:]).to(torch.float32, memory_format=torch.channels_last)  # the kernel's layout
+    y = F.interpolate(xf, size=tuple(hw), mode='bilinear', align_corners=False)
     if x.dtype == torch.uint8: y = y.round_().clamp_(0, 255).to(torch.uint8)
     y = y.reshape(*lead, *y.shape[-3:])
     return tv_tensors.wrap(y, like=video) if isinstance(video, tv_tensors.Video) else y
@@ -163,7 +163,9 @@ def _translate_taps(rows, first: int, n: int, w: list) -> torch.Tensor:
     core = rows[..., a:z + 1]
     pad = F.pad(core.reshape(-1, *core.shape[-2:]), (a - lo, hi - z, 0, 0), mode='replicate').view(
         *core.shape[:-1], -1)
-    return sum(pad[..., i:i + n] * w[i] for i in range(4))
+    out = pad[..., :n] * w[0]
+    for i in (1, 2, 3): out.add_(pad[..., i:i + n], alpha=w[i])
+    return out
 
 def shift_rows(x, b: float, c: float, src, dst, W: int, fill: int = 128) -> torch.Tensor:
     """PIL's bicubic transform `(1, b, c, 0, 1, 0)` of a W-wide frame (row y moves by `b * (y + .5) + c`:
