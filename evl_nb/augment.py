@@ -29,7 +29,7 @@ def resize_clip(video, hw, antialias: bool = False):
         return TF.resize(video, list(hw), interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     x = video.as_subclass(torch.Tensor) if isinstance(video, torch.Tensor) else torch.as_tensor(video)
     lead = x.shape[:-3]
-    xf = x.reshape(-1, *x.shape[-3:]).to(torch.float32, memory_format=torch.channels_last)  # the kernel's layout
+    xf = x.reshape(-1, *x.shape[-3:]).to(torch.float32, memory_format=torch.channels_last)  # kernel's layout
     y = F.interpolate(xf, size=tuple(hw), mode='bilinear', align_corners=False)
     if x.dtype == torch.uint8: y = y.round_().clamp_(0, 255).to(torch.uint8)
     y = y.reshape(*lead, *y.shape[-3:])
