@@ -1,5 +1,6 @@
 # evl-nb: one command sets up a fresh machine and runs everything CI runs.
 #   make test   create .venv if missing, install -e .[dev], nbdev_export (must change nothing), nbdev_test, pytest
+#   make test-fast   the inner loop: export check + pytest without the slow and browser tests (a few minutes)
 #   make demo   train on the generated synthetic dataset on CPU, then evaluate
 VENV      ?= .venv
 PYTHON    ?= python3
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN        = $(VENV)/bin
 STAMP      = $(VENV)/.evl-nb-installed
 
-.PHONY: install export-check nbtest pytest test demo clean
+.PHONY: install export-check nbtest pytest test test-fast demo clean
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +31,10 @@ nbtest: install
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: install
-	$(BIN)/python -m pytest tests -ra
+	$(BIN)/python -m pytest tests -ra --durations=15
+
+test-fast: export-check
+	$(BIN)/python -m pytest tests -ra -m 'not slow and not browser' --durations=10
 
 test: export-check nbtest pytest
 

@@ -16,6 +16,8 @@ from evl_nb.synthetic import make_synthetic_dataset
 from evl_nb.train import read_metrics
 from miniatures import LAYOUTS, SPLITS, expected_files, make_layout
 
+pytestmark = pytest.mark.slow          # papermill training jobs on every download layout: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NB, EVAL_NB, PREPARE_NB = (ROOT / 'nbs' / f'{n}.ipynb' for n in ('train', 'evaluate', 'prepare'))
 SCRIPT = Path(sys.executable).parent / 'evl-nb'

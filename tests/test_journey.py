@@ -11,6 +11,8 @@ pm = pytest.importorskip('papermill')
 from evl_nb.synthetic import make_synthetic_dataset
 from evl_nb.train import TrainConfig, latest_checkpoint, run
 
+pytestmark = pytest.mark.slow          # trains, then runs the job notebooks on the checkpoint: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_NB, EXPLORE_NB = ROOT / 'nbs' / 'evaluate.ipynb', ROOT / 'nbs' / 'explore.ipynb'
 

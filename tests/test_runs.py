@@ -9,6 +9,8 @@ import torch
 
 from evl_nb.train import cosine_factor, read_metrics
 
+pytestmark = pytest.mark.slow          # real evl-nb training processes, up to 2,000 steps: not in `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / 'evl-nb'
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
