@@ -149,6 +149,11 @@ def source_region(mat, region, H: int, W: int) -> tuple:
 # float error must not turn an exact level k into k - 1e-6 (PIL keeps k; a floor would give k - 1)
 TRUNC_EPS = 1e-3
 
+def _fill_outside(y, inside, fill: int) -> torch.Tensor:
+    "PIL's truncation of float samples `y` to uint8, and `fill` where the source fell outside the frame."
+    y = y.clamp_(0, 255).add_(TRUNC_EPS).floor_()
+    return (y if bool(inside.all()) else torch.where(inside, y, float(fill))).to(torch.uint8)
+
 def pil_cubic(t) -> torch.Tensor:
     """PIL's affine bicubic weights (Keys' cubic, a = -1) of the taps floor - 1 .. floor + 2 for fractions
     `t`: (4, ...)."""
@@ -161,8 +166,8 @@ def _translate_taps(rows, first: int, n: int, w: list) -> torch.Tensor:
     lo, hi = first, first + n + 2
     a, z = min(max(lo, 0), rows.shape[-1] - 1), max(min(hi, rows.shape[-1] - 1), 0)
     core = rows[..., a:z + 1]
-    pad = F.pad(core.reshape(-1, *core.shape[-2:]), (a - lo, hi - z, 0, 0), mode='replicate').view(
-        *core.shape[:-1], -1)
+    pad = core if (a, z) == (lo, hi) else F.pad(core.reshape(-1, *core.shape[-2:]), (a - lo, hi - z, 0, 0),
+                                                 mode='replicate').view(*core.shape[:-1], -1)
     out = pad[..., :n] * w[0]
     for i in (1, 2, 3): out.add_(pad[..., i:i + n], alpha=w[i])
     return out
@@ -188,8 +193,7 @@ def shift_rows(x, b: float, c: float, src, dst, W: int, fill: int = 128) -> torc
             idx = (base + i).clamp(0, rows.shape[-1] - 1).expand(*rows.shape[:-1], base.shape[-1])
             tap = rows.gather(-1, idx).float()
             out = tap.mul_(w[i]) if out is None else out.addcmul_(tap, w[i])
-    inside = (u >= 0) & (u < W)
-    return torch.where(inside, out.clamp_(0, 255).add_(TRUNC_EPS).floor_(), float(fill)).to(torch.uint8)
+    return _fill_outside(out, (u >= 0) & (u < W), fill)
 
 # %% ../nbs/01b_augment.ipynb #49f996c2
 def affine_region(x, mat, src, dst, H: int, W: int, fill: int = 128) -> torch.Tensor:
@@ -211,8 +215,7 @@ def affine_region(x, mat, src, dst, H: int, W: int, fill: int = 128) -> torch.Te
     xin = x.reshape(-1, *x.shape[-3:]).float()
     y = F.grid_sample(xin, grid.float().expand(xin.shape[0], *grid.shape), mode='bicubic',
                       padding_mode='border', align_corners=False)
-    y = torch.where(inside, y.clamp_(0, 255).add_(TRUNC_EPS).floor_(), float(fill)).to(torch.uint8)
-    return y.view(*x.shape[:-2], *y.shape[-2:])
+    return _fill_outside(y, inside, fill).view(*x.shape[:-2], *y.shape[-2:])
 
 # %% ../nbs/01b_augment.ipynb #fb294695
 def _blend(d, x, f: float) -> torch.Tensor:
