@@ -777,10 +777,12 @@ class VideoClipDataset(Dataset):
         aa = self.switches['antialias']
         if self.train:
             if self.short_side: v = resize_short(v, self.short_side, aa, self.switches['long_side'])
-            if self.rand_augment is not None: v = self.rand_augment(v)
-            v = self.crop(v)
-            v, label, _ = self.flip(v, label)
-            return [v], label
+            ra = self.rand_augment
+            if ra is not None and not isinstance(ra, ClipRandAugment): v = ra(v)   # yours: draws for itself
+            aug, label = self.draw_aug(*v.shape[-2:], label)          # the draws the device path ships
+            if aug.ops: v = ra.apply(v, aug.ops)
+            v = self.crop.apply(v, aug.box)
+            return [TF.horizontal_flip(v) if aug.flip else v], label
         sw = self.switches
         v = resize_short(v, self.short_side or self.input_size, aa, sw['long_side'])
         if self.views[1] == 1: return [center_crop(v, self.input_size, sw['crop_offset'])], label
@@ -806,7 +808,7 @@ class VideoClipDataset(Dataset):
     def draw_aug(self, H: int, W: int, label: int) -> tuple[ClipAug, int]:
         """A training clip's augmentation for an H x W frame, drawn as `transform` draws it (RandAugment ops,
         crop box, flip), and the label after the flip."""
-        ops = self.rand_augment.draw() if self.rand_augment is not None else []
+        ops = self.rand_augment.draw() if isinstance(self.rand_augment, ClipRandAugment) else []
         box = self.crop.draw(H, W)
         flip, label = self.flip.draw(label)
         return ClipAug(ops, box, flip, self.input_size, self.switches['antialias']), label
