@@ -99,7 +99,7 @@ def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 
             raise RuntimeError(f'cache_features: {len(b["skipped"])} item(s) could not be read, '
                                f'e.g. {b["skipped"][0]}; '
                                'a cache needs every clip (drop them from the annotations)')
-        v = batch_clips(b); multi = v.ndim == 6; V = v.shape[1] if multi else 1
+        v = batch_clips(b, device); multi = v.ndim == 6; V = v.shape[1] if multi else 1
         with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
             fs = model.backbone_features(normalize_clip(v.flatten(0, 1) if multi else v, device))
         parts = [f.out.cpu() for f in fs] + ([torch.stack(temporal_maps(f.q, f.k), 1).cpu() for f in fs] if tca else [])
