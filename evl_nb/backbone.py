@@ -84,7 +84,6 @@ def read_clip_state_dict(path) -> dict:
     if any(k.startswith('visual.') for k in sd): sd = _strip(sd, 'visual.')
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
-
 # %% ../nbs/04_backbone.ipynb #c3a1f0e1
 def _few(names: list[str], n: int = 8) -> str:
     return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '')

@@ -12,69 +12,99 @@ if 'torch' not in sys.modules: os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE
 import torch
 
 from .core import get_logger
-from .model import TINY_TOWER
-from .synthetic import DEMO_CLASSES
-from .train import TrainConfig, build_datasets, train
+from .synthetic import DEMO_CLASSES, make_synthetic_dataset
+from .config import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, TEMPORAL_OFF, TrainConfig
+from .train import build_datasets, train
 
 _log = get_logger('evl_nb.demo')
 
 # %% auto #0
-__all__ = ['DEMO_DATA', 'DEMO_TRAIN', 'DEMO_MODEL', 'TEMPORAL_OFF', 'demo', 'report', 'main']
+__all__ = ['DEMO_QUICK', 'demo_data', 'demo_config', 'run_figures', 'demo_summary', 'demo', 'report', 'main']
 
-# %% ../nbs/09_demo.ipynb #ecf18496
-DEMO_DATA = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_class=150, val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
-DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=2500, lr=6e-3, warmup_steps=30, weight_decay=0.05,
-                  precision='fp32', eval_views='1x3', ckpt_every=0, in_memory=True, num_workers=2, train_aug=dict(flip=True),
-                  cache_features=4)   # the tower runs once on 4 views per clip; 2,500 decoder steps then fit the budget
-# a 0.36M-parameter decoder on 1,500 clips learns faster without dropout; a 4-block random tower keeps more of each
-# patch than 6 blocks of random mixing (79-81% against 71-73% top-1, README)
-DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0, backbone=dict(TINY_TOWER, layers=4))
-TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False, enable_temporal_cross_attention=False)
+# %% ../nbs/09_demo.ipynb #717b772b
+DEMO_QUICK = dict(num_classes=4, classes=DEMO_CLASSES[:4], train_per_class=4, val_per_class=2,
+                  num_frames=(8, 8))
 
-def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, quick: bool = False, seed: int = 0,
+# %% ../nbs/09_demo.ipynb #ebd4f5fd
+def demo_data(root, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """Generate the demo's synthetic set at `root` (kept when already there; `quick`: a tiny one); its
+    settings."""
+    data = dict(DEMO_DATA, **(DEMO_QUICK if quick else {}))
+    make_synthetic_dataset(root, seed=seed, progress=progress, **data)
+    return data
+
+# %% ../nbs/09_demo.ipynb #738f756a
+def demo_config(root, output_dir, num_classes: int, overrides: dict | None = None,
+                max_steps: int | None = None,
+                quick: bool = False, seed: int = 0, progress: bool = True,
+                threads: int | None = None) -> TrainConfig:
+    """One demo run's resolved config: the synthetic recipe, with model `overrides` (`TEMPORAL_OFF`: the
+    control)."""
+    kw = dict(DEMO_TRAIN)
+    if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
+    if max_steps: kw['max_steps'] = max_steps
+    return TrainConfig(dataset='synthetic', data_root=str(root), num_classes=num_classes,
+                       output_dir=str(output_dir),
+                       resume=False, seed=seed, progress=progress, threads=threads,
+                       model_overrides=dict(DEMO_MODEL, **(overrides or {})), **kw).resolve()
+
+# %% ../nbs/09_demo.ipynb #550c3599
+def run_figures(summary: dict, seconds: float) -> dict:
+    "The figures the demo reports of one run's summary."
+    v = summary['val']
+    return dict(top1=v['top1'], top5=v['top5'], mean_class_accuracy=v['mean_class_accuracy'],
+                num_val=v['num_samples'], train_seconds=seconds, steps=summary['steps'])
+
+# %% ../nbs/09_demo.ipynb #8dac61be
+def demo_summary(res: dict, num_classes: int, data_seconds: float, total_seconds: float) -> dict:
+    "Both runs' figures with chance, the ratios to chance and to the control, and the machine's threads."
+    chance = 1 / num_classes
+    return dict(results=res, chance=chance, data_seconds=data_seconds, total_seconds=total_seconds,
+                num_classes=num_classes, ratio_vs_chance=res['evl']['top1'] / chance,
+                ratio_vs_control=res['evl']['top1'] / max(res['temporal_off']['top1'], 1e-9),
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+
+# %% ../nbs/09_demo.ipynb #15ca2268
+def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, quick: bool = False,
+         seed: int = 0,
          progress: bool = True, threads: int | None = None) -> dict:
-    "Generate the data, train with and without the temporal modules, evaluate; returns (and saves) both results."
-    from evl_nb.synthetic import make_synthetic_dataset
+    """Generate the data, train with and without the temporal modules, evaluate; returns (and saves) both
+    results."""
     t0 = time.time()
     out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
-    data = dict(DEMO_DATA)
-    if quick: data.update(num_classes=4, classes=DEMO_CLASSES[:4], train_per_class=4, val_per_class=2, num_frames=(8, 8))
     root = Path(data_root) if data_root else out / 'synthetic'
-    make_synthetic_dataset(root, seed=seed, progress=progress, **data)
+    data = demo_data(root, quick, seed, progress)
     t_data = time.time() - t0
     res, sets = {}, None
     for name, ov in (('evl', {}), ('temporal_off', TEMPORAL_OFF)):
-        kw = dict(DEMO_TRAIN)
-        if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
-        if max_steps: kw['max_steps'] = max_steps
-        cfg = TrainConfig(dataset='synthetic', data_root=str(root), num_classes=data['num_classes'], output_dir=str(out / name),
-                          resume=False, seed=seed, progress=progress, threads=threads, model_overrides=dict(DEMO_MODEL, **ov), **kw).resolve()
+        cfg = demo_config(root, out / name, data['num_classes'], ov, max_steps, quick, seed, progress,
+                          threads)
         t = time.time()
-        if sets is None: sets = build_datasets(cfg)   # decoded once: the control reuses the clips and the feature cache
-        s = train(cfg, *sets)
-        res[name] = dict(top1=s['val']['top1'], top5=s['val']['top5'], mean_class_accuracy=s['val']['mean_class_accuracy'],
-                         num_val=s['val']['num_samples'], train_seconds=time.time() - t, steps=s['steps'])
+        if sets is None:
+            sets = build_datasets(cfg)   # decoded once: the control reuses the clips and the feature cache
+        res[name] = run_figures(train(cfg, *sets), time.time() - t)
         _log.info(f"{name}: top-1 {100 * res[name]['top1']:.1f}% in {res[name]['train_seconds']:.0f}s")
-    chance = 1 / data['num_classes']
-    r = dict(results=res, chance=chance, data_seconds=t_data, total_seconds=time.time() - t0, num_classes=data['num_classes'],
-             ratio_vs_chance=res['evl']['top1'] / chance, ratio_vs_control=res['evl']['top1'] / max(res['temporal_off']['top1'], 1e-9),
-             threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    r = demo_summary(res, data['num_classes'], t_data, time.time() - t0)
     (out / 'demo_results.json').write_text(json.dumps(r, indent=1))
     return r
 
+# %% ../nbs/09_demo.ipynb #903842ed
 def report(r: dict) -> str:
     "The demo's two figures and its time as text."
     e, c = r['results']['evl'], r['results']['temporal_off']
-    return (f"EVL-tiny on the synthetic temporal-order dataset ({r['num_classes']} classes, {e['num_val']} validation clips, chance {100 * r['chance']:.0f}%)\n"
+    return (f"EVL-tiny on the synthetic temporal-order dataset ({r['num_classes']} classes, {e['num_val']} "
+            f"validation clips, chance {100 * r['chance']:.0f}%)\n"
             f"  with the temporal modules:    top-1 {100 * e['top1']:5.1f}%  (top-5 {100 * e['top5']:.1f}%)\n"
             f"  temporal modules switched off: top-1 {100 * c['top1']:5.1f}%\n"
             f"  {r['ratio_vs_chance']:.1f}x chance, {r['ratio_vs_control']:.2f}x the control\n"
-            f"  time: {r['total_seconds']:.0f}s total (data {r['data_seconds']:.0f}s, training+eval {e['train_seconds']:.0f}s + {c['train_seconds']:.0f}s) "
-            f"on {r['threads']} threads")
+            f"  time: {r['total_seconds']:.0f}s total (data {r['data_seconds']:.0f}s, training+eval "
+            f"{e['train_seconds']:.0f}s + {c['train_seconds']:.0f}s) on {r['threads']} threads")
 
+# %% ../nbs/09_demo.ipynb #4ba8fc84
 def main(argv=None) -> dict:
     "Entry point of `python -m evl_nb.demo` (`make demo`)."
-    p = argparse.ArgumentParser(prog='python -m evl_nb.demo', description='Train and evaluate EVL-tiny on the synthetic dataset on CPU.')
+    p = argparse.ArgumentParser(prog='python -m evl_nb.demo',
+                                description='Train and evaluate EVL-tiny on the synthetic dataset on CPU.')
     p.add_argument('--output-dir', default='runs/demo'); p.add_argument('--data-root', default=None)
     p.add_argument('--max-steps', type=int, default=None); p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=None, help="torch threads (default: this process's cores)")

@@ -4,20 +4,22 @@
 
 # %% ../nbs/07_evaluate.ipynb #31da88fd
 from __future__ import annotations
-import json, math, time
+import json, time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from .core import (add_context, all_gather_objects, as_dtype, check_output_path, dist_info, get_logger,
                          hold_run_lock, is_run_folder, seed_everything)
-from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, find_ann, normalize_clip, pad_classes,
-                         parse_views, read_class_list, record_skipped, resolve_convention)
+from .data import (DEFAULT_MODEL, build_dataset, collate_clips, find_ann, normalize_clip,
+                         pad_classes, read_class_list, record_skipped)
+from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
                           read_checkpoint)
+from .config import check_job_params
+
+_log = get_logger('evl_nb.evaluate')
 
 # %% auto #0
 __all__ = ['classification_metrics', 'load_class_list', 'label_mapping', 'predict', 'evaluate', 'format_skipped', 'save_results',
@@ -164,7 +166,7 @@ def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=N
              num_annotated=counts.get('annotated', len(dataset)), num_missing=counts.get('missing', 0),
              convention=getattr(dataset, 'convention', None))
     if skipped:
-        get_logger('evl_nb.evaluate').warning(f'{len(skipped)} validation videos could not be read and were '
+        _log.warning(f'{len(skipped)} validation videos could not be read and were '
                                               'skipped: ' + format_skipped(files))
     if return_probs: m.update(probs=probs, labels=labels, indices=torch.from_numpy(index[order]))
     return m
@@ -249,7 +251,6 @@ def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: 
     input `convention`; `data_root` alone finds it in every layout of `evl_nb.data.resolve_layout` (`val_ann`
     wins); `store`: a clip store to read the frames from (`evl_nb.store`); `output_dir`: where the list of
     missing videos goes."""
-    from evl_nb.data import build_dataset
     ann = find_ann(val_ann, data_root, 'val_ann') if val_ann else None
     kw = {} if dataset == 'ssv2' else dict(sampling=None if dataset == 'synthetic' else mcfg.sampling,
                                            frame_interval=mcfg.frame_interval)
@@ -264,26 +265,18 @@ def eval_dataset(dataset: str, data_root, val_ann, mcfg: EVLConfig, eval_views: 
 def check_eval_params(dataset: str = 'synthetic', data_root=None, eval_views: str = '3x1',
                       precision: str = 'fp32', model: str | None = None, class_list=None, store=None,
                       convention=None, batch_size: int = 1, num_workers: int = 0,
-                      num_frames: int | None = None):
-    "Every evaluation parameter that can be checked before anything is read; each error names its parameter."
-    from evl_nb.model import PRESETS
-    if dataset not in DEFAULT_MODEL:
-        raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
-    if dataset != 'synthetic' and not data_root:
-        raise ValueError(f'data_root is required for dataset={dataset!r}')
-    parse_views(eval_views, 'eval_views'); as_dtype(precision, 'precision')
-    if convention is not None: resolve_convention(convention)
+                      num_frames: int | None = None, val_ann=None):
+    """Every evaluation parameter that can be checked before anything is read; each error names its parameter.
+    Those training shares are checked by `evl_nb.config.check_job_params`."""
+    check_job_params(dataset, data_root, val_ann, 'val_ann', store, model, precision, eval_views, convention)
     for name, v, least in (('batch_size', batch_size, 1), ('num_workers', num_workers, 0),
                            ('num_frames', num_frames, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < least):
             raise ValueError(f'{name}={v!r}: must be an integer >= {least}')
-    if model is not None and model not in PRESETS: raise ValueError(f'model={model!r}: unknown preset')
     if class_list is not None and not Path(class_list).is_file():
         raise FileNotFoundError(f'class_list={class_list!r} does not exist')
-    if store is not None and not (Path(store) / 'store.json').is_file():
-        raise FileNotFoundError(f'store={str(store)!r} is not a clip store (no store.json): make it with '
-                                f'evl_nb.store.build_store')
 
+# %% ../nbs/07_evaluate.ipynb #45447999
 def eval_outputs(output_dir=None, output_json=None) -> tuple[Path, Path]:
     """(results JSON, folder of the pictures and the missing list), checked: `output_json`, else
     `output_dir/results.json`; the folder is `output_dir`, else the JSON's folder; neither given:
@@ -293,10 +286,10 @@ def eval_outputs(output_dir=None, output_json=None) -> tuple[Path, Path]:
     output_json = check_output_path(output_json, 'output_json', is_file=True)
     return output_json, Path(output_dir) if output_dir is not None else output_json.parent
 
+# %% ../nbs/07_evaluate.ipynb #56fa8908
 def eval_synthetic_root(net: EVL, classes, data_root=None, runs_dir='runs/train') -> str:
     """The synthetic validation set for `net` (`data_root`, else `runs_dir/synthetic`), made when missing: the
     checkpoint's own `classes` when they are synthetic ones (the demo's set), else the first `num_classes`."""
-    from evl_nb.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
     data_root = data_root or str(Path(runs_dir) / 'synthetic')
     if not (Path(data_root) / 'synthetic.json').exists():
         n, names = net.config.num_classes, classes or []
@@ -316,7 +309,7 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
     'output_json', 'output_dir'} for `evaluate`. The outputs (`eval_outputs`) are checked before anything is
     read; a run folder's lock is held (`lock`). `convention` None: the training run's, else 'official'."""
     check_eval_params(dataset, data_root, eval_views, precision, model, class_list, store, convention,
-                      batch_size, num_workers, num_frames)
+                      batch_size, num_workers, num_frames, val_ann)
     output_json, out_dir = eval_outputs(output_dir, output_json)
     lock = None
     if is_run_folder(output_json.parent):              # a training run there refuses it
@@ -325,7 +318,7 @@ def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthet
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f'checkpoint={str(checkpoint)!r} does not exist')
     if checkpoint is None:
-        get_logger('evl_nb.evaluate').warning('no checkpoint found: evaluating an untrained model')
+        _log.warning('no checkpoint found: evaluating an untrained model')
     net, info = load_for_eval(checkpoint, model or DEFAULT_MODEL[dataset], class_list, pretrained, num_frames)
     if dataset == 'synthetic': data_root = eval_synthetic_root(net, info['classes'], data_root, runs_dir)
     # the scale the run tested at (in_memory runs: eval_short_side, the scale of their training crops)

@@ -5,7 +5,7 @@
 # %% ../nbs/05_model.ipynb #5bd19c87
 from __future__ import annotations
 import copy, functools, math, re, types
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -84,6 +84,7 @@ class TemporalCrossAttention(nn.Module):
             return g.transpose(0, 1).unflatten(0, (B, T1))
         return F.pad(part(prev, self.w1), (0, 0, 1, 0, 1, 0)) + F.pad(part(nxt, self.w2), (0, 0, 1, 0, 0, 1))
 
+# %% ../nbs/05_model.ipynb #8da78d69
 def tca_gather(tca: TemporalCrossAttention, q, k):
     "The direct form of TCA, gathering `w[idx]` into (hw, hw, C): memory-hungry, kept as a reference."
     B, T, L, _, _ = q.shape
@@ -135,12 +136,14 @@ class DecoderAttention(nn.Module):
         o = torch.einsum('nhlc,hdc->nlhd', z, wv) + self.v_proj.bias.view(H, d)
         return o, attn.view(N, H, Lq, -1)
 
+# %% ../nbs/05_model.ipynb #e746dfc1
 CrossAttention = DecoderAttention  # the name before issue 11; kept so old imports keep working
 
 # %% ../nbs/05_model.ipynb #e5b20004
 class QuickGELU(nn.Module):
     def forward(self, x): return x * torch.sigmoid(1.702 * x)
 
+# %% ../nbs/05_model.ipynb #889ba946
 class MLP(nn.Module):
     "fc1 -> QuickGELU -> Dropout -> fc2, fc biases initialised N(0, 1e-6) as in the official code."
     def __init__(self, dim: int, hidden: int, dropout: float = 0.5):
@@ -173,6 +176,7 @@ class DecoderLayer(nn.Module):
 # %% ../nbs/05_model.ipynb #e06a439e
 TINY_TOWER = dict(image_size=112, patch_size=16, width=64, layers=6, heads=4, mlp_ratio=4.0, output_dim=32)
 
+# %% ../nbs/05_model.ipynb #3b58a644
 @dataclass
 class EVLConfig:
     "Everything that defines an EVL model (see `PRESETS`)."
@@ -220,6 +224,7 @@ PRESETS: dict[str, EVLConfig] = {
                           decoder_num_heads=4, frame_interval=4),
 }
 
+# %% ../nbs/05_model.ipynb #be2589cf
 def get_config(preset: str | EVLConfig, **overrides) -> EVLConfig:
     "The config of `preset` (a `PRESETS` name or an `EVLConfig`) with `overrides`; unknown names are errors."
     if isinstance(preset, EVLConfig): cfg = preset

@@ -4,11 +4,9 @@
 
 # %% ../nbs/06_train.ipynb #a1fe2a38
 from __future__ import annotations
-import argparse, contextlib, csv, json, math, os, pickle, random, re, resource, shutil, signal, subprocess, sys, threading
-import time, warnings, zipfile
+import argparse, contextlib, json, math, os, random, resource, signal, sys, threading, time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,204 +14,38 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_sum, as_dtype, atomic_save,
-                         check_output_path, dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
+from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_sum, as_dtype,
+                         atomic_save,
+                         dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
                          seed_everything)
 from .augment import batch_clips
-from .data import (AUGMENT_ON, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, find_ann, normalize_clip, parse_views,
-                         random_clips, record_skipped)
+from .data import (TensorClips, build_dataset, cache_dataset, class_ids, collate_clips, find_ann,
+                         normalize_clip, pad_classes, record_skipped)
+from .synthetic import ensure_synthetic
+from .model import EVL, build_evl, get_config, model_input_size
+from .config import TRAIN_OPTIONS, TrainConfig
 from .evaluate import evaluate, format_report, save_results
-from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features, collate_features,
+from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features,
+                             collate_features,
                              evaluate_features, unpack_features, without_maps)
-from .model import EVL, PRESETS, build_evl, get_config, model_input_size
+from .checkpoints import (MetricsLog, config_changes, check_fits, finished_run,
+                                format_changes, latest_checkpoint, pick_checkpoint, prune_checkpoints,
+                                read_train_checkpoint, rng_state, set_rng_state)
 
 _log = get_logger('evl_nb.train')
 
 # %% auto #0
-__all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'POSITIVE', 'NON_NEGATIVE', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'METRIC_COLUMNS',
-           'RESUME_HARMLESS', 'CHECKPOINT_KEYS', 'recipe', 'option', 'check_type', 'check_types', 'check_ranges',
-           'TrainConfig', 'Option', 'build_datasets', 'build_optimizer', 'cosine_factor', 'CosineSchedule',
-           'build_scheduler', 'StepSampler', 'PositionSeeded', 'list_checkpoints', 'latest_checkpoint',
-           'prune_checkpoints', 'rng_state', 'set_rng_state', 'CheckpointRefused', 'read_train_checkpoint',
-           'convert_checkpoint', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'build_model', 'check_data',
-           'check_classes', 'config_changes', 'format_changes', 'finished_run', 'cpu_cores', 'RunState', 'setup_run',
-           'load_resumable', 'pick_checkpoint', 'check_fits', 'apply_changes', 'resume_run', 'start_run',
-           'ignore_stop_signals', 'train_loader', 'save_checkpoint', 'release_feature_caches', 'cache_run_features',
-           'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary', 'run_video_counts',
-           'TrainingStopped', 'GracefulStop', 'run_folder_lock', 'train', 'train_loop', 'run', 'build_parser', 'main',
-           'cli_args', 'torchrun_command', 'launch', 'job_config', 'job_data', 'run_job', 'plot_metrics']
-
-# %% ../nbs/06_train.ipynb #108e865b
-OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
-                       batch_size=256, accum_steps=1, precision='fp16')
-RECIPES = {name: dict(OFFICIAL_RECIPE) for name in PRESETS}
-RECIPES['evl-tiny'] = dict(lr=2e-3, weight_decay=0.05, betas=(0.9, 0.999), max_steps=300, warmup_steps=20,
-                           batch_size=32, accum_steps=1, precision='fp32')
-
-def recipe(preset: str) -> dict:
-    "The default optimisation recipe of a preset (the official one for every real model)."
-    return dict(RECIPES.get(preset, OFFICIAL_RECIPE))
-
-# %% ../nbs/06_train.ipynb #5e790ca7
-def option(default=None, help: str = '', factory=None):
-    "A dataclass field with its one-line `help` in `metadata` (the single source of option descriptions)."
-    if factory is not None: return field(default_factory=factory, metadata={'help': help})
-    return field(default=default, metadata={'help': help})
-
-
-# %% ../nbs/06_train.ipynb #1347d081
-_KINDS = {'int': ('an integer', lambda v: isinstance(v, int) and not isinstance(v, bool)),
-          'float': ('a number', lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-          'str': ('a string', lambda v: isinstance(v, str)), 'bool': ('True or False', lambda v: isinstance(v, bool)),
-          'dict': ('a dict', lambda v: isinstance(v, dict)), 'tuple': ('a pair', lambda v: isinstance(v, (tuple, list)))}
-
-def check_type(name: str, value, annotation: str):
-    "Refuse `value` unless it fits `annotation` ('int | None', 'float', ...), naming `name`."
-    kinds = [k.strip() for k in annotation.split('|')]
-    if value is None and 'None' in kinds: return
-    if any(_KINDS[k][1](value) for k in kinds if k in _KINDS): return
-    want = ' or '.join(_KINDS[k][0] for k in kinds if k in _KINDS) + (' or None' if 'None' in kinds else '')
-    raise ValueError(f'{name}={value!r}: expected {want}, got {type(value).__name__}')
-
-def check_types(cfg):
-    "Check every field of a config dataclass against its annotation."
-    for f in fields(cfg): check_type(f.name, getattr(cfg, f.name), str(f.type))
-
-# %% ../nbs/06_train.ipynb #4dfac1f2
-POSITIVE = ('num_frames', 'num_classes', 'batch_size', 'accum_steps', 'max_steps', 'eval_batch_size', 'eval_short_side',
-            'keep_last', 'log_every', 'stop_at_step', 'threads')
-NON_NEGATIVE = ('warmup_steps', 'eval_every', 'num_workers', 'ckpt_every', 'cache_features', 'seed')
-
-def check_ranges(c):
-    "Counts positive (None: the preset's), steps and workers >= 0, lr > 0, weight decay >= 0, betas in [0, 1)."
-    for k in POSITIVE:
-        if getattr(c, k) is not None and getattr(c, k) < 1:
-            raise ValueError(f'{k}={getattr(c, k)!r}: must be a positive integer (None for the default)')
-    for k in NON_NEGATIVE:
-        if getattr(c, k) < 0: raise ValueError(f'{k}={getattr(c, k)!r}: must be an integer >= 0')
-    if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
-    if c.max_missing is not None and not 0 <= c.max_missing <= 1:
-        raise ValueError(f'max_missing={c.max_missing!r}: expected a fraction in [0, 1] (None: any)')
-    from evl_nb.data import resolve_convention
-    if isinstance(c.convention, str): resolve_convention(c.convention)     # 'convention=...: expected one of ...'
-    if c.weight_decay < 0: raise ValueError(f'weight_decay={c.weight_decay!r}: must be >= 0')
-    if len(c.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas):
-        raise ValueError(f'betas={c.betas!r}: expected two numbers in [0, 1)')
-
-# %% ../nbs/06_train.ipynb #9393553d
-@dataclass
-class TrainConfig:
-    "Everything that defines a training run (None = the preset's recipe; see `recipe`)."
-    dataset: str = option('synthetic', 'synthetic | k400 | ssv2 | list: chooses sampling, class list and flip policy')
-    data_root: str | None = option(None, 'dataset folder (videos + annotations); synthetic: generated there when missing')
-    store: str | None = option(None, 'clip store folder (build_store / evl-nb prepare store): frames read from it, not the videos; None: videos')
-    train_ann: str | None = option(None, 'train annotations (relative: cwd, then data_root); None: official name')
-    val_ann: str | None = option(None, 'validation annotations (relative: cwd, then data_root); None: official name')
-    max_missing: float | None = option(None, "fraction of a split's annotated videos that may be missing (e.g. 0.05); "
-                                             'None: any, while some are found (always counted and listed)')
-    convention: str = option('official', "input conventions of the clips: 'official' (the EVL repo's) or 'mmaction2' "
-                                         "(an mmaction2 recipe); 'legacy': evl-nb 0.1")
-    model: str | None = option(None, 'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), evl-b16-8f-ssv2 (ssv2)')
-    pretrained: str | None = option(None, "CLIP tower: None (random, offline), an open_clip tag ('openai') or a weight file")
-    num_frames: int | None = option(None, "frames per clip; None: the preset's")
-    num_classes: int | None = option(None, "model outputs; None: the preset's (must exceed the largest class id)")
-    class_list: str | None = option(None, "class list fixing the ids (JSON list or {name: index}, text); None: the data's")
-    batch_size: int | None = option(None, 'GLOBAL batch over all GPUs and accumulation steps; None: recipe')
-    accum_steps: int | None = option(None, 'gradient accumulation steps; None: recipe (1)')
-    lr: float | None = option(None, 'peak learning rate; None: recipe')
-    weight_decay: float | None = option(None, 'AdamW weight decay on all decoder parameters; None: recipe (0.05)')
-    betas: tuple | None = option(None, 'AdamW betas; None: recipe (0.9, 0.999)')
-    max_steps: int | None = option(None, 'optimiser steps; None: recipe')
-    warmup_steps: int | None = option(None, 'linear warmup steps; None: recipe')
-    precision: str | None = option(None, 'fp32 | bf16 | fp16 (backbone too); None: fp16 on GPU, fp32 on CPU')
-    num_workers: int = option(4, 'data-loading workers per process (decoding is the usual bottleneck)')
-    eval_every: int = option(0, 'evaluate every N steps (0: at the end only)')
-    eval_views: str | None = option(None, 'test views T x S: 1x1, 3x1, 1x3, 10x3; None: 1x1 synthetic, 3x1 otherwise')
-    eval_short_side: int | None = option(None, 'test-time short side in pixels before the crop; None: the input size (EVL\'s test '
-                                               'scale), in_memory runs: input + input // 7, the scale their training crops keep')
-    eval_batch_size: int | None = option(None, 'videos per evaluation batch; None: the training micro-batch')
-    ckpt_every: int = option(1000, 'checkpoint every N steps (atomic; the last keep_last and the best kept)')
-    keep_last: int = option(2, 'step checkpoints kept')
-    log_every: int = option(10, 'progress-bar refresh in steps (the CSV gets every step)')
-    output_dir: str = option('runs/train', 'checkpoints, metrics.csv, summary.json, results.json')
-    resume: str | bool = option('auto', "'auto': latest checkpoint in output_dir, 'none': start over, or a checkpoint path")
-    reevaluate: bool = option(False, 'True: evaluate a finished run again (else it is reported, not re-run)')
-    seed: int = option(0, 'seed of weights, sampling and augmentation')
-    device: str | None = option(None, 'torch device; None: cuda:LOCAL_RANK when available, else cpu')
-    train_aug: dict = option(help='extra build_dataset arguments for training (rand_augment, crop_scale, flip, ...)',
-                             factory=dict)
-    augment_on: str = option('device', "training augmentation: 'device' (drawn in the loader worker, applied on the "
-                                      "model's device) or 'worker' (PIL in the worker: the official code's path)")
-    model_overrides: dict = option(help='EVLConfig fields to override (decoder_num_layers, ...)', factory=dict)
-    in_memory: bool = option(False, 'decode every clip once and train from memory (small datasets: the synthetic demo)')
-    cache_features: int = option(0, 'K > 0: train the decoder on cached backbone features of K augmented views per clip '
-                                    '(eval views cached too; exact: the tower is frozen; memory: see 06a_features)')
-    stop_at_step: int | None = option(None, 'stop (as if killed) after this step: for tests and time-boxed jobs')
-    progress: bool = option(True, 'show progress bars')
-    threads: int | None = option(None, "torch CPU threads; None: the machine's cores (never a timing: runs repeat bit "
-                                       'for bit at a given count)')
-    allow_changes: bool = option(False, "resume with parameters that change the run's math (lr, batch, data, ...): "
-                                        'applied from the resumed step and recorded in summary.json')
-
-    def resolve(self) -> 'TrainConfig':
-        "A copy with the preset's recipe filled in and the combination checked."
-        c = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self)})
-        check_types(c)
-        if c.dataset not in DEFAULT_MODEL:
-            raise ValueError(f"dataset={c.dataset!r}: expected one of {', '.join(DEFAULT_MODEL)}")
-        c.model = c.model or DEFAULT_MODEL[c.dataset]
-        if c.model not in PRESETS: raise ValueError(f"model={c.model!r}: unknown preset; choose from {', '.join(PRESETS)}")
-        r = recipe(c.model)
-        for k, v in r.items():
-            if getattr(c, k) is None: setattr(c, k, v)
-        if c.precision is None: c.precision = 'fp16' if torch.cuda.is_available() else 'fp32'
-        as_dtype(c.precision, 'precision')
-        if c.augment_on not in AUGMENT_ON:
-            raise ValueError(f'augment_on={c.augment_on!r}: expected one of {AUGMENT_ON}')
-        c.betas = tuple(c.betas)
-        check_ranges(c)
-        check_output_path(c.output_dir, 'output_dir')
-        if c.eval_views is None: c.eval_views = '1x1' if c.dataset == 'synthetic' else '3x1'
-        if c.eval_short_side is None and c.in_memory:      # train crops are cut from input + input // 7 (mmaction2's 256/224)
-            size = model_input_size(get_config(c.model, **{k: v for k, v in c.model_overrides.items() if k == 'backbone'}))
-            c.eval_short_side = size + size // 7
-        parse_views(c.eval_views, 'eval_views')
-        if c.dataset in ('k400', 'ssv2') and not c.data_root:
-            raise ValueError(f'data_root is required for dataset={c.dataset!r} (the folder holding the videos and annotations)')
-        if c.dataset == 'list' and not (c.data_root or c.train_ann):
-            raise ValueError("dataset='list' needs train_ann (and val_ann) list files, or a data_root holding train_list.txt / val_list.txt")
-        if c.store is not None and not (Path(c.store) / 'store.json').is_file():
-            raise FileNotFoundError(f'store={c.store!r} is not a clip store (no store.json): make it with evl_nb.store.build_store')
-        if c.data_root and c.dataset != 'synthetic' and not Path(c.data_root).is_dir():
-            raise FileNotFoundError(f'data_root={c.data_root!r} does not exist')
-        return c
-
-# %% ../nbs/06_train.ipynb #b755d96c
-class Option(NamedTuple):
-    "One option of a training job: `group` is 'config' (a `TrainConfig` field) or 'launch' (torchrun)."
-    name: str
-    type: str            # the annotation as written, e.g. 'int | None'
-    default: object
-    help: str
-    group: str = 'config'
-
-LAUNCH_OPTIONS = [
-    Option('gpus', 'int', 1, 'processes per node (GPUs); > 1 launches torchrun', 'launch'),
-    Option('nodes', 'int', 1, 'machines; > 1 launches torchrun (run the job on every node, with its node_rank)', 'launch'),
-    Option('node_rank', 'int', 0, "this machine's rank when nodes > 1", 'launch'),
-    Option('master_addr', 'str', '127.0.0.1', 'address of node 0 when nodes > 1', 'launch'),
-    Option('master_port', 'int', 29500, 'rendezvous port when nodes > 1', 'launch')]
-
-def _config_options() -> list[Option]:
-    return [Option(f.name, str(f.type), f.default if f.default is not MISSING else f.default_factory(), f.metadata['help'])
-            for f in fields(TrainConfig)]
-
-TRAIN_OPTIONS: dict[str, Option] = {o.name: o for o in _config_options() + LAUNCH_OPTIONS}
+__all__ = ['build_datasets', 'build_optimizer', 'cosine_factor', 'CosineSchedule', 'build_scheduler', 'StepSampler',
+           'PositionSeeded', 'NonFiniteLossError', 'build_model', 'check_data', 'check_classes', 'cpu_cores',
+           'RunState', 'setup_run', 'apply_changes', 'resume_run', 'start_run', 'ignore_stop_signals', 'train_loader',
+           'save_checkpoint', 'release_feature_caches', 'cache_run_features', 'forward_backward', 'train_step',
+           'log_step', 'evaluate_run', 'run_summary', 'run_video_counts', 'TrainingStopped', 'GracefulStop',
+           'run_folder_lock', 'train', 'train_loop', 'run', 'build_parser', 'main', 'cli_args']
 
 # %% ../nbs/06_train.ipynb #fae325b4
 def build_datasets(cfg: TrainConfig, input_size: int | None = None):
-    "(train, val) datasets for a resolved config; reader errors are raised as themselves, naming train_ann / val_ann."
-    from evl_nb.data import build_dataset
+    """(train, val) datasets for a resolved config; reader errors are raised as themselves, naming train_ann /
+    val_ann."""
     mcfg = get_config(cfg.model, **({'num_frames': cfg.num_frames} if cfg.num_frames else {}))
     size = input_size or model_input_size(mcfg)
     sets = []
@@ -221,47 +53,61 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
         ann = getattr(cfg, ann_param)
         if ann is not None: ann = find_ann(ann, cfg.data_root, ann_param)
         elif cfg.dataset != 'synthetic' and cfg.data_root is None:
-            raise FileNotFoundError(f'{ann_param}: no {split} annotation file given and no data_root to find it under')
-        kw = dict(num_frames=mcfg.num_frames, input_size=size, views='1x1' if split == 'train' else cfg.eval_views)
+            raise FileNotFoundError(f'{ann_param}: no {split} annotation file given and no data_root to '
+                                    'find it under')
+        kw = dict(num_frames=mcfg.num_frames, input_size=size,
+                  views='1x1' if split == 'train' else cfg.eval_views)
         if split == 'val' and cfg.eval_short_side: kw['short_side'] = cfg.eval_short_side
-        if cfg.in_memory and cfg.store is None: kw['decode'] = 'pyav'   # read once, front to back: no seek to verify
+        if cfg.in_memory and cfg.store is None:
+            kw['decode'] = 'pyav'   # read once, front to back: no seek to verify
         aug = dict(cfg.train_aug) if split == 'train' else {}
-        if cfg.in_memory and split == 'train':       # decoded once in test mode, then cropped (and flipped) at random
+        # decoded once in test mode, then cropped (and flipped) at random
+        if cfg.in_memory and split == 'train':
             kw.update(train=False, input_size=size + size // 7); flip = bool(aug.pop('flip', False)); aug = {}
         if cfg.dataset != 'ssv2': kw.update(sampling=mcfg.sampling if cfg.dataset != 'synthetic' else None,
                                             frame_interval=mcfg.frame_interval)
         kw.update(aug)
         if split == 'train' and not cfg.in_memory: kw['augment_on'] = cfg.augment_on
-        if cfg.class_list is not None: kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
+        if cfg.class_list is not None:
+            kw['classes'] = str(find_ann(cfg.class_list, cfg.data_root, 'class_list'))
         kw.update(output_dir=cfg.output_dir, max_missing=cfg.max_missing,    # missing videos listed there
                   convention=cfg.convention)
-        try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, store=cfg.store, **kw)
+        try: ds = build_dataset(cfg.dataset, split, data_root=cfg.data_root, ann_file=ann, store=cfg.store,
+                                **kw)
         except Exception as e:
             raise add_context(e, f'{ann_param}={str(ann) if ann else None!r} (data_root={cfg.data_root!r})')
         if cfg.in_memory:
             ds = cache_dataset(ds, crop=size if split == 'train' else None, num_workers=cfg.num_workers,
-                               flip=split == 'train' and flip, cache_dir=Path(cfg.data_root or '.') / '.evl_cache',
-                               key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_{kw.get("short_side") or ""}_{kw["views"]}')
+                               flip=split == 'train' and flip,
+                               cache_dir=Path(cfg.data_root or '.') / '.evl_cache',
+                               key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_'
+                                   f'{kw.get("short_side") or ""}_{kw["views"]}')
         sets.append(ds)
     return tuple(sets)
 
 # %% ../nbs/06_train.ipynb #9517c1b1
-def build_optimizer(model: EVL, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.999), fused: bool | None = None):
-    "AdamW on the trainable (decoder + head) parameters; weight decay on all of them as in the official recipe."
+def build_optimizer(model: EVL, lr: float, weight_decay: float = 0.05, betas=(0.9, 0.999),
+                    fused: bool | None = None):
+    """AdamW on the trainable (decoder + head) parameters; weight decay on all of them as in the official
+    recipe."""
     params = model.param_groups(weight_decay) if hasattr(model, 'param_groups') else \
         [{'params': [p for p in model.parameters() if p.requires_grad], 'weight_decay': weight_decay}]
     if fused is None: fused = all(p.is_cuda for g in params for p in g['params'])
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=bool(fused) or None)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=bool(fused) or None)
 
+# %% ../nbs/06_train.ipynb #81c79472
 def cosine_factor(step: int, max_steps: int, warmup_steps: int = 0) -> float:
     "LR multiplier at `step` (0-based): linear warmup, then cosine decay to 0 at `max_steps`."
     if warmup_steps and step < warmup_steps: return (step + 1) / warmup_steps
     t = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, t))))
 
+# %% ../nbs/06_train.ipynb #677db380
 class CosineSchedule:
-    """The per-step lr: `lr x cosine_factor` over segments. The run is one segment from step 0; `restart(step, lr,
-    max_steps)` (a resume with a changed lr or length) begins a new cosine from `lr` at `step` to 0 at `max_steps`."""
+    """The per-step lr: `lr x cosine_factor` over segments. The run is one segment from step 0; `restart(step,
+    lr, max_steps)` (a resume with a changed lr or length) begins a new cosine from `lr` at `step` to 0 at
+    `max_steps`."""
     def __init__(self, optimizer, lr: float, max_steps: int, warmup_steps: int = 0):
         self.optimizer, self.last_step = optimizer, 0
         self.segments = [dict(start=0, lr=lr, end=max_steps, warmup=warmup_steps)]
@@ -278,10 +124,12 @@ class CosineSchedule:
     def get_last_lr(self) -> list[float]: return [g['lr'] for g in self.optimizer.param_groups]
 
     def restart(self, step: int, lr: float, max_steps: int):
-        self.segments = [s for s in self.segments if s['start'] < step] + [dict(start=step, lr=lr, end=max_steps, warmup=0)]
+        kept = [s for s in self.segments if s['start'] < step]
+        self.segments = kept + [dict(start=step, lr=lr, end=max_steps, warmup=0)]
         self._apply()
 
-    def state_dict(self) -> dict: return dict(segments=[dict(s) for s in self.segments], last_step=self.last_step)
+    def state_dict(self) -> dict: return dict(segments=[dict(s) for s in self.segments],
+                                              last_step=self.last_step)
 
     def load_state_dict(self, sd: dict):
         if 'segments' not in sd:        # a LambdaLR state (evl-nb 0.2): one segment, its peak lr and position
@@ -289,18 +137,24 @@ class CosineSchedule:
         self.segments, self.last_step = [dict(s) for s in sd['segments']], int(sd['last_step'])
         self._apply()
 
-def build_scheduler(optimizer, max_steps: int, warmup_steps: int = 0, lr: float | None = None) -> CosineSchedule:
+# %% ../nbs/06_train.ipynb #4b2baaa7
+def build_scheduler(optimizer, max_steps: int, warmup_steps: int = 0,
+                    lr: float | None = None) -> CosineSchedule:
     "The run's `CosineSchedule` (peak `lr`: the optimiser's)."
-    return CosineSchedule(optimizer, optimizer.param_groups[0]['lr'] if lr is None else lr, max_steps, warmup_steps)
+    return CosineSchedule(optimizer, optimizer.param_groups[0]['lr'] if lr is None else lr, max_steps,
+                          warmup_steps)
 
 # %% ../nbs/06_train.ipynb #230c4966
 class StepSampler(Sampler):
-    "Deterministic, distributed, resumable: yields (position, index) for this rank from `start_step` to `max_steps`."
-    def __init__(self, n: int, per_rank: int, max_steps: int, start_step: int = 0, rank: int = 0, world: int = 1,
+    """Deterministic, distributed, resumable: yields (position, index) for this rank from `start_step` to
+    `max_steps`."""
+    def __init__(self, n: int, per_rank: int, max_steps: int, start_step: int = 0, rank: int = 0,
+                 world: int = 1,
                  seed: int = 0, shuffle: bool = True, start_pos: int | None = None):
         if n < 1: raise ValueError('the training set is empty')
         self.n, self.per_rank, self.max_steps, self.start_step = n, per_rank, max_steps, start_step
-        self.start_pos = start_step * per_rank * world if start_pos is None else start_pos   # a batch change moves it
+        # a batch change moves it
+        self.start_pos = start_step * per_rank * world if start_pos is None else start_pos
         self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
         self._perm_epoch, self._perm = None, None
 
@@ -308,7 +162,8 @@ class StepSampler(Sampler):
         e, o = divmod(pos, self.n)
         if not self.shuffle: return o
         if self._perm_epoch != e:
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)); self._perm_epoch = e
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+            self._perm_epoch = e
         return int(self._perm[o])
 
     def __len__(self): return max(0, self.max_steps - self.start_step) * self.per_rank
@@ -326,8 +181,10 @@ class StepSampler(Sampler):
         return dict(n=self.n, per_rank=self.per_rank, world=self.world, seed=self.seed, shuffle=self.shuffle,
                     **({} if step is None else dict(step=step, position=self.position_at(step))))
 
+# %% ../nbs/06_train.ipynb #a0285299
 class PositionSeeded(Dataset):
-    "Wrap a dataset so item `(position, index)` is produced with torch/numpy/random seeded from (seed, position)."
+    """Wrap a dataset so item `(position, index)` is produced with torch/numpy/random seeded from (seed,
+    position)."""
     def __init__(self, ds, seed: int = 0): self.ds, self.seed = ds, seed
     def __len__(self): return len(self.ds)
     def __getitem__(self, key):
@@ -341,136 +198,11 @@ class PositionSeeded(Dataset):
         finally:
             if in_main: torch.set_rng_state(st[0]); np.random.set_state(st[1]); random.setstate(st[2])
 
-# %% ../nbs/06_train.ipynb #f59026e8
-def list_checkpoints(ckpt_dir) -> list[Path]:
-    "Step checkpoints in `ckpt_dir`, oldest first."
-    return sorted(Path(ckpt_dir).glob('step_*.pt'), key=lambda p: int(p.stem.split('_')[1]))
-
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    "The newest step checkpoint, or None."
-    c = list_checkpoints(ckpt_dir)
-    return c[-1] if c else None
-
-def prune_checkpoints(ckpt_dir, keep_last: int):
-    "Delete all but the newest `keep_last` step checkpoints (best.pt is separate and kept)."
-    for p in list_checkpoints(ckpt_dir)[:-keep_last]: p.unlink(missing_ok=True)
-
-def rng_state() -> dict:
-    "This process's Python, NumPy, torch and CUDA RNG states as tensors and plain numbers (weights-only safe)."
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(python=dict(version=int(version), state=torch.tensor(mt, dtype=torch.int64), gauss=gauss),
-                numpy=dict(kind=str(kind), keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), cached=float(cached)),
-                torch=torch.get_rng_state(),
-                cuda=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None)
-
-def set_rng_state(s: dict):
-    "Restore what `rng_state` returned (or the tuple/array form that older checkpoints hold)."
-    py, npy = s['python'], s['numpy']
-    if isinstance(py, dict): py = (py['version'], tuple(py['state'].tolist()), py['gauss'])
-    if isinstance(npy, dict): npy = (npy['kind'], npy['keys'].numpy().astype(np.uint32), npy['pos'], npy['has_gauss'], npy['cached'])
-    random.setstate(py); np.random.set_state(npy); torch.set_rng_state(s['torch'])
-    if s.get('cuda') is not None and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-
-class CheckpointRefused(ValueError):
-    "A checkpoint the weights-only loader refuses: unpickling it could run code. It is never loaded that way."
-
-def read_train_checkpoint(path) -> dict:
-    "A training checkpoint, read with `weights_only=True` only; a refused file is a `CheckpointRefused` naming it."
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not zipfile.is_zipfile(path): raise        # not a torch file at all: corrupt, not foreign
-        m = re.search(r'GLOBAL (\S+)|safe_globals\(\[([^\]]+)\]\)', str(e))
-        what = f" (it asks for {m.group(1) or m.group(2)})" if m else ''
-        raise CheckpointRefused(
-            f'{path}: the weights-only loader refuses this file{what}; loading it fully could run code. If an older '
-            f'evl-nb wrote it and you trust its origin: evl-nb convert-checkpoint --trust {path}') from None
-
-# %% ../nbs/06_train.ipynb #677bf57b
-def _tensor_rng(r: dict) -> dict:
-    "RNG states as `rng_state` stores them (tensors and numbers) from the tuple/array form of evl-nb 0.1."
-    py, npy = r['python'], r['numpy']
-    if not isinstance(py, dict): py = dict(version=int(py[0]), state=torch.tensor(py[1], dtype=torch.int64), gauss=py[2])
-    if not isinstance(npy, dict):
-        npy = dict(kind=str(npy[0]), keys=torch.from_numpy(np.asarray(npy[1]).astype(np.int64)), pos=int(npy[2]),
-                   has_gauss=int(npy[3]), cached=float(npy[4]))
-    return dict(r, python=py, numpy=npy)
-
-def convert_checkpoint(src, dst=None) -> Path:
-    """Rewrite a checkpoint the weights-only loader refuses (evl-nb 0.1 stored NumPy RNG states) so that it opens
-    with `weights_only=True`. This unpickles `src` in full, which runs any code it holds: only for files whose
-    origin you trust. `dst` defaults to `src` (the original kept as `<name>.orig`)."""
-    src = Path(src); dst = Path(dst) if dst else src
-    _log.warning(f'{src}: unpickling in full (weights_only=False), trusting its origin as asked')
-    state = torch.load(src, map_location='cpu', weights_only=False)
-    if not isinstance(state, dict) or 'model' not in state: raise ValueError(f'{src}: not an evl-nb checkpoint (no model)')
-    state['rng'] = [_tensor_rng(r) for r in state.get('rng') or []]
-    if dst == src: shutil.copy2(src, src.with_name(src.name + '.orig'))
-    atomic_save(state, dst)
-    read_train_checkpoint(dst)              # the result opens safely, or this names what is still refused
-    return dst
-
-# %% ../nbs/06_train.ipynb #2f982de8
-METRIC_COLUMNS = ['kind', 'step', 'loss', 'lr', 'top1', 'top5', 'mean_class_accuracy', 'num_samples',
-                  'clips_per_s', 'elapsed_s', 'gpu_mem_gb']
-
-class MetricsLog:
-    "Append rows to `metrics.csv` (and TensorBoard when importable); `truncate(step)` drops rows after `step`."
-    def __init__(self, path, tensorboard: bool = True):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            with open(self.path, 'w', newline='') as f: csv.writer(f).writerow(METRIC_COLUMNS)
-        self.f = open(self.path, 'a', newline=''); self.w = csv.DictWriter(self.f, METRIC_COLUMNS, extrasaction='ignore')
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.path.parent / 'tensorboard'))
-            except Exception: self.tb = None
-
-    def truncate(self, step: int):
-        self.f.close()
-        rows = read_metrics(self.path)
-        with open(self.path, 'w', newline='') as f:
-            w = csv.DictWriter(f, METRIC_COLUMNS); w.writeheader()
-            for r in rows:
-                if int(r['step']) <= step: w.writerow({k: ('' if r.get(k) is None else r[k]) for k in METRIC_COLUMNS})
-        self.f = open(self.path, 'a', newline=''); self.w = csv.DictWriter(self.f, METRIC_COLUMNS, extrasaction='ignore')
-
-    def log(self, **row):
-        self.w.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ('step',): self.tb.add_scalar(f"{row['kind']}/{k}", v, row['step'])
-
-    def flush(self):
-        self.f.flush()
-        if self.tb is not None: self.tb.flush()
-
-    def close(self):
-        self.f.close()
-        if self.tb is not None: self.tb.close()
-
-def read_metrics(path) -> list[dict]:
-    "Rows of a metrics CSV as dicts (numbers parsed; empty cells None)."
-    out = []
-    with open(path, newline='') as f:
-        for r in csv.DictReader(f):
-            d = {}
-            for k, v in r.items():
-                if v in ('', None): d[k] = None
-                elif k == 'kind': d[k] = v
-                else:
-                    try: d[k] = int(v) if k in ('step', 'num_samples') else float(v)
-                    except ValueError: d[k] = v
-            out.append(d)
-    return out
-
 # %% ../nbs/06_train.ipynb #94e58bf0
 class NonFiniteLossError(RuntimeError):
     "The training loss became NaN/inf; the run stopped and kept its last good checkpoint."
 
+# %% ../nbs/06_train.ipynb #a61e0aff
 def build_model(cfg: TrainConfig, num_classes: int | None = None) -> EVL:
     "The EVL model of a resolved config (backbone in the run's precision, class count from the data)."
     overrides = dict(cfg.model_overrides)
@@ -488,17 +220,19 @@ def check_data(cfg: TrainConfig):
     check_classes(cfg.resolve(), tr, va)
     return tr, va
 
+# %% ../nbs/06_train.ipynb #2569edb5
 def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
-    """The model's class count against the data (a dataset, or a class count); returns the class names by model output.
-    Ids the reader derived (K400 labels sorted) need exactly that many outputs. Ids given by a class list or labels
-    file are kept as given, may be sparse, and need more outputs than the largest id (then `None` holes pad the list)."""
-    from evl_nb.data import class_ids, pad_classes
+    """The model's class count against the data (a dataset, or a class count); returns the class names by
+    model output. Ids the reader derived (K400 labels sorted) need exactly that many outputs. Ids given by a
+    class list or labels file are kept as given, may be sparse, and need more outputs than the largest id
+    (then `None` holes pad the list)."""
     n = cfg.num_classes or get_config(cfg.model).num_classes
     classes = None if isinstance(data, int) else list(data.classes)
     count = data if classes is None else len(classes)
     which = f'num_classes={cfg.num_classes}' if cfg.num_classes else f'model={cfg.model!r} ({n} classes)'
     fixed = classes is not None and getattr(data, 'fixed_class_ids', False)
-    if fixed and (cfg.num_classes or len(class_ids(classes)) < count):     # ids as given: the head must cover them
+    # ids as given: the head must cover them
+    if fixed and (cfg.num_classes or len(class_ids(classes)) < count):
         if n < count:
             raise ValueError(f'{which} is too small: train_ann uses class id {count - 1} ({classes[-1]!r}); '
                              f'set num_classes to at least {count}')
@@ -507,52 +241,19 @@ def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
                          f'choose a preset with {count} classes or set num_classes={count}')
     if val is not None:
         vc = list(val.classes)
-        clash = [i for i in class_ids(vc) if i < count and classes and classes[i] is not None and classes[i] != vc[i]]
+        clash = [i for i in class_ids(vc)
+                 if i < count and classes and classes[i] is not None and classes[i] != vc[i]]
         if (not fixed and len(vc) != count) or len(vc) > max(n, count) or clash:
-            raise ValueError(f'val_ann has {len(vc)} classes but train_ann has {count}'
-                             + (f' (id {clash[0]}: {vc[clash[0]]!r} vs {classes[clash[0]]!r})' if clash else ''))
+            which = f' (id {clash[0]}: {vc[clash[0]]!r} vs {classes[clash[0]]!r})' if clash else ''
+            raise ValueError(f'val_ann has {len(vc)} classes but train_ann has {count}{which}')
     return pad_classes(classes, n) if classes is not None else None
-
-# %% ../nbs/06_train.ipynb #0664de62
-RESUME_HARMLESS = ('num_workers', 'eval_every', 'eval_views', 'eval_short_side', 'eval_batch_size', 'ckpt_every',
-                   'keep_last', 'log_every', 'output_dir', 'resume', 'reevaluate', 'device', 'stop_at_step', 'progress',
-                   'threads', 'allow_changes', 'max_missing', 'augment_on')
-
-def _plain(v): return json.loads(json.dumps(v, default=str))
-
-def config_changes(saved: dict, cfg: TrainConfig) -> list[dict]:
-    "The parameters that change the run's math and differ between a stored config and `cfg`: [{param, old, new}]."
-    return [dict(param=f.name, old=_plain(saved[f.name]), new=_plain(getattr(cfg, f.name))) for f in fields(cfg)
-            if f.name not in RESUME_HARMLESS and f.name in saved and _plain(saved[f.name]) != _plain(getattr(cfg, f.name))]
-
-def format_changes(changes: list[dict]) -> str:
-    return '; '.join(f"{c['param']}: {c['old']!r} -> {c['new']!r}" for c in changes)
-
-# %% ../nbs/06_train.ipynb #d469a34e
-def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
-    "The stored summary of the finished run in `cfg.output_dir` (reported through `echo`), or None to train/evaluate."
-    out = Path(cfg.output_dir); f = out / 'summary.json'
-    if cfg.reevaluate or cfg.resume not in (True, 'auto', 'latest') or not f.is_file(): return None
-    s = json.loads(f.read_text())
-    last = latest_checkpoint(out / 'checkpoints')
-    if s.get('stopped_early') or s.get('steps') != cfg.max_steps or last is None or last.stem != f'step_{cfg.max_steps:07d}':
-        return None
-    changes = config_changes(s.get('config') or {}, cfg)
-    if changes and not cfg.allow_changes:
-        raise ValueError(f"{out} holds a complete run with other parameters ({format_changes(changes)}); give another "
-                         "output_dir, or resume='none' to start over there")
-    res = out / 'results.json'
-    text = format_report(json.loads(res.read_text())) if res.is_file() else 'no validation results were recorded'
-    msg = (f'{out}: this run is complete (step {s["steps"]} of {cfg.max_steps}, checkpoint {last.name}); '
-           f'nothing to do. Pass reevaluate=True to evaluate it again.\n{text}')
-    if dist_info()[0] == 0: (echo or _log.info)(msg)
-    return dict(s, already_complete=True)
 
 # %% ../nbs/06_train.ipynb #59e51012
 def cpu_cores() -> int:
     "The cores this process may run on (its affinity), the default torch thread count: a fact, not a timing."
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
+# %% ../nbs/06_train.ipynb #28633adc
 @dataclass
 class RunState:
     "What one training process holds: config, its place in the job, model and optimiser, progress."
@@ -585,17 +286,21 @@ class RunState:
     @property
     def dtype(self) -> torch.dtype: return as_dtype(self.cfg.precision)
 
+# %% ../nbs/06_train.ipynb #d658ed3d
 def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState:
-    "Join the job, split the batch, build model, optimiser, schedule and scaler (the same initial weights on every rank)."
+    """Join the job, split the batch, build model, optimiser, schedule and scaler (the same initial weights on
+    every rank)."""
     t_start = time.time()
     rank, world, device = init_distributed(cfg.device)
     if device.type == 'cpu' or cfg.threads: torch.set_num_threads(cfg.threads or cpu_cores())
     if rank == 0: Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     micro, rem = divmod(cfg.batch_size, world * cfg.accum_steps)
     if rem or micro < 1:
-        raise ValueError(f'batch_size={cfg.batch_size} is not divisible by world_size ({world}) x accum_steps ({cfg.accum_steps})')
+        raise ValueError(f'batch_size={cfg.batch_size} is not divisible by world_size ({world}) x '
+                         f'accum_steps ({cfg.accum_steps})')
     dtype = as_dtype(cfg.precision)
-    if dtype == torch.float16 and device.type == 'cpu': _log.warning('fp16 on CPU is slow and poorly supported; prefer bf16 or fp32')
+    if dtype == torch.float16 and device.type == 'cpu':
+        _log.warning('fp16 on CPU is slow and poorly ' 'supported; prefer bf16 or fp32')
     seed_everything(cfg.seed)
     if model is None: model = build_model(cfg, getattr(train_set, 'num_classes', None))
     model.to(device)
@@ -604,76 +309,30 @@ def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     seed_everything(cfg.seed + 7919 * rank)   # dropout differs per rank, reproducibly
     classes = list(getattr(train_set, 'classes', []) or [])
-    if classes and len(classes) < model.config.num_classes:       # sparse / partial class ids: None for the rest
-        from evl_nb.data import pad_classes
+    # sparse / partial class ids: None for the rest
+    if classes and len(classes) < model.config.num_classes:
         classes = pad_classes(classes, model.config.num_classes)
     return RunState(cfg, rank, world, device, model, opt, sched, scaler, micro, classes, t_start)
 
-# %% ../nbs/06_train.ipynb #370a36b1
-CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'step')
-
-def _why(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [''])[0][:160]
-    return f'{type(e).__name__}: {first}' if first else f'{type(e).__name__} (empty or truncated file)'
-
-def load_resumable(path) -> dict:
-    "A step checkpoint read safely and checked: a dict with the training state, at the step its name says."
-    saved = read_train_checkpoint(path)
-    if not isinstance(saved, dict): raise ValueError(f'holds a {type(saved).__name__}, not a training state')
-    missing = [k for k in CHECKPOINT_KEYS if k not in saved]
-    if missing: raise ValueError(f'no {", ".join(missing)} in it')
-    m = re.fullmatch(r'step_(\d+)', Path(path).stem)
-    if m and int(m.group(1)) != int(saved['step']): raise ValueError(f"its name says step {int(m.group(1))}, it holds {saved['step']}")
-    return saved
-
-def pick_checkpoint(resume, ckpt_dir) -> tuple[Path | None, dict | None]:
-    "(path, state) of the checkpoint `resume` asks for; 'auto': the newest usable one, unusable ones set aside."
-    if resume in (False, None, 'none', 'no', 'false', ''): return None, None
-    if resume not in (True, 'auto', 'latest'):
-        p = Path(resume)
-        if not p.is_file(): raise FileNotFoundError(f'resume={str(resume)!r}: no such checkpoint')
-        try: return p, load_resumable(p)
-        except CheckpointRefused: raise
-        except Exception as e: raise ValueError(f'resume={str(resume)!r}: the checkpoint does not load ({_why(e)})') from None
-    found, aside, picked = list_checkpoints(ckpt_dir), [], (None, None)
-    for p in reversed(found):
-        try: picked = (p, load_resumable(p)); break
-        except CheckpointRefused: raise
-        except Exception as e:
-            aside.append(f'{p.name} ({_why(e)})'); os.replace(p, p.with_name(p.name + '.corrupt'))
-    if aside: _log.warning(f'{ckpt_dir}: set aside as *.corrupt, not loadable: ' + '; '.join(aside))
-    if found and picked[0] is None:
-        raise ValueError(f'{ckpt_dir}: none of the {len(found)} step checkpoints loads (set aside as *.corrupt). '
-                         "Start over with resume='none', or give resume=<a checkpoint file>")
-    if aside: _log.warning(f'resuming from {picked[0].name}, the newest checkpoint that loads')
-    return picked
-
-# %% ../nbs/06_train.ipynb #26a56cb6
-def check_fits(model: EVL, state: dict, path):
-    "Refuse a checkpoint whose weights do not fit `model` (another architecture), naming the keys."
-    own = model.state_dict()
-    bad = [k for k in state if k in own and tuple(own[k].shape) != tuple(state[k].shape)]
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if bad or missing or extra:
-        raise ValueError(f'{path} does not fit the model built from these parameters: ' + '; '.join(
-            x for x in (f'shapes differ for {bad[:3]}' if bad else '', f'missing {missing[:3]}' if missing else '',
-                        f'unexpected {extra[:3]}' if extra else '') if x))
-
+# %% ../nbs/06_train.ipynb #1680122b
 def apply_changes(run: RunState, changes: list[dict]):
-    "Apply changed parameters from the resumed step (schedule restart, AdamW decay and betas) and record them."
+    """Apply changed parameters from the resumed step (schedule restart, AdamW decay and betas) and record
+    them."""
     cfg, names = run.cfg, {c['param'] for c in changes}
     if names & {'lr', 'max_steps', 'warmup_steps'}:
-        run.scheduler.restart(run.step, cfg.lr if 'lr' in names else run.optimizer.param_groups[0]['lr'], cfg.max_steps)
+        run.scheduler.restart(run.step, cfg.lr if 'lr' in names else run.optimizer.param_groups[0]['lr'],
+                              cfg.max_steps)
     for g in run.optimizer.param_groups:
         g['betas'] = tuple(cfg.betas)
         if g['weight_decay']: g['weight_decay'] = cfg.weight_decay
     run.changes += [dict(step=run.step, **c) for c in changes]
-    if run.rank == 0: _log.warning(f'resumed at step {run.step} with changed parameters (allow_changes): {format_changes(changes)}')
+    if run.rank == 0: _log.warning(f'resumed at step {run.step} with changed parameters (allow_changes): '
+                                   f'{format_changes(changes)}')
 
 # %% ../nbs/06_train.ipynb #209fcd2c
 def resume_run(run: RunState) -> Path | None:
-    """Load the checkpoint `resume` asks for (rank 0 picks it, `pick_checkpoint`): weights, optimiser, schedule, RNG,
-    step, stream position; changed parameters are refused, or applied with `allow_changes`."""
+    """Load the checkpoint `resume` asks for (rank 0 picks it, `pick_checkpoint`): weights, optimiser,
+    schedule, RNG, step, stream position; changed parameters are refused, or applied with `allow_changes`."""
     cfg, err, path, saved = run.cfg, None, None, None
     if run.rank == 0:
         try: path, saved = pick_checkpoint(cfg.resume, run.ckpt_dir)
@@ -685,8 +344,10 @@ def resume_run(run: RunState) -> Path | None:
     path = Path(picked); saved = saved if saved is not None else read_train_checkpoint(path)
     changes = config_changes(saved.get('config') or {}, cfg)
     if changes and not cfg.allow_changes:
-        raise ValueError(f"resuming {path} with changed parameters ({format_changes(changes)}): they change the run. "
-                         f"Pass allow_changes=True (--allow-changes) to apply them from step {saved['step']}, "
+        raise ValueError(f"resuming {path} with changed parameters ({format_changes(changes)}): they change "
+                         "the run. "
+                         "Pass allow_changes=True (--allow-changes) to apply them from step "
+                         f"{saved['step']}, "
                          "or use another output_dir")
     check_fits(run.model, saved['model'], path)
     run.model.load_state_dict(saved['model'])
@@ -694,7 +355,8 @@ def resume_run(run: RunState) -> Path | None:
     if saved.get('scaler'): run.scaler.load_state_dict(saved['scaler'])
     run.step = run.start_step = int(saved['step'])
     sp = saved.get('sampler') or {}
-    run.start_pos = sp.get('position', run.step * sp.get('per_rank', run.micro_batch * cfg.accum_steps) * sp.get('world', run.world))
+    per_rank, world = sp.get('per_rank', run.micro_batch * cfg.accum_steps), sp.get('world', run.world)
+    run.start_pos = sp.get('position', run.step * per_rank * world)
     run.best, run.resumed_from, run.changes = saved.get('best'), str(path), list(saved.get('changes') or [])
     if changes: apply_changes(run, changes)
     rngs = saved.get('rng') or []
@@ -707,8 +369,10 @@ def resume_run(run: RunState) -> Path | None:
 
 # %% ../nbs/06_train.ipynb #6a396b50
 def start_run(run: RunState) -> RunState:
-    "Wrap the model (`DecoderHead` with `cache_features`) in DDP (world > 1); open the metrics log from the resumed step."
-    run.ddp = DecoderHead(run.model) if run.cfg.cache_features else run.model    # cached features: decoder + head only
+    """Wrap the model (`DecoderHead` with `cache_features`) in DDP (world > 1); open the metrics log from the
+    resumed step."""
+    # cached features: decoder + head only
+    run.ddp = DecoderHead(run.model) if run.cfg.cache_features else run.model
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         run.ddp = DDP(run.ddp, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
@@ -719,15 +383,20 @@ def start_run(run: RunState) -> RunState:
 
 # %% ../nbs/06_train.ipynb #5f925783
 def ignore_stop_signals(worker_id: int = 0):
-    "In a loader worker: leave SIGTERM/SIGINT to the main process, which finishes its step and saves (`GracefulStop`)."
+    """In a loader worker: leave SIGTERM/SIGINT to the main process, which finishes its step and saves
+    (`GracefulStop`)."""
     for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, signal.SIG_IGN)
 
+# %% ../nbs/06_train.ipynb #05c291ea
 def train_loader(run: RunState, train_set) -> DataLoader:
-    "This rank's micro-batches from the resumed step on (`StepSampler`, augmentation seeded by stream position)."
+    """This rank's micro-batches from the resumed step on (`StepSampler`, augmentation seeded by stream
+    position)."""
     cfg = run.cfg
-    run.sampler = StepSampler(len(train_set), run.micro_batch * cfg.accum_steps, cfg.max_steps, run.start_step,
+    run.sampler = StepSampler(len(train_set), run.micro_batch * cfg.accum_steps, cfg.max_steps,
+                              run.start_step,
                               run.rank, run.world, cfg.seed, start_pos=run.start_pos)
-    in_memory = isinstance(train_set, (TensorClips, FeatureCache))      # clips or features: no loader processes
+    in_memory = isinstance(train_set, (TensorClips,
+                                       FeatureCache))      # clips or features: no loader processes
     workers = 0 if in_memory else cfg.num_workers
     return DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=run.micro_batch, sampler=run.sampler,
                       num_workers=workers, pin_memory=run.device.type == 'cuda',
@@ -736,13 +405,18 @@ def train_loader(run: RunState, train_set) -> DataLoader:
                       worker_init_fn=ignore_stop_signals if workers else None,
                       **({'prefetch_factor': 4} if workers else {}))
 
+# %% ../nbs/06_train.ipynb #5879b7e0
 def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path | None:
-    "Everything needed to resume (every rank's RNG state: call on all ranks); `step_*.pt` by default, pruned to keep_last."
+    """Everything needed to resume (every rank's RNG state: call on all ranks); `step_*.pt` by default, pruned
+    to keep_last."""
     rngs = all_gather_objects(rng_state())
     if run.rank != 0: return None
-    state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                 scaler=run.scaler.state_dict(), step=run.step, sampler=run.sampler.state_dict(run.step), rng=rngs,
-                 world_size=run.world, best=run.best, config=asdict(run.cfg), model_config=asdict(run.model.config),
+    state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                 scheduler=run.scheduler.state_dict(),
+                 scaler=run.scaler.state_dict(), step=run.step, sampler=run.sampler.state_dict(run.step),
+                 rng=rngs,
+                 world_size=run.world, best=run.best, config=asdict(run.cfg),
+                 model_config=asdict(run.model.config),
                  classes=run.classes, changes=run.changes, **(extra or {}))
     p = atomic_save(state, path or run.ckpt_dir / f'step_{run.step:07d}.pt')
     if path is None: prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
@@ -755,8 +429,10 @@ def release_feature_caches():
     "Free the feature caches the trainer keeps for the next run of a decoder ablation."
     _KEPT_CACHES.clear()
 
+# %% ../nbs/06_train.ipynb #e1578eb9
 def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
-    "(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views once."
+    """(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views
+    once."""
     cfg, n = run.cfg, len(train_set)
     key = (cfg.cache_features, cfg.seed, cfg.precision, str(run.device), backbone_fingerprint(run.model))
     tca = run.model.config.enable_temporal_cross_attention
@@ -778,9 +454,11 @@ def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
 
 # %% ../nbs/06_train.ipynb #a9450b59
 def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tensor, bool, int]:
-    "One micro-batch: (its loss, whether it is finite, clips in it); the gradient is added, all-reduced if `sync`."
+    """One micro-batch: (its loss, whether it is finite, clips in it); the gradient is added, all-reduced if
+    `sync`."""
     y = batch['label'].to(run.device)
-    if 'feats' in batch:                    # cache_features: the block features of the views, no backbone pass
+    # cache_features: the block features of the views, no backbone pass
+    if 'feats' in batch:
         feats = unpack_features(batch['feats'], batch['maps'], run.device)
         with run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext():
             with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
@@ -789,9 +467,11 @@ def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tens
             run.scaler.scale(loss / run.cfg.accum_steps).backward()
         return loss.detach(), bool(torch.isfinite(loss)), len(y)
     x = batch_clips(batch, run.device)   # the device share of augmentation, when the worker left it
-    empty = x is None                       # every clip unreadable: a zero clip keeps this rank in the all-reduce
+    # every clip unreadable: a zero clip keeps this rank in the all-reduce
+    empty = x is None
     if empty:
-        x = torch.zeros(1, 3, run.model.config.num_frames, *2 * [model_input_size(run.model.config)], dtype=torch.uint8)
+        x = torch.zeros(1, 3, run.model.config.num_frames, *2 * [model_input_size(run.model.config)],
+                        dtype=torch.uint8)
         y = torch.zeros(1, dtype=torch.long, device=run.device)
     x = normalize_clip(x, run.device)
     with run.ddp.no_sync() if (run.world > 1 and not sync) else contextlib.nullcontext():
@@ -802,10 +482,13 @@ def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tens
         run.scaler.scale(loss / run.cfg.accum_steps).backward()
     return loss.detach(), bool(torch.isfinite(loss)), 0 if empty else x.shape[0]
 
+# %% ../nbs/06_train.ipynb #e9849afa
 def train_step(run: RunState, batches, train_set=None) -> tuple[float, float]:
-    "One optimiser step over `accum_steps` micro-batches: (mean loss over the job, the lr it used); stops on a non-finite loss."
+    """One optimiser step over `accum_steps` micro-batches: (mean loss over the job, the lr it used); stops on
+    a non-finite loss."""
     cfg = run.cfg
-    loss_sum = torch.zeros(2, device=run.device, dtype=torch.float64)   # (sum of micro losses, non-finite count)
+    loss_sum = torch.zeros(2, device=run.device,
+                           dtype=torch.float64)   # (sum of micro losses, non-finite count)
     for i in range(cfg.accum_steps):
         b = next(batches)
         run.skipped += len(record_skipped(train_set, b))
@@ -817,15 +500,18 @@ def train_step(run: RunState, batches, train_set=None) -> tuple[float, float]:
     lr = run.optimizer.param_groups[0]['lr']
     if loss_sum[1] > 0:
         last = latest_checkpoint(run.ckpt_dir)
-        raise NonFiniteLossError(f'the training loss is not finite at step {run.step + 1} (lr {lr:.3g}, precision {cfg.precision}); '
-                                 f'stopped without updating the weights. Last good checkpoint: {last if last else "none yet"}. '
+        raise NonFiniteLossError(f'the training loss is not finite at step {run.step + 1} (lr {lr:.3g}, '
+                                 f'precision {cfg.precision}); '
+                                 'stopped without updating the weights. Last good checkpoint: '
+                                 f'{last if last else "none yet"}. '
                                  'Lower lr, use bf16/fp32, or check the data.')
     run.scaler.step(run.optimizer); run.scaler.update(); run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step(); run.step += 1
     return float(loss_sum[0]) / (cfg.accum_steps * run.world), lr
 
 # %% ../nbs/06_train.ipynb #351ca810
-def log_step(run: RunState, loss: float, lr: float, clips_per_s: float, bar=None, end_step: int | None = None):
+def log_step(run: RunState, loss: float, lr: float, clips_per_s: float, bar=None,
+             end_step: int | None = None):
     "A `train` row in metrics.csv (rank 0) and the progress bar; flushed every `log_every` steps."
     if run.rank != 0: return
     mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == 'cuda' else None
@@ -838,25 +524,29 @@ def log_step(run: RunState, loss: float, lr: float, clips_per_s: float, bar=None
                             **({'mem_gb': f'{mem:.1f}'} if mem is not None else {}), refresh=False)
         run.metrics.flush()
 
+# %% ../nbs/06_train.ipynb #77d46d4f
 def evaluate_run(run: RunState, val_set) -> dict | None:
     "Evaluate on `val_set` (all ranks), log a `val` row, and save `best.pt` on a new best top-1."
     if val_set is None: return None
     cfg = run.cfg
     if isinstance(val_set, FeatureCache):
-        m = evaluate_features(run.model, val_set, cfg.eval_batch_size or run.micro_batch, run.device, cfg.precision,
+        m = evaluate_features(run.model, val_set, cfg.eval_batch_size or run.micro_batch, run.device,
+                              cfg.precision,
                               run.classes or None)
     else:
         m = evaluate(run.model, val_set, batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device,
                      num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4),
                      precision=cfg.precision, classes=run.classes or None, progress=cfg.progress)
     if run.rank == 0:
-        run.metrics.log(kind='val', step=run.step, top1=m['top1'], top5=m['top5'], mean_class_accuracy=m['mean_class_accuracy'],
-                        num_samples=m['num_samples'], elapsed_s=time.time() - run.t_start); run.metrics.flush()
+        run.metrics.log(kind='val', step=run.step, top1=m['top1'], top5=m['top5'],
+                        mean_class_accuracy=m['mean_class_accuracy'],
+                        num_samples=m['num_samples'],
+                        elapsed_s=time.time() - run.t_start); run.metrics.flush()
         _log.info(f'step {run.step}: ' + format_report(m, 0, 0))
     if run.best is None or m['top1'] > run.best['top1']:
         run.best = dict(top1=m['top1'], step=run.step)
-        save_checkpoint(run, run.ckpt_dir / 'best.pt',
-                        dict(val_metrics={k: m[k] for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples')}))
+        kept = ('top1', 'top5', 'mean_class_accuracy', 'num_samples')
+        save_checkpoint(run, run.ckpt_dir / 'best.pt', dict(val_metrics={k: m[k] for k in kept}))
     run.ddp.train()
     return m
 
@@ -865,26 +555,32 @@ def _peak_mem_gb(device) -> float:
     if device.type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
 
-def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool, val_set=None) -> dict:
-    """The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and closes the log.
-    `videos`: per split the annotated, found, missing and unreadable videos over every rank, val also `scored` (the last
-    evaluation's videos); None: in-memory clips, not counted (`run_video_counts`)."""
+def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float, stopped: bool,
+                val_set=None) -> dict:
+    """The run summary (every rank); rank 0 writes summary.json and results.json (the last evaluation) and
+    closes the log. `videos`: per split the annotated, found, missing and unreadable videos over every rank,
+    val also `scored` (the last evaluation's videos); None: in-memory clips, not counted (`run_video_counts`).
+    """
     wall, cfg, device = time.time() - run.t_start, run.cfg, run.device
     train_time = time.time() - t_loop
     s = dict(steps=run.step, start_step=run.start_step, max_steps=cfg.max_steps, stopped_early=stopped,
              resumed_from=run.resumed_from, world_size=run.world, device=str(device), precision=cfg.precision,
-             batch_size=cfg.batch_size, micro_batch=run.micro_batch, accum_steps=cfg.accum_steps, wall_time_s=wall,
+             batch_size=cfg.batch_size, micro_batch=run.micro_batch, accum_steps=cfg.accum_steps,
+             wall_time_s=wall,
              train_time_s=train_time if run.step > run.start_step else 0.0,
              clips_per_s=run.clips * run.world / max(train_time, 1e-9),
              gpu_hours=wall * run.world / 3600 if device.type == 'cuda' else 0.0,
              peak_memory_gb=max(all_gather_objects(_peak_mem_gb(device))),
              peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
-             train_skipped=sum(all_gather_objects(run.skipped)), train_skipped_files=_skip_details(train_set), best=run.best,
+             train_skipped=sum(all_gather_objects(run.skipped)),
+             train_skipped_files=_skip_details(train_set), best=run.best,
              output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes,
              config=asdict(cfg), videos=run_video_counts(train_set, val_set, last_eval))
     if last_eval is not None:
-        s['val'] = {k: last_eval.get(k) for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples', 'num_skipped',
-                                                  'num_dataset', 'num_annotated', 'num_missing', 'skipped_files')}
+        s['val'] = {k: last_eval.get(k) for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples',
+                                                  'num_skipped',
+                                                  'num_dataset', 'num_annotated', 'num_missing',
+                                                  'skipped_files')}
         if run.rank == 0: save_results(last_eval, run.out / 'results.json')
     if run.rank == 0:
         (run.out / 'summary.json').write_text(json.dumps(s, indent=1, default=str))
@@ -892,21 +588,23 @@ def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float,
     return s
 
 def _skip_details(ds) -> list[dict]:
-    "Every rank's skipped files of `ds` merged by path: {'path', 'where', 'reason', 'message', 'count'} (count = draws)."
+    """Every rank's skipped files of `ds` merged by path: {'path', 'where', 'reason', 'message', 'count'}
+    (count = draws)."""
     mine = ds.skip_summary()['details'] if hasattr(ds, 'skip_summary') else []
     merged = {}
     for r in (r for part in all_gather_objects(mine) for r in part):
         m = merged.setdefault(r['path'], dict(r, count=0)); m['count'] += r.get('count', 0)
     if merged and dist_info()[0] == 0:
-        _log.warning(f'training left out {len(merged)} file(s): ' + '; '.join(
-            f"{r['path']} ({r['where'] or '?'}): {r['reason']}, {r['count']} draw(s)" for r in list(merged.values())[:10]))
+        files = [f"{r['path']} ({r['where'] or '?'}): {r['reason']}, {r['count']} draw(s)"
+                 for r in list(merged.values())[:10]]
+        _log.warning(f'training left out {len(merged)} file(s): ' + '; '.join(files))
     return list(merged.values())
 
 # %% ../nbs/06_train.ipynb #be9d6858
 def run_video_counts(train_set, val_set=None, last_eval: dict | None = None) -> dict:
-    """Per split {annotated, found, missing, unreadable} with `unreadable` the files ANY rank could not read, each
-    counted once (every rank calls this: it gathers); val also `scored`, the videos `last_eval` scored. A split of
-    in-memory clips (no `video_counts`) is None."""
+    """Per split {annotated, found, missing, unreadable} with `unreadable` the files ANY rank could not read,
+    each counted once (every rank calls this: it gathers); val also `scored`, the videos `last_eval` scored. A
+    split of in-memory clips (no `video_counts`) is None."""
     out = {}
     for split, ds in (('train', train_set), ('val', val_set)):
         if ds is None: continue
@@ -920,13 +618,16 @@ def run_video_counts(train_set, val_set=None, last_eval: dict | None = None) -> 
 
 # %% ../nbs/06_train.ipynb #ddca0eb8
 class TrainingStopped(Exception):
-    "Training stopped on SIGTERM/SIGINT after saving a checkpoint; `exit_code` is 128 + the signal (143, 130)."
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; `exit_code` is 128 + the signal (143,
+    130)."""
     def __init__(self, signum: int, step: int, checkpoint):
         self.signum, self.step, self.checkpoint, self.exit_code = signum, step, checkpoint, 128 + signum
         super().__init__(f'{signal.Signals(signum).name}: stopped at step {step}; checkpoint {checkpoint}')
 
+# %% ../nbs/06_train.ipynb #9aa8a4c5
 class GracefulStop:
-    "While active (main thread), SIGTERM/SIGINT ask the loop to stop after the current step; a second one acts at once."
+    """While active (main thread), SIGTERM/SIGINT ask the loop to stop after the current step; a second one
+    acts at once."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
     def __init__(self): self.signum, self._old = None, {}
 
@@ -966,8 +667,8 @@ def run_folder_lock(cfg: TrainConfig, purpose: str = 'train'):
 
 # %% ../nbs/06_train.ipynb #0d392fac
 def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -> dict:
-    """Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun. Holds
-    `output_dir`'s lock; on SIGTERM/SIGINT saves the step reached and raises `TrainingStopped`."""
+    """Train (resuming if asked) and evaluate; returns the run summary. Works for 1 process or under torchrun.
+    Holds `output_dir`'s lock; on SIGTERM/SIGINT saves the step reached and raises `TrainingStopped`."""
     cfg = cfg.resolve()
     with run_folder_lock(cfg):
         done = finished_run(cfg)
@@ -977,28 +678,33 @@ def train(cfg: TrainConfig, train_set, val_set=None, model: EVL | None = None) -
         if cfg.cache_features: train_set, val_set = cache_run_features(run, train_set, val_set)
         return train_loop(run, train_set, val_set)
 
+# %% ../nbs/06_train.ipynb #5d31713f
 def train_loop(run: RunState, train_set, val_set=None) -> dict:
     "The steps from `run.step` on, checkpoints, evaluations and the summary (`train`'s body)."
     cfg, stop = run.cfg, GracefulStop()
     batches = iter(train_loader(run, train_set))
     end_step = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc='train', disable=not (cfg.progress and run.rank == 0),
+    bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc='train',
+               disable=not (cfg.progress and run.rank == 0),
                dynamic_ncols=True, mininterval=1.0)
     last_eval, t_loop, signum = None, time.time(), None
     try:
         with stop:
             while run.step < end_step:
                 loss, lr = train_step(run, batches, train_set)
-                log_step(run, loss, lr, run.clips * run.world / max(time.time() - t_loop, 1e-9), bar, end_step)
+                log_step(run, loss, lr, run.clips * run.world / max(time.time() - t_loop, 1e-9), bar,
+                         end_step)
                 signum = stop.requested(run.world, run.device)
                 if signum: break
                 midway = run.step < cfg.max_steps
-                if cfg.eval_every and run.step % cfg.eval_every == 0 and midway: last_eval = evaluate_run(run, val_set)
+                if cfg.eval_every and run.step % cfg.eval_every == 0 and midway:
+                    last_eval = evaluate_run(run, val_set)
                 if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and midway: save_checkpoint(run)
         stopped = signum is not None or run.step < cfg.max_steps
         ckpt = None
-        if run.step > run.start_step or run.resumed_from is None: ckpt = save_checkpoint(run)  # none new: re-evaluating
+        if run.step > run.start_step or run.resumed_from is None:
+            ckpt = save_checkpoint(run)  # none new: re-evaluating
         if not stopped: last_eval = evaluate_run(run, val_set)
     finally:
         bar.close()
@@ -1006,47 +712,57 @@ def train_loop(run: RunState, train_set, val_set=None) -> dict:
     summary = run_summary(run, train_set, last_eval, t_loop, stopped, val_set)
     if signum:
         if run.rank == 0:
-            _log.warning(f'{signal.Signals(signum).name}: stopped at step {run.step} of {cfg.max_steps}, checkpoint '
+            _log.warning(f'{signal.Signals(signum).name}: stopped at step {run.step} of {cfg.max_steps}, '
+                         'checkpoint '
                          f'{ckpt or latest_checkpoint(run.ckpt_dir)}; the same command resumes from it')
         raise TrainingStopped(signum, run.step, ckpt)
     return summary
 
 # %% ../nbs/06_train.ipynb #19508b69
 def run(cfg: TrainConfig) -> dict:
-    "Resolve `cfg`, lock `output_dir`, build data and model, train and evaluate; the run summary (a finished run: its stored one)."
+    """Resolve `cfg`, lock `output_dir`, build data and model, train and evaluate; the run summary (a finished
+    run: its stored one)."""
     cfg = cfg.resolve()
     with run_folder_lock(cfg):             # before any data is read: a second run on the folder stops at once
         done = finished_run(cfg)
         if done is not None: return done
         if cfg.dataset == 'synthetic':     # made if missing (by rank 0; the other ranks wait for it)
-            from evl_nb.synthetic import ensure_synthetic
             cfg.data_root = str(ensure_synthetic(cfg.data_root or None))
         train_set, val_set = build_datasets(cfg)
         classes = check_classes(cfg, train_set, val_set)
-        if classes is not None: cfg.num_classes = len(classes)     # the head covers every class id (sparse ids kept)
+        if classes is not None:
+            cfg.num_classes = len(classes)     # the head covers every class id (sparse ids kept)
         return train(cfg, train_set, val_set)
 
 # %% ../nbs/06_train.ipynb #36abb276
 def _parse_bool_or_str(v):
     if isinstance(v, bool): return v
-    return {'true': 'auto', 'auto': 'auto', 'latest': 'auto', 'false': False, 'none': False, 'no': False}.get(str(v).lower(), v)
+    return {'true': 'auto', 'auto': 'auto', 'latest': 'auto', 'false': False, 'none': False,
+            'no': False}.get(str(v).lower(), v)
 
 def build_parser() -> argparse.ArgumentParser:
     "The `python -m evl_nb.train` argument parser (one flag per `TrainConfig` field)."
-    p = argparse.ArgumentParser(prog='python -m evl_nb.train', description='Train and evaluate EVL (one process, or many under torchrun).')
-    types = {o.name: {'int': int, 'float': float}.get(o.type.split('|')[0].strip(), str) for o in TRAIN_OPTIONS.values()}
+    p = argparse.ArgumentParser(prog='python -m evl_nb.train',
+                                description='Train and evaluate EVL (one process, or many under torchrun).')
+    types = {o.name: {'int': int, 'float': float}.get(o.type.split('|')[0].strip(),
+                                                      str) for o in TRAIN_OPTIONS.values()}
     for f in fields(TrainConfig):
         flag, h = '--' + f.name.replace('_', '-'), TRAIN_OPTIONS[f.name].help
         if f.name in ('train_aug', 'model_overrides'):
             p.add_argument(flag, type=json.loads, default={}, help=f'{h} (a JSON dict)')
-        elif f.name == 'betas': p.add_argument(flag, type=float, nargs=2, default=None, metavar=('BETA1', 'BETA2'), help=h)
-        elif f.name == 'progress': p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
+        elif f.name == 'betas':
+            p.add_argument(flag, type=float, nargs=2, default=None, metavar=('BETA1', 'BETA2'), help=h)
+        elif f.name == 'progress': p.add_argument('--no-progress', dest='progress', action='store_false',
+                                                  help='no progress bars')
         elif f.default is False: p.add_argument(flag, action='store_true', help=h)
-        elif f.name == 'resume': p.add_argument(flag, type=_parse_bool_or_str, default='auto', help=f'{h} (default: auto)')
-        else: p.add_argument(flag, type=types.get(f.name, str), default=f.default, help=h if f.default is None else f'{h} (default: {f.default})')
+        elif f.name == 'resume': p.add_argument(flag, type=_parse_bool_or_str, default='auto',
+                                                help=f'{h} (default: auto)')
+        else: p.add_argument(flag, type=types.get(f.name, str), default=f.default,
+                             help=h if f.default is None else f'{h} (default: {f.default})')
     p.add_argument('--summary-json', default=None, help='also write the run summary here (rank 0)')
     return p
 
+# %% ../nbs/06_train.ipynb #64bd4e5c
 def main(argv=None) -> dict:
     "Entry point of `python -m evl_nb.train` (and of torchrun)."
     args = vars(build_parser().parse_args(argv))
@@ -1080,102 +796,3 @@ def cli_args(cfg: TrainConfig) -> list[str]:
         elif v is True and f.default is False: out.append(flag)
         else: out += [flag, str(v)]
     return out
-
-def torchrun_command(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: str = '127.0.0.1',
-                     master_port: int = 29500, python: str | None = None) -> list[str]:
-    "`python -m torch.distributed.run ... -m evl_nb.train <flags>` for `gpus` processes on each of `nodes` machines."
-    cmd = [python or sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={gpus}', f'--nnodes={nodes}']
-    if nodes > 1: cmd += [f'--node_rank={node_rank}', f'--master_addr={master_addr}', f'--master_port={master_port}']
-    else: cmd += ['--standalone']
-    return cmd + ['-m', 'evl_nb.train'] + cli_args(cfg)
-
-def launch(cmd: list[str], env: dict | None = None, echo=print) -> int:
-    "Run `cmd`, streaming its combined output line by line (tqdm's carriage returns too); raise on failure."
-    e = dict(os.environ, **(env or {})); e.setdefault('PYTHONUNBUFFERED', '1')
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, bufsize=0)
-    buf = b''
-    while True:
-        ch = proc.stdout.read(1)
-        if not ch: break
-        if ch in (b'\n', b'\r'):
-            line = buf.decode(errors='replace'); buf = b''
-            if line.strip(): echo(line)
-        else: buf += ch
-    if buf.strip(): echo(buf.decode(errors='replace'))
-    rc = proc.wait()
-    if rc: raise RuntimeError(f'{" ".join(cmd[:6])} ... exited with status {rc}')
-    return rc
-
-# %% ../nbs/06_train.ipynb #86de3bc5
-def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: str = '127.0.0.1', master_port: int = 29500,
-               **params) -> TrainConfig:
-    "The resolved config of a training job's parameters (`TRAIN_OPTIONS` names); the synthetic job takes the demo's settings."
-    for name, v in (('gpus', gpus), ('nodes', nodes)):
-        if not isinstance(v, int) or v < 1: raise ValueError(f'{name}={v!r}: must be a positive integer')
-    unknown = set(params) - set(TRAIN_OPTIONS)
-    if unknown: raise TypeError(f'unknown training options: {sorted(unknown)}')
-    if params.get('resume') in ('none', None): params['resume'] = False
-    if params.get('dataset', 'synthetic') == 'synthetic':
-        from evl_nb.demo import DEMO_MODEL, DEMO_TRAIN      # the demo chapter owns the synthetic job's settings
-        if params.get('data_root') is None:
-            params['data_root'] = str(Path(params.get('output_dir') or TrainConfig.output_dir) / 'synthetic')
-        for k in ('batch_size', 'max_steps', 'lr', 'warmup_steps'):
-            if params.get(k) is None: params[k] = DEMO_TRAIN[k]
-        params.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
-        if not params.get('cache_features'): params['cache_features'] = DEMO_TRAIN.get('cache_features', 0)
-        if params.get('model') in (None, 'evl-tiny'): params['model_overrides'] = dict(DEMO_MODEL)
-    return TrainConfig(**params).resolve()
-
-def job_data(cfg: TrainConfig):
-    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`) is made if
-    missing. Takes `output_dir`'s run lock first (kept until `run_job` ends): the job owns its folder from here."""
-    hold_run_lock(cfg.output_dir, 'train job')
-    if cfg.dataset == 'synthetic':
-        from evl_nb.demo import DEMO_DATA
-        from evl_nb.synthetic import ensure_synthetic
-        ensure_synthetic(cfg.data_root, **DEMO_DATA)
-    return check_data(cfg)
-
-# %% ../nbs/06_train.ipynb #b0bed590
-def run_job(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: str = '127.0.0.1',
-            master_port: int = 29500, echo=print) -> dict | None:
-    "Train `cfg` here (one process, `cfg.threads` CPU threads) or through torchrun; the summary (None off node 0)."
-    t0 = time.time()
-    try:
-        if gpus > 1 or nodes > 1:
-            release_run_lock(cfg.output_dir, everything=True)     # torchrun's rank 0 takes it over
-            cmd = torchrun_command(cfg, gpus=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
-                                   master_port=master_port)
-            echo(' '.join(cmd)); launch(cmd, echo=echo)
-            summary = json.loads((Path(cfg.output_dir) / 'summary.json').read_text()) if node_rank == 0 else None
-        else:
-            if not torch.cuda.is_available(): echo(f'CPU: {cfg.threads or cpu_cores()} thread(s)')
-            summary = run(cfg)
-    finally: release_run_lock(cfg.output_dir, everything=True)
-    echo(f'{time.time() - t0:.0f}s')
-    if summary: echo(json.dumps({k: v for k, v in summary.items() if k != 'config'}, indent=1, default=str))
-    return summary
-
-# %% ../nbs/06_train.ipynb #9b61e610
-def plot_metrics(output_dir, path=None):
-    """Training loss (and its 10-step mean), learning rate and validation top-1/top-5 from
-    `output_dir/metrics.csv`; written to `path` when given (`evl_nb.evaluate.save_figure`); the figure."""
-    import matplotlib.pyplot as plt
-    from evl_nb.evaluate import save_figure
-    rows = read_metrics(Path(output_dir) / 'metrics.csv')
-    tr = [r for r in rows if r['kind'] == 'train']; va = [r for r in rows if r['kind'] == 'val']
-    fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
-    steps = np.array([r['step'] for r in tr]); loss = np.array([r['loss'] for r in tr])
-    ax[0].plot(steps, loss, alpha=.3, label='loss')
-    if len(loss) >= 10: ax[0].plot(steps[9:], np.convolve(loss, np.ones(10) / 10, 'valid'), label='loss (10-step mean)')
-    ax[0].set_xlabel('step'); ax[0].set_title('training loss'); ax[0].legend()
-    lr = [(r['step'], r['lr']) for r in tr if r.get('lr') is not None]
-    ax[1].plot([s for s, _ in lr], [v for _, v in lr], color='tab:green')
-    ax[1].set_xlabel('step'); ax[1].set_ylabel('lr'); ax[1].set_title('learning rate')
-    ax[1].ticklabel_format(axis='y', style='sci', scilimits=(-2, 2))
-    ax[2].plot([r['step'] for r in va], [100 * r['top1'] for r in va], 'o-', label='top-1')
-    ax[2].plot([r['step'] for r in va], [100 * r['top5'] for r in va], 's--', label='top-5')
-    ax[2].set_xlabel('step'); ax[2].set_ylabel('%'); ax[2].set_title('validation'); ax[2].legend()
-    fig.tight_layout()
-    if path is not None: save_figure(fig, path)
-    return fig
