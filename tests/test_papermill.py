@@ -8,7 +8,7 @@ import torch
 
 pm = pytest.importorskip('papermill')
 from evl_nb.synthetic import make_synthetic_dataset
-from evl_nb.train import read_metrics
+from evl_nb.checkpoints import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NB, EVAL_NB = ROOT / 'nbs' / 'train.ipynb', ROOT / 'nbs' / 'evaluate.ipynb'
@@ -157,9 +157,9 @@ def test_train_notebook_malformed_csv_line_is_an_annotation_error(syn):
 
 
 def test_train_options_are_the_notebook_parameters():
-    "One source: every parameter of nbs/train.ipynb has the help (inline comment) and type of evl_nb.train.TRAIN_OPTIONS."
-    from evl_nb.train import TRAIN_OPTIONS
-    from evl_nb.cli import SLURM_OPTIONS                  # the cluster submission's options (slurm_partition, ...)
+    "One source: every parameter of nbs/train.ipynb has the help (inline comment) and type of evl_nb.config.TRAIN_OPTIONS."
+    from evl_nb.config import TRAIN_OPTIONS
+    from evl_nb.slurm import SLURM_OPTIONS                  # the cluster submission's options (slurm_partition, ...)
     TRAIN_OPTIONS = {**TRAIN_OPTIONS, **{o.name: o for o in SLURM_OPTIONS}}
     params = pm.inspect_notebook(str(TRAIN_NB))
     assert set(params) - set(TRAIN_OPTIONS) == set(), 'notebook parameters without an option'

@@ -196,7 +196,7 @@ def test_train_notebook_trains_tiny_preset_from_a_store(tmp_path):
     "papermill nbs/train.ipynb -p dataset k400 -p data_root <K400 layout> -p store <dir>: trains and evaluates from the store."
     pm = pytest.importorskip('papermill')
     from evl_nb.synthetic import make_synthetic_dataset
-    from evl_nb.train import read_metrics
+    from evl_nb.checkpoints import read_metrics
     root = tmp_path / 'k400'
     make_synthetic_dataset(root, num_classes=4, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False)
     store = build_store(root, tmp_path / 'store', num_workers=2, progress=False)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from evl_nb.train import (NonFiniteLossError, StepSampler, TensorClips, TrainConfig, cosine_factor, latest_checkpoint,
-                          list_checkpoints, random_clips, read_metrics, recipe, train)
+from evl_nb.data import TensorClips, random_clips
+from evl_nb.config import TrainConfig, recipe
+from evl_nb.checkpoints import latest_checkpoint, list_checkpoints, read_metrics
+from evl_nb.train import NonFiniteLossError, StepSampler, cosine_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,7 +333,7 @@ def test_k400_with_an_explicit_sparse_class_list(tmp_path):
 
 
 def test_cli_help_describes_every_option():
-    from evl_nb.train import TRAIN_OPTIONS
+    from evl_nb.config import TRAIN_OPTIONS
     r = subprocess.run([sys.executable, '-m', 'evl_nb.train', '--help'], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, COLUMNS='200'))
     assert r.returncode == 0 and 'default: None' not in r.stdout
