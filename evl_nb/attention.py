@@ -165,7 +165,7 @@ class AttentionMaps:
         a = self.query[self._layer(layer)]
         if head is None: return a.mean(0)
         if not 0 <= head < self.num_heads:
-            raise IndexError(f'head={head}: the decoder has {self.num_heads} ' 'heads')
+            raise IndexError(f'head={head}: the decoder has {self.num_heads} heads')
         return a[head]
 
     def difference(self, layer: int, head: int | None = None) -> np.ndarray:
@@ -217,8 +217,7 @@ class AttentionMaps:
         if a is None:
             return MapView(blank, frame, kind,
                            f'layer {l}: frame {frame} has no {"previous" if kind == "prev" else "next"} '
-                           'frame',
-                           'magma', 0.0, 1.0, patch)
+                           'frame', 'magma', 0.0, 1.0, patch)
         return MapView(a, src, kind, f'layer {l}: A(t={frame} <- t={src}), query patch {patch}', 'magma', 0.0,
                        float(allm.max()), patch)
 
@@ -236,14 +235,14 @@ def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_
     prepared with `prepare_clip`)."""
     size = model.backbone.tower.image_size[0]
     if isinstance(clip, np.ndarray): clip = torch.from_numpy(clip)
-    if not torch.is_tensor(clip): raise TypeError('clip: expected a tensor or numpy array, got '
-                                                  f'{type(clip).__name__}')
+    if not torch.is_tensor(clip):
+        raise TypeError(f'clip: expected a tensor or numpy array, got {type(clip).__name__}')
     if clip.dtype == torch.uint8:
         if object_masks is not None: object_masks = prepare_masks(object_masks, size, model.config.num_frames)
         clip, frames = prepare_clip(clip, size, model.config.num_frames)
     x = clip[None] if clip.ndim == 4 else clip
-    if x.ndim != 5 or x.shape[1] != 3: raise ValueError('clip: expected (B, 3, T, H, W), got '
-                                                        f'{tuple(clip.shape)}')
+    if x.ndim != 5 or x.shape[1] != 3:
+        raise ValueError(f'clip: expected (B, 3, T, H, W), got {tuple(clip.shape)}')
     if not 0 <= index < x.shape[0]: raise IndexError(f'index={index}: the batch has {x.shape[0]} clips')
     x = x[index:index + 1]
     dev = next(model.parameters()).device
@@ -276,9 +275,9 @@ def extract_attention(model: EVL, clip, frames: np.ndarray | None = None, class_
             raise ValueError(f'object_masks: expected {frames.shape[:3]} (one per display frame), got '
                              f'{object_masks.shape}')
     return AttentionMaps(frames=frames, query=np_(query), query_cls=np_(qcls), tca_prev=np_(prev),
-                         tca_next=np_(nxt),
-                         tca_magnitude=np_(mag) if mag else None, logits=r['logits'][0].float().cpu().numpy(),
-                         grid=(h, w), block_indices=list(model.backbone.block_indices),
+                         tca_next=np_(nxt), tca_magnitude=np_(mag) if mag else None,
+                         logits=r['logits'][0].float().cpu().numpy(), grid=(h, w),
+                         block_indices=list(model.backbone.block_indices),
                          class_names=load_class_names(class_names, model.config.num_classes),
                          object_pixels=object_masks)
 
@@ -288,8 +287,8 @@ MIN_COVER = 0.1
 # %% ../nbs/08_attention.ipynb #a991cbab
 def object_patches(maps: AttentionMaps, min_cover: float = MIN_COVER) -> np.ndarray:
     "`(T, h, w)` bool: the patches the object covers by at least `min_cover` (needs `maps.object_pixels`)."
-    if maps.object_pixels is None: raise ValueError('these maps carry no object masks: pass object_masks= '
-                                                    'to extract_attention')
+    if maps.object_pixels is None:
+        raise ValueError('these maps carry no object masks: pass object_masks= to extract_attention')
     m = torch.as_tensor(maps.object_pixels, dtype=torch.float32)[:, None]
     return (F.adaptive_avg_pool2d(m, maps.grid)[:, 0] >= min_cover).numpy()
 
@@ -310,8 +309,7 @@ def object_attention_share(maps: AttentionMaps, min_cover: float = MIN_COVER,
     share = np.where(seen[None], on, np.nan)
     baseline = np.where(seen, obj.mean((-1, -2)), np.nan)
     return dict(share=share, baseline=baseline, mean_share=_nanmean(share, 1),
-                mean_baseline=float(_nanmean(baseline)),
-                frames=int(seen.sum()))
+                mean_baseline=float(_nanmean(baseline)), frames=int(seen.sum()))
 
 # %% ../nbs/08_attention.ipynb #dc8a1e0d
 def temporal_peak_hits(maps: AttentionMaps, min_cover: float = MIN_COVER) -> dict:
@@ -320,8 +318,8 @@ def temporal_peak_hits(maps: AttentionMaps, min_cover: float = MIN_COVER) -> dic
     patch itself is)."""
     obj = object_patches(maps, min_cover).reshape(maps.num_frames, -1)
     out = {}
-    for d, A, dq in (('prev', maps.tca_prev, 1), ('next', maps.tca_next,
-                                                  0)):   # pair j: query frame j+dq, key frame j+1-dq
+    for d, A, dq in (('prev', maps.tca_prev, 1),
+                     ('next', maps.tca_next, 0)):   # pair j: query frame j+dq, key frame j+1-dq
         peaks = A.argmax(-1)                                                    # layers, T-1, hw
         hits = np.zeros(peaks.shape[:2]); queries, chance, same = (np.zeros(peaks.shape[1]) for _ in range(3))
         for j in range(peaks.shape[1]):
@@ -337,8 +335,7 @@ def temporal_peak_hits(maps: AttentionMaps, min_cover: float = MIN_COVER) -> dic
 
 # %% ../nbs/08_attention.ipynb #ca21c3f3
 def peak_on_object(maps: AttentionMaps, layer: int, frame: int, patch: tuple[int, int],
-                   direction: str = 'prev',
-                   min_cover: float = MIN_COVER) -> bool | None:
+                   direction: str = 'prev', min_cover: float = MIN_COVER) -> bool | None:
     """Does the temporal map of query `patch` of `frame` peak on the object in the key frame? None without a
     key frame or object."""
     a = maps.temporal_map(layer, frame, patch, direction)
@@ -376,8 +373,7 @@ def measures_text(maps: AttentionMaps, layer: int = -1, frame: int | None = None
 
 # %% ../nbs/08_attention.ipynb #1b2c9271
 def synthetic_attention_measures(model: EVL, root, split: str = 'val', limit: int | None = None,
-                                 min_cover: float = MIN_COVER,
-                                 progress: bool = False) -> dict:
+                                 min_cover: float = MIN_COVER, progress: bool = False) -> dict:
     """Both measures per decoder layer, pooled over the `split` clips of the synthetic dataset at `root`, and
     top-1 on them."""
     root = Path(root)
@@ -418,8 +414,7 @@ def measures_table(results: dict[str, dict]) -> str:
     """A markdown table of `synthetic_attention_measures` results by model name, last decoder layer (and all
     layers' shares)."""
     rows = ['| model | top-1 | object share, last layer (all layers) | uniform | TCA peak on object prev / '
-            'next | chance | same place |',
-            '|---|---|---|---|---|---|---|']
+            'next | chance | same place |', '|---|---|---|---|---|---|---|']
     for name, r in results.items():
         sh = ', '.join(f'{100 * x:.0f}' for x in r['object_share'])
         rows.append(f"| {name} | {100 * r['top1']:.1f}% | {100 * r['object_share'][-1]:.1f}% ({sh}) | "

@@ -75,21 +75,20 @@ def read_train_checkpoint(path) -> dict:
         if not zipfile.is_zipfile(path): raise        # not a torch file at all: corrupt, not foreign
         m = re.search(r'GLOBAL (\S+)|safe_globals\(\[([^\]]+)\]\)', str(e))
         what = f" (it asks for {m.group(1) or m.group(2)})" if m else ''
-        raise CheckpointRefused(
-            f'{path}: the weights-only loader refuses this file{what}; loading it fully could run code. If '
-            'an older '
-            f'evl-nb wrote it and you trust its origin: evl-nb convert-checkpoint --trust {path}') from None
+        raise CheckpointRefused(f'{path}: the weights-only loader refuses this file{what}; loading it fully '
+                                'could run code. If an older '
+                                'evl-nb wrote it and you trust its origin: evl-nb convert-checkpoint '
+                                f'--trust {path}') from None
 
 # %% ../nbs/06b_checkpoints.ipynb #677bf57b
 def _tensor_rng(r: dict) -> dict:
     "RNG states as `rng_state` stores them (tensors and numbers) from the tuple/array form of evl-nb 0.1."
     py, npy = r['python'], r['numpy']
-    if not isinstance(py, dict): py = dict(version=int(py[0]), state=torch.tensor(py[1], dtype=torch.int64),
-                                           gauss=py[2])
+    if not isinstance(py, dict):
+        py = dict(version=int(py[0]), state=torch.tensor(py[1], dtype=torch.int64), gauss=py[2])
     if not isinstance(npy, dict):
         npy = dict(kind=str(npy[0]), keys=torch.from_numpy(np.asarray(npy[1]).astype(np.int64)),
-                   pos=int(npy[2]),
-                   has_gauss=int(npy[3]), cached=float(npy[4]))
+                   pos=int(npy[2]), has_gauss=int(npy[3]), cached=float(npy[4]))
     return dict(r, python=py, numpy=npy)
 
 def convert_checkpoint(src, dst=None) -> Path:
@@ -100,7 +99,7 @@ def convert_checkpoint(src, dst=None) -> Path:
     _log.warning(f'{src}: unpickling in full (weights_only=False), trusting its origin as asked')
     state = torch.load(src, map_location='cpu', weights_only=False)
     if not isinstance(state, dict) or 'model' not in state:
-        raise ValueError(f'{src}: not an evl-nb checkpoint (no ' 'model)')
+        raise ValueError(f'{src}: not an evl-nb checkpoint (no model)')
     state['rng'] = [_tensor_rng(r) for r in state.get('rng') or []]
     if dst == src: shutil.copy2(src, src.with_name(src.name + '.orig'))
     atomic_save(state, dst)
@@ -172,10 +171,8 @@ def read_metrics(path) -> list[dict]:
 
 # %% ../nbs/06b_checkpoints.ipynb #0664de62
 RESUME_HARMLESS = ('num_workers', 'eval_every', 'eval_views', 'eval_short_side', 'eval_batch_size',
-                   'ckpt_every',
-                   'keep_last', 'log_every', 'output_dir', 'resume', 'reevaluate', 'device', 'stop_at_step',
-                   'progress',
-                   'threads', 'allow_changes', 'max_missing', 'augment_on')
+                   'ckpt_every', 'keep_last', 'log_every', 'output_dir', 'resume', 'reevaluate', 'device',
+                   'stop_at_step', 'progress', 'threads', 'allow_changes', 'max_missing', 'augment_on')
 
 # %% ../nbs/06b_checkpoints.ipynb #d7514438
 def _plain(v): return json.loads(json.dumps(v, default=str))
@@ -205,11 +202,10 @@ def finished_run(cfg: TrainConfig, echo=None) -> dict | None:
     changes = config_changes(s.get('config') or {}, cfg)
     if changes and not cfg.allow_changes:
         raise ValueError(f"{out} holds a complete run with other parameters ({format_changes(changes)}); "
-                         "give another "
-                         "output_dir, or resume='none' to start over there")
+                         "give another output_dir, or resume='none' to start over there")
     res = out / 'results.json'
-    text = (format_report(json.loads(res.read_text())) if res.is_file()
-            else 'no validation results were recorded')
+    text = (format_report(json.loads(res.read_text())) if res.is_file() else 'no validation results were '
+            'recorded')
     msg = (f'{out}: this run is complete (step {s["steps"]} of {cfg.max_steps}, checkpoint {last.name}); '
            f'nothing to do. Pass reevaluate=True to evaluate it again.\n{text}')
     if dist_info()[0] == 0: (echo or _log.info)(msg)
@@ -231,7 +227,7 @@ def load_resumable(path) -> dict:
     if missing: raise ValueError(f'no {", ".join(missing)} in it')
     m = re.fullmatch(r'step_(\d+)', Path(path).stem)
     if m and int(m.group(1)) != int(saved['step']):
-        raise ValueError("its name says step " f"{int(m.group(1))}, it holds " f"{saved['step']}")
+        raise ValueError(f"its name says step {int(m.group(1))}, it holds {saved['step']}")
     return saved
 
 # %% ../nbs/06b_checkpoints.ipynb #982dbd23
@@ -255,8 +251,7 @@ def pick_checkpoint(resume, ckpt_dir) -> tuple[Path | None, dict | None]:
     if aside: _log.warning(f'{ckpt_dir}: set aside as *.corrupt, not loadable: ' + '; '.join(aside))
     if found and picked[0] is None:
         raise ValueError(f'{ckpt_dir}: none of the {len(found)} step checkpoints loads (set aside as '
-                         '*.corrupt). '
-                         "Start over with resume='none', or give resume=<a checkpoint file>")
+                         '*.corrupt). ' "Start over with resume='none', or give resume=<a checkpoint file>")
     if aside: _log.warning(f'resuming from {picked[0].name}, the newest checkpoint that loads')
     return picked
 
@@ -282,8 +277,8 @@ def plot_metrics(output_dir, path=None):
     fig, ax = plt.subplots(1, 3, figsize=(15, 3.5))
     steps = np.array([r['step'] for r in tr]); loss = np.array([r['loss'] for r in tr])
     ax[0].plot(steps, loss, alpha=.3, label='loss')
-    if len(loss) >= 10: ax[0].plot(steps[9:], np.convolve(loss, np.ones(10) / 10, 'valid'),
-                                   label='loss (10-step mean)')
+    if len(loss) >= 10:
+        ax[0].plot(steps[9:], np.convolve(loss, np.ones(10) / 10, 'valid'), label='loss (10-step mean)')
     ax[0].set_xlabel('step'); ax[0].set_title('training loss'); ax[0].legend()
     lr = [(r['step'], r['lr']) for r in tr if r.get('lr') is not None]
     ax[1].plot([s for s, _ in lr], [v for _, v in lr], color='tab:green')

@@ -28,8 +28,8 @@ __all__ = ['defaults_of', 'add_options', 'add_train_parser', 'train_command', 'a
 # %% ../nbs/10_cli.ipynb #51fca5e3
 def defaults_of(fn) -> dict:
     "The default value of each keyword parameter of `fn` (the single source of a command's defaults)."
-    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {k: p.default for k,
+            p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
 
 # %% ../nbs/10_cli.ipynb #6059c1b1
 def add_options(p: argparse.ArgumentParser, options, title: str | None = None):
@@ -48,8 +48,7 @@ def add_train_parser(sub):
     p = sub.add_parser('train', parents=[train_parser()], conflict_handler='resolve',
                        help='train and evaluate EVL',
                        description='Train EVL (the options of nbs/train.ipynb); resumes from the latest '
-                                   'checkpoint '
-                                   'in --output-dir.')
+                       'checkpoint in --output-dir.')
     add_options(p, LAUNCH_OPTIONS, 'launch (torchrun)')
     g = add_options(p, SLURM_OPTIONS, 'SLURM (submitit)')
     g.add_argument('--print-sbatch', action='store_true',
@@ -67,8 +66,8 @@ def add_evaluate_parser(sub):
     "The `evaluate` subcommand (the options of `nbs/evaluate.ipynb`)."
     p = sub.add_parser('evaluate', help='multi-view evaluation of a checkpoint',
                        description='Evaluate a checkpoint (the parameters of nbs/evaluate.ipynb): '
-                                   'top-1/top-5, mean '
-                                   'class accuracy, per-class table and confusions; metrics saved as JSON.')
+                       'top-1/top-5, mean '
+                       'class accuracy, per-class table and confusions; metrics saved as JSON.')
     add_options(p, EVALUATE_OPTIONS)
     p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
     return p
@@ -83,8 +82,7 @@ def add_predict_parser(sub):
     "The `predict` subcommand."
     p = sub.add_parser('predict', help='top-k classes of videos from a checkpoint',
                        description='Predict the top-k classes of each video (views averaged); unreadable '
-                                   'files are '
-                                   'named and skipped.')
+                       'files are named and skipped.')
     p.add_argument('videos', nargs='+', metavar='VIDEO', help='video files, or folders (every video in them)')
     p.add_argument('--checkpoint', required=True, help='evl-nb checkpoint (.pt) or official release (.pth)')
     p.add_argument('--pretrained', default=None,
@@ -115,30 +113,29 @@ def add_check_parser(ps):
     "`prepare check`: the dataset doctor (`evl_nb.doctor.check_dataset`)."
     k = ps.add_parser('check',
                       help='the dataset doctor: per split annotated, found, missing, duplicated and '
-                           'unreadable '
+                      'unreadable '
                       'videos, histograms, store estimate; exit status 1 when nothing is usable',
                       description='Check a download as it unpacked (any layout evl_nb.data.resolve_layout '
-                                  'knows): per '
-                                  'split the annotated, found, missing, duplicated and unreadable videos; '
-                                  'duration, fps '
-                                  'and size histograms; the clip store estimate. Exit status 0 when some '
-                                  'video is '
-                                  'usable, 1 when none is, 2 on bad input.')
+                      'knows): per '
+                      'split the annotated, found, missing, duplicated and unreadable videos; '
+                      'duration, fps '
+                      'and size histograms; the clip store estimate. Exit status 0 when some video is '
+                      'usable, 1 when none is, 2 on bad input.')
     k.add_argument('--dataset', required=True, choices=['k400', 'ssv2', 'list'])
     k.add_argument('--data-root', required=True, help='the download as it unpacked')
     k.add_argument('--ann', default=None,
                    help="one annotation file to check instead of the layout's (its split: --split, "
-                                               'else what its name says)')
+                   'else what its name says)')
     k.add_argument('--split', action='append', choices=['train', 'val', 'test'], default=None,
                    help='a split to check (repeat for more; default: train and val)')
     k.add_argument('--decode', action='store_true',
-                   help='decode every frame of every file (default: a header probe and ' 'the first frame)')
+                   help='decode every frame of every file (default: a header probe and the first frame)')
     k.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     k.add_argument('--cores', type=int, default=None,
                    help='cores the conversion estimate assumes (default: this machine)')
     k.add_argument('--json', default=None,
                    help='write the report here (per split: annotated, found, missing, '
-                                                'duplicates, unreadable, ...)')
+                   'duplicates, unreadable, ...)')
     k.add_argument('--png', default=None, help='write the duration / fps / size histograms here')
     k.add_argument('--no-progress', dest='progress', action='store_false')
     return k
@@ -149,8 +146,7 @@ def check_command(a: dict) -> dict:
     if a['png']:
         import matplotlib; matplotlib.use('Agg')          # no display: the histograms go to the file only
     return check_job(a['dataset'], a['data_root'], a['ann'], a['split'], a['decode'], a['workers'],
-                     a['cores'],
-                     a['progress'], a['json'], a['png'])
+                     a['cores'], a['progress'], a['json'], a['png'])
 
 # %% ../nbs/10_cli.ipynb #cb917f91
 def add_prepare_parser(sub):
@@ -202,7 +198,7 @@ def add_store_parser(ps):
     c = ps.add_parser('store', help='convert videos into a JPEG clip store (build_store; resumable)')
     c.add_argument('src', metavar='SRC',
                    help='a folder (searched recursively), a video, or an annotation file '
-                                              '(K400 CSV, SSv2 JSON, list) naming videos under --data-root')
+                   '(K400 CSV, SSv2 JSON, list) naming videos under --data-root')
     c.add_argument('--out-dir', required=True, help='the clip store folder')
     c.add_argument('--data-root', default=d['data_root'],
                    help="where an annotation file's videos are (default: beside it)")
@@ -229,8 +225,7 @@ def scan_command(a: dict) -> list:
     bad = [i for i in infos if i.error]
     seeks = sum(i.backend == 'decord' for i in infos if i.ok)
     print(f"{len(infos)} videos: {len(infos) - len(bad)} usable ({seeks} with decord seeks), {len(bad)} "
-          "unusable; "
-          f"manifest {a['manifest']}")
+          f"unusable; manifest {a['manifest']}")
     for i in bad: print(f'  {i.path}: {i.message}')
     return infos
 
@@ -239,12 +234,10 @@ def store_command(a: dict):
     "Run `evl-nb prepare store`: the clip store, and one line per file that failed."
     st = build_store(a['src'], a['out_dir'], short_side=a['short_side'] or None, num_workers=a['workers'],
                      quality=a['quality'], data_root=a['data_root'], root=a['root'],
-                     min_frames=a['min_frames'],
-                     verify=a['verify'], progress=a['progress'])
+                     min_frames=a['min_frames'], verify=a['verify'], progress=a['progress'])
     b = st.last_build or {}
     print(f"clip store {a['out_dir']}: {b.get('videos', len(st))} videos, {b.get('converted', '?')} "
-          "converted, "
-          f"{b.get('skipped', '?')} already there, {b.get('failed', '?')} failed")
+          f"converted, {b.get('skipped', '?')} already there, {b.get('failed', '?')} failed")
     for r in (r for r in st.rows.values() if r['error']): print(f"  {r['source']}: {r['message']}")
     return st
 
@@ -254,8 +247,8 @@ def reencode_command(a: dict) -> dict:
     files, root = video_files(a['srcs'])
     errs = reencode_videos(files, a['out_dir'], root=a['root'] or root, num_workers=a['workers'],
                            progress=a['progress'], overwrite=a['overwrite'],
-                           short_side=a['short_side'] or None,
-                           keyint=a['keyint'], crf=a['crf'], preset=a['preset'])
+                           short_side=a['short_side'] or None, keyint=a['keyint'], crf=a['crf'],
+                           preset=a['preset'])
     bad = {s: e for s, e in errs.items() if e}
     print(f"re-encoded {len(errs) - len(bad)} of {len(files)} files into {a['out_dir']} "
           f"({len(files) - len(errs)} already there), {len(bad)} failed")
@@ -274,8 +267,7 @@ def add_convert_parser(sub):
     p = sub.add_parser('convert-checkpoint',
                        help='rewrite a trusted older checkpoint to open with weights_only=True',
                        description='Unpickle a checkpoint in full (this runs any code it holds: only files '
-                                   'whose origin '
-                                   'you trust) and write it back in the weights-only format.')
+                       'whose origin you trust) and write it back in the weights-only format.')
     p.add_argument('checkpoint', help='the step_*.pt / best.pt to convert')
     p.add_argument('--trust', action='store_true', help='required: you trust where this file came from')
     p.add_argument('--out', default=None,
@@ -287,8 +279,7 @@ def convert_command(a: dict) -> Path:
     "Run `evl-nb convert-checkpoint`."
     if not a['trust']:
         raise ValueError(f"convert-checkpoint {a['checkpoint']}: converting unpickles the file in full, "
-                         "which runs any "
-                         'code it holds; pass --trust if you trust its origin')
+                         "which runs any " 'code it holds; pass --trust if you trust its origin')
     if not Path(a['checkpoint']).is_file(): raise FileNotFoundError(f"{a['checkpoint']}: no such checkpoint")
     out = convert_checkpoint(a['checkpoint'], a['out'])
     print(f"trusted {a['checkpoint']} (unpickled in full); wrote {out}, which opens with weights_only=True")

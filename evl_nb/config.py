@@ -108,8 +108,7 @@ def check_data_source(dataset: str, data_root=None, ann=None, ann_name: str = 't
                          'annotations)')
     if dataset == 'list' and not (data_root or ann):
         raise ValueError(f"dataset='list' needs {ann_name} (list files), or a data_root holding "
-                         "train_list.txt / "
-                         'val_list.txt')
+                         "train_list.txt / " 'val_list.txt')
     if store is not None and not (Path(store) / 'store.json').is_file():
         raise FileNotFoundError(f'store={str(store)!r} is not a clip store (no store.json): make it with '
                                 'evl_nb.store.build_store')
@@ -147,12 +146,11 @@ class TrainConfig:
     max_missing: float | None = option(None,
                                        "fraction of a split's annotated videos that may be missing (e.g. "
                                        "0.05); "
-                                             'None: any, while some are found (always counted and listed)')
+                                       'None: any, while some are found (always counted and listed)')
     convention: str = option('official',
                              "input conventions of the clips: 'official' (the EVL repo's) or 'mmaction2' "
-                                         "(an mmaction2 recipe); 'legacy': evl-nb 0.1")
-    model: str | None = option(None,
-                               'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), '
+                             "(an mmaction2 recipe); 'legacy': evl-nb 0.1")
+    model: str | None = option(None, 'preset; None: evl-tiny (synthetic), evl-b16-8f (k400, list), '
                                'evl-b16-8f-ssv2 (ssv2)')
     pretrained: str | None = option(None,
                                     "CLIP tower: None (random, offline), an open_clip tag ('openai') or a "
@@ -174,32 +172,28 @@ class TrainConfig:
     precision: str | None = option(None, 'fp32 | bf16 | fp16 (backbone too); None: fp16 on GPU, fp32 on CPU')
     num_workers: int = option(4, 'data-loading workers per process (decoding is the usual bottleneck)')
     eval_every: int = option(0, 'evaluate every N steps (0: at the end only)')
-    eval_views: str | None = option(None,
-                                    'test views T x S: 1x1, 3x1, 1x3, 10x3; None: 1x1 synthetic, 3x1 '
+    eval_views: str | None = option(None, 'test views T x S: 1x1, 3x1, 1x3, 10x3; None: 1x1 synthetic, 3x1 '
                                     'otherwise')
     eval_short_side: int | None = option(None,
                                          'test-time short side in pixels before the crop; None: the input '
                                          'size (EVL\'s test '
-                                               'scale), in_memory runs: input + input // 7, the scale their '
-                                               'training crops keep')
+                                         'scale), in_memory runs: input + input // 7, the scale their '
+                                         'training crops keep')
     eval_batch_size: int | None = option(None, 'videos per evaluation batch; None: the training micro-batch')
     ckpt_every: int = option(1000, 'checkpoint every N steps (atomic; the last keep_last and the best kept)')
     keep_last: int = option(2, 'step checkpoints kept')
     log_every: int = option(10, 'progress-bar refresh in steps (the CSV gets every step)')
     output_dir: str = option('runs/train', 'checkpoints, metrics.csv, summary.json, results.json')
-    resume: str | bool = option('auto',
-                                "'auto': latest checkpoint in output_dir, 'none': start over, or a "
+    resume: str | bool = option('auto', "'auto': latest checkpoint in output_dir, 'none': start over, or a "
                                 "checkpoint path")
     reevaluate: bool = option(False, 'True: evaluate a finished run again (else it is reported, not re-run)')
     seed: int = option(0, 'seed of weights, sampling and augmentation')
     device: str | None = option(None, 'torch device; None: cuda:LOCAL_RANK when available, else cpu')
     train_aug: dict = option(help='extra build_dataset arguments for training (rand_augment, crop_scale, '
-                                  'flip, ...)',
-                             factory=dict)
+                             'flip, ...)', factory=dict)
     augment_on: str = option('device',
                              "training augmentation: 'device' (drawn in the loader worker, applied on the "
-                                      "model's device) or 'worker' (PIL in the worker: the official code's "
-                                      "path)")
+                             "model's device) or 'worker' (PIL in the worker: the official code's path)")
     model_overrides: dict = option(help='EVLConfig fields to override (decoder_num_layers, ...)',
                                    factory=dict)
     in_memory: bool = option(False,
@@ -208,18 +202,17 @@ class TrainConfig:
     cache_features: int = option(0,
                                  'K > 0: train the decoder on cached backbone features of K augmented views '
                                  'per clip '
-                                    '(eval views cached too; exact: the tower is frozen; memory: see '
-                                    '06a_features)')
+                                 '(eval views cached too; exact: the tower is frozen; memory: see '
+                                 '06a_features)')
     stop_at_step: int | None = option(None,
                                       'stop (as if killed) after this step: for tests and time-boxed jobs')
     progress: bool = option(True, 'show progress bars')
     threads: int | None = option(None,
                                  "torch CPU threads; None: the machine's cores (never a timing: runs repeat "
-                                 "bit "
-                                       'for bit at a given count)')
+                                 "bit " 'for bit at a given count)')
     allow_changes: bool = option(False,
                                  "resume with parameters that change the run's math (lr, batch, data, ...): "
-                                        'applied from the resumed step and recorded in summary.json')
+                                 'applied from the resumed step and recorded in summary.json')
 
     def resolve(self) -> 'TrainConfig':
         "A copy with the preset's recipe filled in and the combination checked."
@@ -254,14 +247,13 @@ class Option(NamedTuple):
     group: str = 'config'
 
 # %% ../nbs/05b_config.ipynb #a35dce10
-LAUNCH_OPTIONS = [
-    Option('gpus', 'int', 1, 'processes per node (GPUs); > 1 launches torchrun', 'launch'),
-    Option('nodes', 'int', 1,
-           'machines; > 1 launches torchrun (run the job on every node, with its node_rank)',
-           'launch'),
-    Option('node_rank', 'int', 0, "this machine's rank when nodes > 1", 'launch'),
-    Option('master_addr', 'str', '127.0.0.1', 'address of node 0 when nodes > 1', 'launch'),
-    Option('master_port', 'int', 29500, 'rendezvous port when nodes > 1', 'launch')]
+LAUNCH_OPTIONS = [Option('gpus', 'int', 1, 'processes per node (GPUs); > 1 launches torchrun', 'launch'),
+                  Option('nodes', 'int', 1,
+                         'machines; > 1 launches torchrun (run the job on every node, with its node_rank)',
+                         'launch'),
+                  Option('node_rank', 'int', 0, "this machine's rank when nodes > 1", 'launch'),
+                  Option('master_addr', 'str', '127.0.0.1', 'address of node 0 when nodes > 1', 'launch'),
+                  Option('master_port', 'int', 29500, 'rendezvous port when nodes > 1', 'launch')]
 
 # %% ../nbs/05b_config.ipynb #ddf78859
 def _config_options() -> list[Option]:
@@ -276,9 +268,8 @@ DEMO_DATA = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_
 
 # %% ../nbs/05b_config.ipynb #22d333e9
 DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=2500, lr=6e-3, warmup_steps=30,
-                  weight_decay=0.05,
-                  precision='fp32', eval_views='1x3', ckpt_every=0, in_memory=True, num_workers=2,
-                  train_aug=dict(flip=True), cache_features=4)
+                  weight_decay=0.05, precision='fp32', eval_views='1x3', ckpt_every=0, in_memory=True,
+                  num_workers=2, train_aug=dict(flip=True), cache_features=4)
 
 # %% ../nbs/05b_config.ipynb #952124d9
 DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0, backbone=dict(TINY_TOWER, layers=4))

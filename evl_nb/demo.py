@@ -35,8 +35,7 @@ def demo_data(root, quick: bool = False, seed: int = 0, progress: bool = True) -
 
 # %% ../nbs/09_demo.ipynb #738f756a
 def demo_config(root, output_dir, num_classes: int, overrides: dict | None = None,
-                max_steps: int | None = None,
-                quick: bool = False, seed: int = 0, progress: bool = True,
+                max_steps: int | None = None, quick: bool = False, seed: int = 0, progress: bool = True,
                 threads: int | None = None) -> TrainConfig:
     """One demo run's resolved config: the synthetic recipe, with model `overrides` (`TEMPORAL_OFF`: the
     control)."""
@@ -44,9 +43,8 @@ def demo_config(root, output_dir, num_classes: int, overrides: dict | None = Non
     if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
     if max_steps: kw['max_steps'] = max_steps
     return TrainConfig(dataset='synthetic', data_root=str(root), num_classes=num_classes,
-                       output_dir=str(output_dir),
-                       resume=False, seed=seed, progress=progress, threads=threads,
-                       model_overrides=dict(DEMO_MODEL, **(overrides or {})), **kw).resolve()
+                       output_dir=str(output_dir), resume=False, seed=seed, progress=progress,
+                       threads=threads, model_overrides=dict(DEMO_MODEL, **(overrides or {})), **kw).resolve()
 
 # %% ../nbs/09_demo.ipynb #550c3599
 def run_figures(summary: dict, seconds: float) -> dict:
@@ -66,8 +64,7 @@ def demo_summary(res: dict, num_classes: int, data_seconds: float, total_seconds
 
 # %% ../nbs/09_demo.ipynb #15ca2268
 def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, quick: bool = False,
-         seed: int = 0,
-         progress: bool = True, threads: int | None = None) -> dict:
+         seed: int = 0, progress: bool = True, threads: int | None = None) -> dict:
     """Generate the data, train with and without the temporal modules, evaluate; returns (and saves) both
     results."""
     t0 = time.time()
@@ -94,8 +91,8 @@ def report(r: dict) -> str:
     e, c = r['results']['evl'], r['results']['temporal_off']
     return (f"EVL-tiny on the synthetic temporal-order dataset ({r['num_classes']} classes, {e['num_val']} "
             f"validation clips, chance {100 * r['chance']:.0f}%)\n"
-            f"  with the temporal modules:    top-1 {100 * e['top1']:5.1f}%  (top-5 {100 * e['top5']:.1f}%)\n"
-            f"  temporal modules switched off: top-1 {100 * c['top1']:5.1f}%\n"
+            f"  with the temporal modules:    top-1 {100 * e['top1']:5.1f}%  (top-5 "
+            f"{100 * e['top5']:.1f}%)\n  temporal modules switched off: top-1 {100 * c['top1']:5.1f}%\n"
             f"  {r['ratio_vs_chance']:.1f}x chance, {r['ratio_vs_control']:.2f}x the control\n"
             f"  time: {r['total_seconds']:.0f}s total (data {r['data_seconds']:.0f}s, training+eval "
             f"{e['train_seconds']:.0f}s + {c['train_seconds']:.0f}s) on {r['threads']} threads")

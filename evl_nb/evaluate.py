@@ -12,8 +12,8 @@ import torch
 
 from .core import (add_context, all_gather_objects, as_dtype, check_output_path, dist_info, get_logger,
                          hold_run_lock, is_run_folder, seed_everything)
-from .data import (DEFAULT_MODEL, build_dataset, collate_clips, find_ann, normalize_clip,
-                         pad_classes, read_class_list, record_skipped)
+from .data import (DEFAULT_MODEL, build_dataset, collate_clips, find_ann, normalize_clip, pad_classes,
+                         read_class_list, record_skipped)
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
                           read_checkpoint)
@@ -167,7 +167,7 @@ def evaluate(model, dataset, batch_size: int = 8, num_workers: int = 0, device=N
              convention=getattr(dataset, 'convention', None))
     if skipped:
         _log.warning(f'{len(skipped)} validation videos could not be read and were '
-                                              'skipped: ' + format_skipped(files))
+                     'skipped: ' + format_skipped(files))
     if return_probs: m.update(probs=probs, labels=labels, indices=torch.from_numpy(index[order]))
     return m
 

@@ -18,15 +18,13 @@ from .synthetic import (SYNTHETIC_CLASSES, ensure_synthetic, make_synthetic_data
                               object_track_for, render_clip_tracked)
 from .model import EVL, PRESETS, get_config
 from .config import (DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, EXPLORER_DATA, EXPLORER_STEPS, LAUNCH_OPTIONS,
-                           Option,
-                           TRAIN_OPTIONS, TrainConfig)
+                           Option, TRAIN_OPTIONS, TrainConfig)
 from .evaluate import (evaluate, find_run_checkpoint, format_report, load_for_eval, per_class_table,
                              plot_confusion, plot_per_class, predict, prepare_evaluation, save_results)
 from .checkpoints import plot_metrics
 from .train import build_parser as train_parser, check_data, cli_args, cpu_cores, run
 from .attention import (AttentionMaps, even_indices, extract_attention, measures_text,
-                              randomize_decoder_,
-                              read_video_clip)
+                              randomize_decoder_, read_video_clip)
 from .viewer import AttentionViewer, export_animation, figure_png, snapshot_grid
 from .slurm import SLURM_OPTIONS, SubmititTask, run_as_task, sbatch_script, slurm_env, submit
 
@@ -77,14 +75,14 @@ def job_data(cfg: TrainConfig):
 
 # %% ../nbs/09c_jobs.ipynb #a46145b4
 def torchrun_command(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0,
-                     master_addr: str = '127.0.0.1',
-                     master_port: int = 29500, python: str | None = None) -> list[str]:
+                     master_addr: str = '127.0.0.1', master_port: int = 29500,
+                     python: str | None = None) -> list[str]:
     """`python -m torch.distributed.run ... -m evl_nb.train <flags>` for `gpus` processes on each of `nodes`
     machines."""
     cmd = [python or sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={gpus}',
            f'--nnodes={nodes}']
-    if nodes > 1: cmd += [f'--node_rank={node_rank}', f'--master_addr={master_addr}',
-                          f'--master_port={master_port}']
+    if nodes > 1:
+        cmd += [f'--node_rank={node_rank}', f'--master_addr={master_addr}', f'--master_port={master_port}']
     else: cmd += ['--standalone']
     return cmd + ['-m', 'evl_nb.train'] + cli_args(cfg)
 
@@ -108,8 +106,7 @@ def launch(cmd: list[str], env: dict | None = None, echo=print) -> int:
 
 # %% ../nbs/09c_jobs.ipynb #b0bed590
 def run_job(cfg: TrainConfig, gpus: int = 1, nodes: int = 1, node_rank: int = 0,
-            master_addr: str = '127.0.0.1',
-            master_port: int = 29500, echo=print) -> dict | None:
+            master_addr: str = '127.0.0.1', master_port: int = 29500, echo=print) -> dict | None:
     """Train `cfg` here (one process, `cfg.threads` CPU threads) or through torchrun; the summary (None off
     node 0)."""
     t0 = time.time()
@@ -134,8 +131,8 @@ def run_task(params: dict) -> dict:
     `run`."""
     cfg = job_config(**params)
     try:
-        if int(os.environ.get('RANK',
-                              '0')) == 0: job_data(cfg)     # the synthetic set is made once (run() waits)
+        if int(os.environ.get('RANK', '0')) == 0:
+            job_data(cfg)     # the synthetic set is made once (run() waits)
         return run(cfg)
     finally: release_run_lock(cfg.output_dir, everything=True)
 
@@ -153,8 +150,7 @@ def slurm_job(params: dict, nodes: int = 1, gpus: int = 1, slurm_partition: str 
     """Submit the training job `params` to SLURM (`gpus` per node), or with `print_sbatch` echo and return its
     batch script."""
     kw = dict(nodes=nodes, gpus_per_node=gpus, partition=slurm_partition, time=slurm_time,
-              account=slurm_account,
-              cpus_per_task=slurm_cpus_per_task)
+              account=slurm_account, cpus_per_task=slurm_cpus_per_task)
     out = params.get('output_dir') or TrainConfig.output_dir
     if print_sbatch:
         flags = cli_args(TrainConfig(**params)) + (['--summary-json',
@@ -162,8 +158,8 @@ def slurm_job(params: dict, nodes: int = 1, gpus: int = 1, slurm_partition: str 
         script = sbatch_script(flags, out, python=sys.executable, **kw)
         echo(script.rstrip('\n'))
         return script
-    if not slurm_partition: raise ValueError('slurm_partition is required to submit (or ask for the batch '
-                                             'script)')
+    if not slurm_partition:
+        raise ValueError('slurm_partition is required to submit (or ask for the batch script)')
     job_config(**params)                    # every option checked here, before the job waits in the queue
     job = submit_train(params, summary_json=summary_json, **kw)
     echo(f'submitted SLURM job {job.job_id}: {nodes} node(s) x {gpus} GPU(s); logs in {Path(out) / "slurm"}')
@@ -187,8 +183,7 @@ def train_job(print_sbatch: bool = False, summary_json=None, echo=print, **param
     launch = {o.name: params.pop(o.name, o.default) for o in LAUNCH_OPTIONS}
     if print_sbatch or slurm['slurm_partition']:
         slurm_job(params, launch['nodes'], launch['gpus'], print_sbatch=print_sbatch,
-                  summary_json=summary_json,
-                  echo=echo, **slurm)
+                  summary_json=summary_json, echo=echo, **slurm)
         return None
     cfg = job_config(**launch, **params)
     train_set, val_set = job_data(cfg)
@@ -255,10 +250,9 @@ def evaluate_job(checkpoint=None, class_list=None, dataset: str = 'synthetic', d
     `output_json` and `output_dir` they went to. A run folder's lock is held while it runs
     (`prepare_evaluation`)."""
     job = prepare_evaluation(checkpoint, class_list, dataset, data_root, val_ann, model, pretrained,
-                             num_frames,
-                             eval_views, precision, store=store, output_json=output_json,
-                             batch_size=batch_size,
-                             num_workers=num_workers, convention=convention, output_dir=output_dir)
+                             num_frames, eval_views, precision, store=store, output_json=output_json,
+                             batch_size=batch_size, num_workers=num_workers, convention=convention,
+                             output_dir=output_dir)
     echo(f"checkpoint: {job['checkpoint']}"); echo(job['val_set'])
     device, t0 = 'cuda' if torch.cuda.is_available() else 'cpu', time.time()
     try:
@@ -291,8 +285,7 @@ def explorer_cache_dir() -> Path:
 
 # %% ../nbs/09c_jobs.ipynb #73a973d7
 def explorer_checkpoint(train: bool = True, cache_dir=None, max_steps: int = EXPLORER_STEPS,
-                        progress: bool = True,
-                        demo_runs=None, data: dict | None = None) -> Path | None:
+                        progress: bool = True, demo_runs=None, data: dict | None = None) -> Path | None:
     """`make demo`'s trained EVL checkpoint (looked for in `demo_runs`), else the one trained here before,
     else (`train=True`) a new one."""
     cache = Path(cache_dir) if cache_dir is not None else explorer_cache_dir()
@@ -378,15 +371,13 @@ class Exploration:
             i, name, _ = self.maps.top_k(1)[0]
             names = self.maps.class_names
             lines.append(f'top-1 on this clip: {name} ({"right" if i == self.label else "wrong"}; true '
-                         'class: '
-                         f'{names[self.label] if names else self.label})')
+                         f'class: {names[self.label] if names else self.label})')
         if self.maps.object_pixels is not None: lines.append(measures_text(self.maps, -1))
         return '\n'.join(lines)
 
 # %% ../nbs/09c_jobs.ipynb #d07312ef
 def explore_job(preset: str = 'evl-tiny', checkpoint=None, untrained: bool = False, pretrained=None,
-                video=None,
-                class_names=None, train: bool | None = None, echo=print) -> Exploration:
+                video=None, class_names=None, train: bool | None = None, echo=print) -> Exploration:
     """The explorer of `nbs/explore.ipynb`: the model (`explorer_model`), the clip (`explorer_clip`), their
     maps."""
     model, class_names, what = explorer_model(checkpoint, untrained, preset, pretrained, class_names, train)
@@ -404,8 +395,8 @@ def explore_job(preset: str = 'evl-tiny', checkpoint=None, untrained: bool = Fal
 
 # %% ../nbs/09c_jobs.ipynb #959efcdf
 STRUCTURE = ('backbone', 'num_frames', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads',
-             'decoder_mlp_factor',
-             'enable_temporal_conv', 'enable_temporal_pos_embed', 'enable_temporal_cross_attention')
+             'decoder_mlp_factor', 'enable_temporal_conv', 'enable_temporal_pos_embed',
+             'enable_temporal_cross_attention')
 
 # %% ../nbs/09c_jobs.ipynb #8e26fced
 def load_predictor(checkpoint, preset: str | None = None, pretrained=None, class_list=None, device=None,
@@ -416,7 +407,7 @@ def load_predictor(checkpoint, preset: str | None = None, pretrained=None, class
     try: model, info = load_for_eval(checkpoint, preset, class_list=class_list, pretrained=pretrained)
     except ValueError as e:
         if class_list is not None and 'class id' in str(e):
-            raise ValueError('--class-list ' f'{str(class_list)!r}: {e}') from None
+            raise ValueError(f'--class-list {str(class_list)!r}: {e}') from None
         if preset is None or 'carries no model config' in str(e): raise
         raise ValueError(f'--checkpoint does not fit --preset {preset!r}: {e}') from None
     # the checkpoint's own config won: it must be the preset's architecture
@@ -451,8 +442,8 @@ def expand_videos(srcs) -> list[str]:
     for s in map(Path, srcs):
         if not s.is_dir(): out.append(str(s)); continue
         found = [str(f) for f in video_files([s])[0] if f.is_file()]
-        if not found: raise FileNotFoundError(f'{s}: a folder without video files '
-                                              f'({" ".join(sorted(VIDEO_EXTS))})')
+        if not found:
+            raise FileNotFoundError(f'{s}: a folder without video files ({" ".join(sorted(VIDEO_EXTS))})')
         out += found
     return out
 
@@ -475,9 +466,9 @@ def predict_videos(model, videos, classes=None, views: str = '3x1', top: int = 5
     preds = []
     for i, p in zip(out['index'].tolist(), out['probs']):
         pr, ix = p.topk(min(top, len(p)))
-        preds.append(dict(video=videos[i], top=[dict(rank=r + 1, index=int(j), name=names[int(j)],
-                                                     probability=float(q))
-                                                for r, (q, j) in enumerate(zip(pr, ix))]))
+        preds.append(dict(video=videos[i],
+                          top=[dict(rank=r + 1, index=int(j), name=names[int(j)],
+                                    probability=float(q)) for r, (q, j) in enumerate(zip(pr, ix))]))
     skipped = [dict(video=v, reason='missing') for v in missing]
     skipped += [dict(video=p, reason=r) for p, r in ds.skipped.items()]
     return dict(views=views, predictions=preds, skipped=skipped)
@@ -507,9 +498,8 @@ def write_attention(model, videos, path, classes=None, kind: str = 'query') -> l
 
 # %% ../nbs/09c_jobs.ipynb #77a3d6ca
 def predict_job(videos, checkpoint, preset: str | None = None, pretrained=None, views: str = '3x1',
-                top: int = 5,
-                class_list=None, json_path=None, attention=None, device=None, precision: str = 'fp32',
-                workers: int = 0, progress: bool = True, echo=print) -> dict:
+                top: int = 5, class_list=None, json_path=None, attention=None, device=None,
+                precision: str = 'fp32', workers: int = 0, progress: bool = True, echo=print) -> dict:
     """`evl-nb predict`: the top-`top` classes of each video (printed, and written to `json_path`), the query
     attention animation of each to `attention` (`.gif` / `.mp4`); the result."""
     for name, p in (('--json', json_path), ('--attention', attention)):
@@ -522,8 +512,8 @@ def predict_job(videos, checkpoint, preset: str | None = None, pretrained=None, 
         r['attention'] = [str(p) for p in write_attention(model, shown, attention, names)]
     echo(format_predictions(r))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True,
-                                     exist_ok=True); Path(json_path).write_text(json.dumps(r, indent=1))
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(r, indent=1))
     return r
 
 # %% ../nbs/09c_jobs.ipynb #0e594efa

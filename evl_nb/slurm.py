@@ -116,8 +116,7 @@ def submit(task: SubmititTask, folder, executor=None, **slurm):
         try: executor = submitit.AutoExecutor(folder=folder / '%j', cluster='slurm')
         except RuntimeError as e:
             raise RuntimeError(f'cannot submit to SLURM from this machine ({e}); use --print-sbatch to get '
-                               'a batch '
-                               'script') from None
+                               'a batch script') from None
         executor.update_parameters(**slurm_parameters(**slurm))
     folder.mkdir(parents=True, exist_ok=True)
     job = executor.submit(task)
@@ -133,11 +132,11 @@ def sbatch_script(train_args: list[str], output_dir, nodes: int, gpus_per_node: 
     m = p['timeout_min']
     logs = Path(output_dir) / 'slurm'
     head = [f"--job-name={p['name']}", *([f'--partition={partition}'] if partition else []),
-            *([f'--account={account}'] if account else []),
-            f'--nodes={nodes}', f'--ntasks-per-node={gpus_per_node}', f'--gpus-per-node={gpus_per_node}',
+            *([f'--account={account}'] if account else []), f'--nodes={nodes}',
+            f'--ntasks-per-node={gpus_per_node}', f'--gpus-per-node={gpus_per_node}',
             f"--cpus-per-task={p['cpus_per_task']}",
-            f'--time={m // 1440}-{m % 1440 // 60:02d}:{m % 60:02d}:00',
-            f'--output={logs}/%j.out', '--requeue', '--open-mode=append']
+            f'--time={m // 1440}-{m % 1440 // 60:02d}:{m % 60:02d}:00', f'--output={logs}/%j.out',
+            '--requeue', '--open-mode=append']
     cmd = [python or 'python', '-m', 'evl_nb.cli', 'slurm-task', *train_args]
     return '\n'.join(['#!/bin/bash', *[f'#SBATCH {h}' for h in head], '',
                       f'mkdir -p {shlex.quote(str(logs))}',
@@ -146,12 +145,12 @@ def sbatch_script(train_args: list[str], output_dir, nodes: int, gpus_per_node: 
                       f'srun --kill-on-bad-exit=1 --output={logs}/%j_%t.out ' + shlex.join(cmd)]) + '\n'
 
 # %% ../nbs/09b_slurm.ipynb #c1c6f88b
-SLURM_OPTIONS = [
-    Option('slurm_partition', 'str | None', None,
-           'submit the run as a SLURM job on this partition (one task per GPU, '
-           'requeued on preemption; pip install "evl-nb[slurm]")', 'slurm'),
-    Option('slurm_time', 'str', '24:00:00',
-           'SLURM time limit (M, H:M:S or D-H:M:S); at the limit the job requeues '
-           'and resumes', 'slurm'),
-    Option('slurm_account', 'str | None', None, 'SLURM account to charge', 'slurm'),
-    Option('slurm_cpus_per_task', 'int | None', None, 'CPUs per task (one task per GPU); None: 10', 'slurm')]
+SLURM_OPTIONS = [Option('slurm_partition', 'str | None', None,
+                        'submit the run as a SLURM job on this partition (one task per GPU, '
+                        'requeued on preemption; pip install "evl-nb[slurm]")', 'slurm'),
+                 Option('slurm_time', 'str', '24:00:00',
+                        'SLURM time limit (M, H:M:S or D-H:M:S); at the limit the job requeues '
+                        'and resumes', 'slurm'),
+                 Option('slurm_account', 'str | None', None, 'SLURM account to charge', 'slurm'),
+                 Option('slurm_cpus_per_task', 'int | None', None,
+                        'CPUs per task (one task per GPU); None: 10', 'slurm')]

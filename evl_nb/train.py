@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_sum, as_dtype,
-                         atomic_save,
-                         dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
-                         seed_everything)
+                         atomic_save, dist_info, get_logger, hold_run_lock, init_distributed,
+                         release_run_lock, seed_everything)
 from .augment import batch_clips
 from .data import (TensorClips, build_dataset, cache_dataset, class_ids, collate_clips, find_ann,
                          normalize_clip, pad_classes, record_skipped)
@@ -26,11 +25,10 @@ from .model import EVL, build_evl, get_config, model_input_size
 from .config import TRAIN_OPTIONS, TrainConfig
 from .evaluate import evaluate, format_report, save_results
 from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features,
-                             collate_features,
-                             evaluate_features, unpack_features, without_maps)
-from .checkpoints import (MetricsLog, config_changes, check_fits, finished_run,
-                                format_changes, latest_checkpoint, pick_checkpoint, prune_checkpoints,
-                                read_train_checkpoint, rng_state, set_rng_state)
+                             collate_features, evaluate_features, unpack_features, without_maps)
+from .checkpoints import (MetricsLog, config_changes, check_fits, finished_run, format_changes,
+                                latest_checkpoint, pick_checkpoint, prune_checkpoints, read_train_checkpoint,
+                                rng_state, set_rng_state)
 
 _log = get_logger('evl_nb.train')
 
@@ -81,7 +79,7 @@ def build_datasets(cfg: TrainConfig, input_size: int | None = None):
                                flip=split == 'train' and flip,
                                cache_dir=Path(cfg.data_root or '.') / '.evl_cache',
                                key=f'{split}_{mcfg.num_frames}_{kw["input_size"]}_'
-                                   f'{kw.get("short_side") or ""}_{kw["views"]}')
+                               f'{kw.get("short_side") or ""}_{kw["views"]}')
         sets.append(ds)
     return tuple(sets)
 
@@ -128,8 +126,8 @@ class CosineSchedule:
         self.segments = kept + [dict(start=step, lr=lr, end=max_steps, warmup=0)]
         self._apply()
 
-    def state_dict(self) -> dict: return dict(segments=[dict(s) for s in self.segments],
-                                              last_step=self.last_step)
+    def state_dict(self) -> dict:
+        return dict(segments=[dict(s) for s in self.segments], last_step=self.last_step)
 
     def load_state_dict(self, sd: dict):
         if 'segments' not in sd:        # a LambdaLR state (evl-nb 0.2): one segment, its peak lr and position
@@ -149,8 +147,7 @@ class StepSampler(Sampler):
     """Deterministic, distributed, resumable: yields (position, index) for this rank from `start_step` to
     `max_steps`."""
     def __init__(self, n: int, per_rank: int, max_steps: int, start_step: int = 0, rank: int = 0,
-                 world: int = 1,
-                 seed: int = 0, shuffle: bool = True, start_pos: int | None = None):
+                 world: int = 1, seed: int = 0, shuffle: bool = True, start_pos: int | None = None):
         if n < 1: raise ValueError('the training set is empty')
         self.n, self.per_rank, self.max_steps, self.start_step = n, per_rank, max_steps, start_step
         # a batch change moves it
@@ -300,7 +297,7 @@ def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState
                          f'accum_steps ({cfg.accum_steps})')
     dtype = as_dtype(cfg.precision)
     if dtype == torch.float16 and device.type == 'cpu':
-        _log.warning('fp16 on CPU is slow and poorly ' 'supported; prefer bf16 or fp32')
+        _log.warning('fp16 on CPU is slow and poorly supported; prefer bf16 or fp32')
     seed_everything(cfg.seed)
     if model is None: model = build_model(cfg, getattr(train_set, 'num_classes', None))
     model.to(device)
@@ -345,10 +342,8 @@ def resume_run(run: RunState) -> Path | None:
     changes = config_changes(saved.get('config') or {}, cfg)
     if changes and not cfg.allow_changes:
         raise ValueError(f"resuming {path} with changed parameters ({format_changes(changes)}): they change "
-                         "the run. "
-                         "Pass allow_changes=True (--allow-changes) to apply them from step "
-                         f"{saved['step']}, "
-                         "or use another output_dir")
+                         "the run. Pass allow_changes=True (--allow-changes) to apply them from step "
+                         f"{saved['step']}, or use another output_dir")
     check_fits(run.model, saved['model'], path)
     run.model.load_state_dict(saved['model'])
     run.optimizer.load_state_dict(saved['optimizer']); run.scheduler.load_state_dict(saved['scheduler'])
@@ -393,10 +388,9 @@ def train_loader(run: RunState, train_set) -> DataLoader:
     position)."""
     cfg = run.cfg
     run.sampler = StepSampler(len(train_set), run.micro_batch * cfg.accum_steps, cfg.max_steps,
-                              run.start_step,
-                              run.rank, run.world, cfg.seed, start_pos=run.start_pos)
-    in_memory = isinstance(train_set, (TensorClips,
-                                       FeatureCache))      # clips or features: no loader processes
+                              run.start_step, run.rank, run.world, cfg.seed, start_pos=run.start_pos)
+    in_memory = isinstance(train_set,
+                           (TensorClips, FeatureCache))      # clips or features: no loader processes
     workers = 0 if in_memory else cfg.num_workers
     return DataLoader(PositionSeeded(train_set, cfg.seed), batch_size=run.micro_batch, sampler=run.sampler,
                       num_workers=workers, pin_memory=run.device.type == 'cuda',
@@ -412,12 +406,10 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     rngs = all_gather_objects(rng_state())
     if run.rank != 0: return None
     state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
-                 scheduler=run.scheduler.state_dict(),
-                 scaler=run.scaler.state_dict(), step=run.step, sampler=run.sampler.state_dict(run.step),
-                 rng=rngs,
-                 world_size=run.world, best=run.best, config=asdict(run.cfg),
-                 model_config=asdict(run.model.config),
-                 classes=run.classes, changes=run.changes, **(extra or {}))
+                 scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), step=run.step,
+                 sampler=run.sampler.state_dict(run.step), rng=rngs, world_size=run.world, best=run.best,
+                 config=asdict(run.cfg), model_config=asdict(run.model.config), classes=run.classes,
+                 changes=run.changes, **(extra or {}))
     p = atomic_save(state, path or run.ckpt_dir / f'step_{run.step:07d}.pt')
     if path is None: prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
     return p
@@ -531,17 +523,16 @@ def evaluate_run(run: RunState, val_set) -> dict | None:
     cfg = run.cfg
     if isinstance(val_set, FeatureCache):
         m = evaluate_features(run.model, val_set, cfg.eval_batch_size or run.micro_batch, run.device,
-                              cfg.precision,
-                              run.classes or None)
+                              cfg.precision, run.classes or None)
     else:
         m = evaluate(run.model, val_set, batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device,
                      num_workers=0 if isinstance(val_set, TensorClips) else min(cfg.num_workers, 4),
                      precision=cfg.precision, classes=run.classes or None, progress=cfg.progress)
     if run.rank == 0:
         run.metrics.log(kind='val', step=run.step, top1=m['top1'], top5=m['top5'],
-                        mean_class_accuracy=m['mean_class_accuracy'],
-                        num_samples=m['num_samples'],
-                        elapsed_s=time.time() - run.t_start); run.metrics.flush()
+                        mean_class_accuracy=m['mean_class_accuracy'], num_samples=m['num_samples'],
+                        elapsed_s=time.time() - run.t_start)
+        run.metrics.flush()
         _log.info(f'step {run.step}: ' + format_report(m, 0, 0))
     if run.best is None or m['top1'] > run.best['top1']:
         run.best = dict(top1=m['top1'], step=run.step)
@@ -564,23 +555,22 @@ def run_summary(run: RunState, train_set, last_eval: dict | None, t_loop: float,
     wall, cfg, device = time.time() - run.t_start, run.cfg, run.device
     train_time = time.time() - t_loop
     s = dict(steps=run.step, start_step=run.start_step, max_steps=cfg.max_steps, stopped_early=stopped,
-             resumed_from=run.resumed_from, world_size=run.world, device=str(device), precision=cfg.precision,
-             batch_size=cfg.batch_size, micro_batch=run.micro_batch, accum_steps=cfg.accum_steps,
-             wall_time_s=wall,
+             resumed_from=run.resumed_from, world_size=run.world, device=str(device),
+             precision=cfg.precision, batch_size=cfg.batch_size, micro_batch=run.micro_batch,
+             accum_steps=cfg.accum_steps, wall_time_s=wall,
              train_time_s=train_time if run.step > run.start_step else 0.0,
              clips_per_s=run.clips * run.world / max(train_time, 1e-9),
              gpu_hours=wall * run.world / 3600 if device.type == 'cuda' else 0.0,
              peak_memory_gb=max(all_gather_objects(_peak_mem_gb(device))),
              peak_memory_kind='gpu allocated' if device.type == 'cuda' else 'cpu max rss',
              train_skipped=sum(all_gather_objects(run.skipped)),
-             train_skipped_files=_skip_details(train_set), best=run.best,
-             output_dir=str(run.out), checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes,
-             config=asdict(cfg), videos=run_video_counts(train_set, val_set, last_eval))
+             train_skipped_files=_skip_details(train_set), best=run.best, output_dir=str(run.out),
+             checkpoint=str(latest_checkpoint(run.ckpt_dir)), changes=run.changes, config=asdict(cfg),
+             videos=run_video_counts(train_set, val_set, last_eval))
     if last_eval is not None:
         s['val'] = {k: last_eval.get(k) for k in ('top1', 'top5', 'mean_class_accuracy', 'num_samples',
-                                                  'num_skipped',
-                                                  'num_dataset', 'num_annotated', 'num_missing',
-                                                  'skipped_files')}
+                                                  'num_skipped', 'num_dataset', 'num_annotated',
+                                                  'num_missing', 'skipped_files')}
         if run.rank == 0: save_results(last_eval, run.out / 'results.json')
     if run.rank == 0:
         (run.out / 'summary.json').write_text(json.dumps(s, indent=1, default=str))
@@ -686,8 +676,7 @@ def train_loop(run: RunState, train_set, val_set=None) -> dict:
     end_step = cfg.max_steps if cfg.stop_at_step is None else min(cfg.max_steps, cfg.stop_at_step)
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc='train',
-               disable=not (cfg.progress and run.rank == 0),
-               dynamic_ncols=True, mininterval=1.0)
+               disable=not (cfg.progress and run.rank == 0), dynamic_ncols=True, mininterval=1.0)
     last_eval, t_loop, signum = None, time.time(), None
     try:
         with stop:
@@ -752,11 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=json.loads, default={}, help=f'{h} (a JSON dict)')
         elif f.name == 'betas':
             p.add_argument(flag, type=float, nargs=2, default=None, metavar=('BETA1', 'BETA2'), help=h)
-        elif f.name == 'progress': p.add_argument('--no-progress', dest='progress', action='store_false',
-                                                  help='no progress bars')
+        elif f.name == 'progress':
+            p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
         elif f.default is False: p.add_argument(flag, action='store_true', help=h)
-        elif f.name == 'resume': p.add_argument(flag, type=_parse_bool_or_str, default='auto',
-                                                help=f'{h} (default: auto)')
+        elif f.name == 'resume':
+            p.add_argument(flag, type=_parse_bool_or_str, default='auto', help=f'{h} (default: auto)')
         else: p.add_argument(flag, type=types.get(f.name, str), default=f.default,
                              help=h if f.default is None else f'{h} (default: {f.default})')
     p.add_argument('--summary-json', default=None, help='also write the run summary here (rank 0)')

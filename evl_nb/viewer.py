@@ -51,8 +51,8 @@ class OverlayPanel:
         self.overlay.set_clim(view.vmin, view.vmax if view.vmax > view.vmin else view.vmin + 1e-12)
         self.overlay.set_alpha(float(alpha))
         if view.patch is not None and view.kind in ('prev', 'next'):
-            self.marker.set_xy((view.patch[1] * self.cell[1],
-                                view.patch[0] * self.cell[0])); self.marker.set_visible(True)
+            self.marker.set_xy((view.patch[1] * self.cell[1], view.patch[0] * self.cell[0]))
+            self.marker.set_visible(True)
         else: self.marker.set_visible(False)
         if title: self.ax.set_title(view.title, fontsize=self.fontsize)
 
@@ -79,8 +79,8 @@ def figure_png(fig: Figure, pixels: np.ndarray | None = None, colors: int | None
     for docs); `optimize=False` is ~5x faster."""
     from PIL import Image
     im = Image.fromarray(figure_pixels(fig) if pixels is None else pixels)
-    if colors: im = im.convert('RGB').quantize(colors, method=Image.Quantize.FASTOCTREE,
-                                               dither=Image.Dither.NONE)
+    if colors:
+        im = im.convert('RGB').quantize(colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     buf = io.BytesIO()
     im.save(buf, format='png', optimize=optimize)
     return buf.getvalue()
@@ -89,9 +89,8 @@ def figure_png(fig: Figure, pixels: np.ndarray | None = None, colors: int | None
 class AttentionViewer:
     "Interactive viewer of `AttentionMaps`: frame, layer, head, map type, query patch and opacity controls."
     def __init__(self, maps: AttentionMaps, kind: str = 'query', layer: int = -1, head: int | None = None,
-                 frame: int = 0,
-                 patch: tuple[int, int] | None = None, alpha: float = 0.6, figsize=(8.0, 3.6), dpi: int = 80,
-                 interpolation: str = 'nearest', top: int = 5):
+                 frame: int = 0, patch: tuple[int, int] | None = None, alpha: float = 0.6,
+                 figsize=(8.0, 3.6), dpi: int = 80, interpolation: str = 'nearest', top: int = 5):
         import ipywidgets as W
         self.maps = maps
         h, w = maps.grid
@@ -117,12 +116,11 @@ class AttentionViewer:
         self.w_frame = W.IntSlider(value=frame, min=0, max=maps.num_frames - 1, description='frame',
                                    continuous_update=False, **sl(0.6))
         blocks = maps.block_indices or range(maps.num_layers)
-        layers = [(f'layer {i} (block {b})' if i < len(maps.block_indices) else f'layer {i}', i)
-                  for i, b in zip(range(maps.num_layers), blocks)]
+        layers = [(f'layer {i} (block {b})' if i < len(maps.block_indices) else f'layer {i}', i) for i,
+                  b in zip(range(maps.num_layers), blocks)]
         self.w_layer = W.Dropdown(options=layers, value=layer % maps.num_layers, description='layer', **lay)
         heads = [('mean over heads', -1)] + [(f'head {i}', i) for i in range(maps.num_heads)]
-        self.w_head = W.Dropdown(options=heads,
-                                 value=-1 if head is None else head, description='head', **lay)
+        self.w_head = W.Dropdown(options=heads, value=-1 if head is None else head, description='head', **lay)
         self.w_kind = W.Dropdown(options=[(KINDS[k], k) for k in maps.kinds], value=kind, description='map',
                                  **lay)
         self.w_row = W.IntSlider(value=patch[0], min=0, max=h - 1, description='query patch row',
@@ -165,7 +163,7 @@ class AttentionViewer:
         bad = sorted(set(kw) - {'frame', 'layer', 'head', 'kind', 'patch', 'alpha'})
         if bad: raise TypeError(f'AttentionViewer.set: unknown control(s) {bad}')
         if 'kind' in kw and kw['kind'] not in self.maps.kinds:
-            raise ValueError(f"kind={kw['kind']!r}: " "choose one of " f"{self.maps.kinds}")
+            raise ValueError(f"kind={kw['kind']!r}: choose one of {self.maps.kinds}")
         if 'layer' in kw: self.maps._layer(kw['layer']); kw['layer'] %= self.maps.num_layers
         self._muted = True
         try:
@@ -216,8 +214,8 @@ class AttentionViewer:
         lines = measures_text(self.maps, self.layer, self.frame).split('\n')
         if self.kind in ('prev', 'next'):
             hit = peak_on_object(self.maps, self.layer, self.frame, self.patch, self.kind)
-            if hit is not None: lines.append(f'this query patch: the map peaks {"on" if hit else "off"} the '
-                                             'object')
+            if hit is not None:
+                lines.append(f'this query patch: the map peaks {"on" if hit else "off"} the object')
         body = '<br>'.join(html.escape(l) for l in lines)
         return f'<div style="font-size:12px;line-height:1.3">{body}</div>'
 
@@ -225,10 +223,10 @@ class AttentionViewer:
 
 # %% ../nbs/08b_viewer.ipynb #7d6b7bc0
 def snapshot_grid(maps: AttentionMaps, rows: str = 'layers', kind: str = 'query',
-                  kinds: Sequence[str] | None = None,
-                  layers: Sequence[int] | None = None, layer: int = -1, frames: Sequence[int] | None = None,
-                  head: int | None = None, patch: tuple[int, int] | None = None, alpha: float = 0.6,
-                  cell: float = 1.3, dpi: int = 100, interpolation: str = 'nearest') -> Figure:
+                  kinds: Sequence[str] | None = None, layers: Sequence[int] | None = None, layer: int = -1,
+                  frames: Sequence[int] | None = None, head: int | None = None,
+                  patch: tuple[int, int] | None = None, alpha: float = 0.6, cell: float = 1.3,
+                  dpi: int = 100, interpolation: str = 'nearest') -> Figure:
     """A frames x layers (`rows='layers'`, map `kind`) or frames x map types (`rows='kinds'`, at `layer`) grid
     of overlays."""
     frames = list(range(maps.num_frames) if frames is None else frames)
@@ -250,9 +248,9 @@ def snapshot_grid(maps: AttentionMaps, rows: str = 'layers', kind: str = 'query'
             panel.show(v, maps.frames, alpha, title=False, object_pixels=maps.object_pixels)
             if i == 0: axes[i, j].set_title(f't={frames[j]}', fontsize=8)
             note = _cell_measure(maps, rws[i][0], rws[i][1], frames[j], head, v.patch)
-            if note: axes[i, j].text(0.03, 0.03, note, transform=axes[i, j].transAxes, fontsize=6,
-                                     color='white',
-                                     bbox=dict(fc='black', alpha=0.55, lw=0, pad=1))
+            if note:
+                axes[i, j].text(0.03, 0.03, note, transform=axes[i, j].transAxes, fontsize=6, color='white',
+                                bbox=dict(fc='black', alpha=0.55, lw=0, pad=1))
         axes[i, 0].set_ylabel(labels[i], fontsize=7)
     hd = 'mean over heads' if head is None else f'head {head}'
     sub = f'{KINDS[kind]} ({hd})' if rows == 'layers' else f'layer {layer % maps.num_layers} ({hd})'
@@ -285,14 +283,14 @@ def _cell_measure(maps: AttentionMaps, kind: str, layer: int, frame: int, head, 
         return '' if hit is None else ('peak on obj' if hit else 'peak off obj')
     return ''
 
-def export_animation(maps: AttentionMaps, path, kind: str = 'query', layer: int = -1, head: int | None = None,
-                     patch: tuple[int, int] | None = None, alpha: float = 0.6, fps: float = 4,
-                     size: float = 3.0,
-                     dpi: int = 80, interpolation: str = 'nearest') -> Path:
+def export_animation(maps: AttentionMaps, path, kind: str = 'query', layer: int = -1,
+                     head: int | None = None, patch: tuple[int, int] | None = None, alpha: float = 0.6,
+                     fps: float = 4, size: float = 3.0, dpi: int = 80,
+                     interpolation: str = 'nearest') -> Path:
     "Write the overlay over all frames to `path`: `.gif` (matplotlib PillowWriter) or `.mp4` (PyAV)."
     path = Path(path)
     if path.suffix.lower() not in ('.gif', '.mp4'):
-        raise ValueError(f'path={str(path)!r}: use a .gif or .mp4 file ' 'name')
+        raise ValueError(f'path={str(path)!r}: use a .gif or .mp4 file name')
     views = [maps.frame_map(kind, layer, t, head, patch) for t in range(maps.num_frames)]
     fig = _figure((size, size + 0.3), dpi)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 * size / (size + 0.3)))
