@@ -244,7 +244,8 @@ def sharpness_op(x, f: float) -> torch.Tensor:
     xi = x.to(torch.int16)
     rows = xi[..., :-2, :] + xi[..., 1:-1, :] + xi[..., 2:, :]
     S = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * xi[..., 1:-1, 1:-1]
-    d = xi.float()          # round(S / 13) = floor((S + 6.5) / 13): never within 0.03 of a step, so float is exact
+    d = xi.float()                     # round(S / 13) = floor((S + 6.5) / 13), never within 0.03 of a step:
+    # float32 is exact
     d[..., 1:-1, 1:-1] = S.float().add_(6.5).mul_(1 / 13).floor_()
     return _blend(d, x, f)
 
