@@ -18,8 +18,8 @@ from torchvision.transforms.v2 import functional as TF
 # %% auto #0
 __all__ = ['LEVELS', 'GEOMETRIC_OPS', 'TRUNC_EPS', 'WHOLE_PICTURE_OPS', 'resize_clip', 'blend_lut', 'posterize_mask', 'point_lut',
            'histograms', 'autocontrast_lut', 'equalize_lut', 'grey', 'apply_lut', 'pil_affine', 'source_region',
-           'pil_cubic', 'shift_rows', 'affine_region', 'color_op', 'contrast_op', 'sharpness_op', 'tensor_op',
-           'ClipAug', 'needed_regions', 'apply_clip_aug', 'augment_batch', 'batch_clips']
+           'pil_cubic', 'shift_rows', 'affine_region', 'color_op', 'contrast_lut', 'contrast_op', 'sharpness_op',
+           'tensor_op', 'ClipAug', 'needed_regions', 'apply_clip_aug', 'augment_batch', 'batch_clips']
 
 # %% ../nbs/01b_augment.ipynb #d63d6161
 def resize_clip(video, hw, antialias: bool = False):
@@ -230,12 +230,18 @@ def color_op(x, f: float) -> torch.Tensor:
     return _blend(grey(x).unsqueeze(-3), x, f)
 
 # %% ../nbs/01b_augment.ipynb #d038a907
-def contrast_op(x, f: float) -> torch.Tensor:
-    """PIL's `ImageEnhance.Contrast(f)` on uint8 `(..., 3, H, W)`: each frame blended with its rounded grey
-    mean."""
+def contrast_lut(x, f: float) -> torch.Tensor:
+    """The tables of PIL's `ImageEnhance.Contrast(f)` for uint8 `(..., 3, H, W)`: one per frame, blending
+    every level with the frame's rounded grey mean, `(frames, 256)`."""
     mean = (grey(x).flatten(-2).double().mean(-1) + 0.5).floor()
-    lut = blend_lut(mean.reshape(-1).float(), f)                       # one table per frame
-    return apply_lut(x.reshape(lut.shape[0], -1, x.shape[-1]), lut).view(x.shape)
+    return blend_lut(mean.reshape(-1).float(), f)
+
+
+# %% ../nbs/01b_augment.ipynb #13c29ee5
+def contrast_op(x, f: float) -> torch.Tensor:
+    "PIL's `ImageEnhance.Contrast(f)` on uint8 `(..., 3, H, W)`: each frame blended with its grey mean."
+    return apply_lut(x, contrast_lut(x, f))
+
 
 # %% ../nbs/01b_augment.ipynb #2553cd77
 def sharpness_op(x, f: float) -> torch.Tensor:
@@ -250,19 +256,18 @@ def sharpness_op(x, f: float) -> torch.Tensor:
     return _blend(d, x, f)
 
 # %% ../nbs/01b_augment.ipynb #ee695556
-WHOLE_PICTURE_OPS = ('AutoContrast', 'Equalize', 'ContrastIncreasing', 'SharpnessIncreasing')
+WHOLE_PICTURE_OPS = ('AutoContrast', 'Equalize', 'ContrastIncreasing')   # their tables read the whole frame
 
-def _picture_op(name, x, f):
-    if name == 'ContrastIncreasing': return contrast_op(x, f)
-    if name == 'SharpnessIncreasing': return sharpness_op(x, f)
-    planes = x.reshape(-1, *x.shape[-2:])
-    lut = (autocontrast_lut if name == 'AutoContrast' else equalize_lut)(histograms(planes))
-    return apply_lut(planes, lut).view(x.shape)
+def _picture_op(name, x, f, cut):
+    "The tables from all of `x` (the whole frame), applied to the part `cut` keeps."
+    if name == 'ContrastIncreasing': lut = contrast_lut(x, f)
+    else: lut = (autocontrast_lut if name == 'AutoContrast' else equalize_lut)(histograms(x))
+    return apply_lut(cut(x), lut)
 
 def tensor_op(name: str, x, m: float, s: float = 1.0, src=None, dst=None, frame=None) -> torch.Tensor:
     """One RandAugment op (PIL's semantics) at magnitude `m` (0-10) and sign `s` on uint8 `(T, 3, h, w)`,
     which is region `src` (top, left, bottom, right) of a `frame` (H, W); returns region `dst` (default: all
-    of x)."""
+    of x). `src` must hold what the op reads for `dst` (`needed_regions`)."""
     H, W = frame or x.shape[-2:]
     src = src or (0, 0, H, W); dst = dst or src
     cut = lambda y: y[..., dst[0] - src[0]:dst[2] - src[0], dst[1] - src[1]:dst[3] - src[1]]
@@ -273,7 +278,8 @@ def tensor_op(name: str, x, m: float, s: float = 1.0, src=None, dst=None, frame=
     if lut is not None: return cut(apply_lut(x, lut.to(x.device)))
     f = 1.0 + ((m / 10) * 0.9) * s
     if name == 'ColorIncreasing': return cut(color_op(x, f))
-    if name in WHOLE_PICTURE_OPS: return cut(_picture_op(name, x, f))
+    if name in WHOLE_PICTURE_OPS: return _picture_op(name, x, f, cut)
+    if name == 'SharpnessIncreasing': return cut(sharpness_op(x, f))     # x: the region grown by a pixel
     raise ValueError(f'unknown RandAugment op {name!r}')
 
 # %% ../nbs/01b_augment.ipynb #dba4e9fe
@@ -297,6 +303,8 @@ def needed_regions(ops: Sequence, box, H: int, W: int) -> list:
     for name, m, s in reversed(ops):
         r = need[0]
         if name in WHOLE_PICTURE_OPS: r = (0, 0, H, W)
+        elif name == 'SharpnessIncreasing':                          # a 3 x 3 filter: one more pixel around
+            r = (max(r[0] - 1, 0), max(r[1] - 1, 0), min(r[2] + 1, H), min(r[3] + 1, W))
         elif name in GEOMETRIC_OPS and (mat := pil_affine(name, m, s, W, H)) is not None:
             r = source_region(mat, r, H, W)
         need.insert(0, r)
