@@ -42,12 +42,14 @@ COVERAGE = {
                                       'tests/test_train.py::test_two_gloo_processes_train_and_evaluate'],
     r'papermill nbs/evaluate\.ipynb ': [T + 'test_readme_papermill_parameters',
                                         'tests/test_papermill.py::test_evaluate_notebook_official_checkpoint'],
-    r'evl-nb evaluate ': ['tests/test_cli.py::test_train_then_predict_real_clips'],
+    r'evl-nb evaluate ': [T + 'test_readme_evaluate_and_predict_commands_parse',
+                          'tests/test_cli.py::test_train_then_predict_real_clips'],
     r'papermill nbs/explore\.ipynb runs/explore\.ipynb$': [T + 'test_readme_explore_opens_on_the_demo_model'],
     r'papermill nbs/explore\.ipynb \S+ -p': [T + 'test_readme_papermill_parameters',
                                              'tests/test_journey.py::test_explore_notebook_on_trainer_checkpoint',
                                              'tests/test_attention.py::test_explore_notebook_runs_on_a_video_file'],
-    r'evl-nb predict ': ['tests/test_cli.py::test_train_then_predict_real_clips'],
+    r'evl-nb predict ': [T + 'test_readme_evaluate_and_predict_commands_parse',
+                         'tests/test_cli.py::test_train_then_predict_real_clips'],
 }
 
 # Commands whose code arrives with issue 27 (`evl-nb sweep`, nbs/compare.ipynb): accepted without an entry only
@@ -167,6 +169,15 @@ def test_readme_train_commands_dry_run(cmd):
     assert f'#SBATCH --nodes={nodes}' in out and f'#SBATCH --ntasks-per-node={gpus}' in out, out
 
 
+@pytest.mark.parametrize('cmd', commands(r'evl-nb (evaluate|predict) '))
+def test_readme_evaluate_and_predict_commands_parse(cmd):
+    "The evaluation and prediction commands parse as written (every option exists, values of the right type)."
+    from evl_nb.cli import build_cli
+    argv = shlex.split(cmd)[1:]
+    args = vars(build_cli().parse_args(argv))
+    assert args['checkpoint'] == argv[argv.index('--checkpoint') + 1]
+
+
 @pytest.mark.parametrize('cmd', commands(r'torchrun '))
 def test_readme_torchrun_commands_parse(cmd):
     "What torchrun runs on each node, `python -m evl_nb.train ARGS`, parses (names and types of every option)."
@@ -273,7 +284,7 @@ def test_readme_explore_opens_on_the_demo_model(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     nb = json.loads((tmp_path / argv[2]).read_text())
     text = ''.join(''.join(o.get('text', '')) for c in nb['cells'] for o in c.get('outputs', []))
-    assert 'runs/demo/evl' in text and 'untrained' not in text.split('\n')[0]
+    assert 'runs/demo/evl' in text and 'untrained evl-tiny' not in text
     assert not (tmp_path / 'cache' / 'evl').exists()                  # found make demo's model, trained nothing
 
 
