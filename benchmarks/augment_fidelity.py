@@ -77,7 +77,8 @@ def fidelity_markdown(res) -> str:
     "The results as a markdown section: the stamp, the per-op table and the whole-clip line."
     rows = [(name, f"{r['mean']:.4f}", f"{r['max']:.0f}") for name, r in res['ops'].items()]
     c = res['clips']
-    return (stamp(res) + '\n\n' + table(('op (worst over magnitudes 0/5/10, both signs)', 'mean levels', 'max levels'), rows)
+    head = ('op (worst over magnitudes 0/5/10, both signs)', 'mean levels', 'max levels')
+    return (stamp(res) + '\n\n' + table(head, rows)
             + f"\n\nWhole clips ({RA} + crop + flip, {c['clips']}): {c['exact']} identical; per-clip mean difference: "
             f"mean {c['mean']}, median {c['p50']}, p90 {c['p90']}, p99 {c['p99']}, max {c['max']} levels.")
 

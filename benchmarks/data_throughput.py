@@ -126,7 +126,8 @@ def main():
         sdir = tdir / 'astore'
         build_store(paths, sdir, short_side=a.short_side, num_workers=1, progress=False)
         res = augment_split_rates(sdir, paths, tdir, a.repeats, a.loader_clips, a.main_threads)
-        res.update(provenance('data_throughput', f'{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}'))
+        machine = f'{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}'
+        res.update(provenance('data_throughput', machine))
         if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
         if a.markdown: replace_section(a.markdown, a.section, augment_split_markdown(res))
         if a.augment_only: tmp.cleanup(); return

@@ -234,8 +234,8 @@ def _ssv2_parts(root: Path):
 
 def test_readme_data_commands_on_miniatures(tmp_path, monkeypatch):
     """The README's data commands in order, on miniatures of the K400 and SSv2 downloads (`/data/k400`,
-    `/data/ssv2` under a temporary folder, 16 workers cut to 1): the SSv2 parts unpack into a layout the doctor reads, and
-    `prepare check`, `scan` and `store` succeed."""
+    `/data/ssv2` under a temporary folder, 16 workers cut to 1): the SSv2 parts unpack into a layout the doctor
+    reads, and `prepare check`, `scan` and `store` succeed."""
     from evl_nb.synthetic import make_synthetic_dataset
     from miniatures import make_layout
     syn = make_synthetic_dataset(tmp_path / 'syn', num_classes=3, train_per_class=2, val_per_class=1,
@@ -349,7 +349,8 @@ def test_benchmark_sections_regenerate_from_json(tmp_path):
     (tmp_path / 'split.json').write_text(json.dumps(res))
     mod = _script('data_throughput')
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, 'argv', ['data_throughput.py', '--from-json', str(tmp_path / 'split.json'), '--markdown', str(copy)])
+        mp.setattr(sys, 'argv', ['data_throughput.py', '--from-json', str(tmp_path / 'split.json'),
+                                 '--markdown', str(copy)])
         mod.main()
     new = copy.read_text()
     section = new.split('<!-- begin augment-split -->')[1].split('<!-- end augment-split -->')[0]
