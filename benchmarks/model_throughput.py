@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from evl_nb.model import TemporalCrossAttention, build_evl, get_config, official_formulation, tca_gather
 
 try:
-    from evl_nb.data import normalize_clip
+    from evl_nb.transforms import normalize_clip
 except ImportError:  # the data chapter is optional here: same CLIP normalisation, done where the tensor lives
     def normalize_clip(video, device=None):
         if device is not None: video = video.to(device, non_blocking=True)

@@ -17,7 +17,7 @@ except ImportError: fcntl = None     # not on Windows: the lock file alone then 
 __all__ = ['LOCK_FILE', 'shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger', 'dist_info',
            'all_gather_objects', 'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context',
            'check_output_path', 'RunLockedError', 'holder_alive', 'describe_holder', 'RunLock', 'read_lock',
-           'hold_run_lock', 'release_run_lock', 'is_run_folder', 'default_synthetic_root']
+           'hold_run_lock', 'release_run_lock', 'is_run_folder']
 
 # %% ../nbs/00_core.ipynb #07c2a288
 _PKG_ROOT = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd().resolve().parent
@@ -247,9 +247,3 @@ def release_run_lock(folder, everything: bool = False):
 def is_run_folder(folder) -> bool:
     "Whether `folder` belongs to a training run (a lock file or a checkpoints folder)."
     return (Path(folder) / LOCK_FILE).exists() or (Path(folder) / 'checkpoints').is_dir()
-
-# %% ../nbs/00_core.ipynb #a9eb0a1c
-def default_synthetic_root() -> Path:
-    "Where the default synthetic dataset lives: `$EVL_NB_DATA/synthetic`, else `~/.cache/evl_nb/synthetic`."
-    base = os.environ.get('EVL_NB_DATA')
-    return Path(base).expanduser() / 'synthetic' if base else Path.home() / '.cache' / 'evl_nb' / 'synthetic'

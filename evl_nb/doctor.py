@@ -12,7 +12,7 @@ import numpy as np
 
 from .video import VIDEO_EXTS, VideoError, open_video, scan_videos
 from .store import store_frame_size
-from .data import AnnotationError, read_split
+from .annotations import AnnotationError, read_split
 
 # %% auto #0
 __all__ = ['STORE_BYTES_PER_PIXEL', 'CONVERT_FRAMES_PER_S', 'probe_video', 'probe_videos', 'find_duplicates', 'check_split',
