@@ -210,12 +210,21 @@ class VideoClipDataset(Dataset):
         "A dataset from flat settings (`clip_settings`: `num_frames=`, `input_size=`, `convention=` ...)."
         return cls(samples, classes, train, **clip_settings(train, name, **settings), name=name,
                    missing=missing, fixed_class_ids=fixed_class_ids, report_missing=report_missing)
-    def __getattr__(self, attr):
-        "The settings read through: `ds.num_frames`, `ds.input_size`, `ds.store`, `ds.skipped` ..."
+    def _part_of(self, attr: str, stored: bool = False):
+        "The part (sampling, transform, source, skip log) that has `attr` (`stored`: as its own value), or None."
         for part in ('frame_sampling', 'clip_transform', 'source', 'skips'):
             obj = self.__dict__.get(part)
-            if obj is not None and hasattr(obj, attr): return getattr(obj, attr)
-        raise AttributeError(f'{type(self).__name__!r} object has no attribute {attr!r}')
+            if obj is not None and (attr in vars(obj) if stored else hasattr(obj, attr)): return obj
+    def __getattr__(self, attr):
+        "The settings read through: `ds.num_frames`, `ds.input_size`, `ds.store`, `ds.skipped` ..."
+        obj = self._part_of(attr)
+        if obj is None: raise AttributeError(f'{type(self).__name__!r} object has no attribute {attr!r}')
+        return getattr(obj, attr)
+    def __setattr__(self, attr, value):
+        "A setting is set where it lives: `ds.flip = ...` sets `ds.clip_transform.flip`."
+        obj = None if attr in self.__dict__ or hasattr(type(self), attr) else self._part_of(attr, stored=True)
+        if obj is None: super().__setattr__(attr, value)
+        else: setattr(obj, attr, value)
 
     @property
     def video_counts(self) -> dict:
