@@ -211,7 +211,7 @@ class VideoClipDataset(Dataset):
         return cls(samples, classes, train, **clip_settings(train, name, **settings), name=name,
                    missing=missing, fixed_class_ids=fixed_class_ids, report_missing=report_missing)
     def _part_of(self, attr: str, stored: bool = False):
-        "The part (sampling, transform, source, skip log) that has `attr` (`stored`: as its own value), or None."
+        "The part (sampling, transform, source, skip log) with `attr` (`stored`: as its own value), or None."
         for part in ('frame_sampling', 'clip_transform', 'source', 'skips'):
             obj = self.__dict__.get(part)
             if obj is not None and (attr in vars(obj) if stored else hasattr(obj, attr)): return obj
