@@ -503,6 +503,7 @@ def video_counts(ann: Annotations) -> dict:
     n, m = len(ann.samples), len(ann.missing)
     return dict(annotated=n + m, found=n, missing=m)
 
+# %% ../nbs/01c_annotations.ipynb #fb2e12c0
 def missing_summary(name: str, counts: dict, missing=(), list_file=None, n_named: int = 3) -> str:
     "One line: `counts` of split `name`, a few `missing` `(where, path)` named, and where the full list is."
     a, f, m = counts['annotated'], counts['found'], counts['missing']
@@ -512,6 +513,7 @@ def missing_summary(name: str, counts: dict, missing=(), list_file=None, n_named
     return (f'{name}: {f:,} of {a:,} annotated videos found ({f / max(a, 1):.1%}), {m:,} missing: {named}; '
             f'{full}')
 
+# %% ../nbs/01c_annotations.ipynb #75fc040a
 def write_missing(missing, output_dir, split: str) -> Path | None:
     """`output_dir/missing_<split>.txt` (one `path<TAB>annotation:line` a line) when videos are missing; a
     stale one is removed when none is."""

@@ -44,6 +44,7 @@ def store_frame_size(height: int, width: int, short_side: int | None) -> tuple[i
     if height <= width: return int(short_side), int(short_side * width / height)
     return int(short_side * height / width), int(short_side)
 
+# %% ../nbs/01a_store.ipynb #9979eaec
 def fit_short_side(frames: torch.Tensor, short_side: int | None,
                    size: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 `(..., 3, H, W)` resized to `size` or to `store_frame_size` (bilinear, antialiased); unchanged if
@@ -185,6 +186,7 @@ def read_jpegs(path, indices: Sequence[int], check: bool = True) -> list[torch.T
         return out
     finally: os.close(fd)
 
+# %% ../nbs/01a_store.ipynb #afa8c57f
 def _decode(jpegs: Sequence[torch.Tensor], device, where: Sequence[tuple] | None = None) -> list:
     "`decode_jpeg` of a batch; `where[k]`, the (store file, frame) of `jpegs[k]`, names one that fails."
     dev = torch.device(device)
