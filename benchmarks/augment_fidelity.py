@@ -18,7 +18,8 @@ import torch
 
 from evl_nb.augment import apply_clip_aug, tensor_op
 from evl_nb.core import find_fixture
-from evl_nb.data import RAND_INCREASING_OPS, VideoClipDataset, rand_augment_op
+from evl_nb.transforms import RAND_INCREASING_OPS, rand_augment_op
+from evl_nb.data import VideoClipDataset
 from evl_nb.video import VIDEO_EXTS, check_video, read_frames_pyav
 sys.path.insert(0, str(Path(__file__).resolve().parent))        # bench_markdown, beside this script
 from bench_markdown import cpu_name, load, provenance, replace_section, stamp, table
@@ -56,7 +57,7 @@ def per_op(clips):
 
 def whole_clips(clips, n):
     "n training clips with drawn parameters, through both paths: per-clip mean differences."
-    ds = VideoClipDataset([], ['x'], train=True, rand_augment=RA, input_size=224, augment_on='device')
+    ds = VideoClipDataset.from_settings([], ['x'], train=True, rand_augment=RA, input_size=224, augment_on='device')
     means, exact = [], 0
     names = list(clips)
     for k in range(n):

@@ -41,7 +41,8 @@ torch.set_num_threads(1)
 
 from evl_nb.augment import batch_clips
 from evl_nb.core import find_fixture
-from evl_nb.data import build_dataset, collate_clips, dense_indices, VideoClipDataset
+from evl_nb.transforms import dense_indices
+from evl_nb.data import build_dataset, collate_clips, VideoClipDataset
 from evl_nb.store import build_store, read_jpegs, decode_frames
 from evl_nb.video import check_video, read_frames_decord, read_frames_pyav, reencode_video, VIDEO_EXTS
 sys.path.insert(0, str(Path(__file__).resolve().parent))        # bench_markdown, beside this script
@@ -68,8 +69,8 @@ def cpu_name():
 
 def transforms():
     "evl_nb.data's training transforms: crop only, and RandAugment + crop (one draw per clip)."
-    crop = VideoClipDataset([], ['x'], train=True, rand_augment=None, input_size=224)
-    full = VideoClipDataset([], ['x'], train=True, rand_augment=RA, input_size=224)
+    crop = VideoClipDataset.from_settings([], ['x'], train=True, rand_augment=None, input_size=224)
+    full = VideoClipDataset.from_settings([], ['x'], train=True, rand_augment=RA, input_size=224)
     return {'': None, '+crop': crop, '+RA+crop': full}
 
 

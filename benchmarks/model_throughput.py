@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))        # bench_markdown
 from bench_markdown import cpu_name, load, provenance, replace_section, stamp, table
 
 try:
-    from evl_nb.data import normalize_clip
+    from evl_nb.transforms import normalize_clip
 except ImportError:  # the data chapter is optional here: same CLIP normalisation, done where the tensor lives
     def normalize_clip(video, device=None):
         if device is not None: video = video.to(device, non_blocking=True)

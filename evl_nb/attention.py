@@ -19,8 +19,8 @@ from matplotlib.patches import Rectangle
 from .core import get_logger
 from .model import EVL, temporal_maps
 from .synthetic import DEMO_CLASSES
-from .data import (CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, read_class_list, resize_short,
-                         uniform_indices)
+from .annotations import read_class_list
+from .transforms import CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, resize_short, uniform_indices
 
 # %% auto #0
 __all__ = ['KINDS', 'MIN_COVER', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'even_indices', 'prepare_clip', 'prepare_masks',

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from .core import (add_context, all_gather_objects, as_dtype, check_output_path, dist_info, get_logger,
                          hold_run_lock, is_run_folder, seed_everything)
-from .data import (CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, collate_clips, find_ann, normalize_clip, pad_classes,
-                         parse_views, read_class_list, record_skipped, resolve_convention)
+from .annotations import DEFAULT_MODEL, find_ann, pad_classes, read_class_list
+from .transforms import CLIP_MEAN, CLIP_STD, normalize_clip, parse_views, resolve_convention
+from .data import collate_clips, record_skipped
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
                           read_checkpoint)
 

@@ -20,8 +20,9 @@ from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_s
                          check_output_path, dist_info, get_logger, hold_run_lock, init_distributed, release_run_lock,
                          seed_everything)
 from .augment import batch_clips
-from .data import (AUGMENT_ON, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, find_ann, normalize_clip, parse_views,
-                         random_clips, record_skipped)
+from .annotations import DEFAULT_MODEL, find_ann
+from .transforms import AUGMENT_ON, normalize_clip, parse_views
+from .data import TensorClips, cache_dataset, collate_clips, random_clips, record_skipped
 from .evaluate import evaluate, format_report, save_results
 from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features, collate_features,
                              evaluate_features, unpack_features, without_maps)
@@ -94,7 +95,7 @@ def check_ranges(c):
     if not c.lr > 0: raise ValueError(f'lr={c.lr!r}: must be > 0')
     if c.max_missing is not None and not 0 <= c.max_missing <= 1:
         raise ValueError(f'max_missing={c.max_missing!r}: expected a fraction in [0, 1] (None: any)')
-    from evl_nb.data import resolve_convention
+    from evl_nb.transforms import resolve_convention
     if isinstance(c.convention, str): resolve_convention(c.convention)     # 'convention=...: expected one of ...'
     if c.weight_decay < 0: raise ValueError(f'weight_decay={c.weight_decay!r}: must be >= 0')
     if len(c.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in c.betas):
@@ -492,7 +493,7 @@ def check_classes(cfg: TrainConfig, data, val=None) -> list | None:
     """The model's class count against the data (a dataset, or a class count); returns the class names by model output.
     Ids the reader derived (K400 labels sorted) need exactly that many outputs. Ids given by a class list or labels
     file are kept as given, may be sparse, and need more outputs than the largest id (then `None` holes pad the list)."""
-    from evl_nb.data import class_ids, pad_classes
+    from evl_nb.annotations import class_ids, pad_classes
     n = cfg.num_classes or get_config(cfg.model).num_classes
     classes = None if isinstance(data, int) else list(data.classes)
     count = data if classes is None else len(classes)
@@ -605,7 +606,7 @@ def setup_run(cfg: TrainConfig, train_set, model: EVL | None = None) -> RunState
     seed_everything(cfg.seed + 7919 * rank)   # dropout differs per rank, reproducibly
     classes = list(getattr(train_set, 'classes', []) or [])
     if classes and len(classes) < model.config.num_classes:       # sparse / partial class ids: None for the rest
-        from evl_nb.data import pad_classes
+        from evl_nb.annotations import pad_classes
         classes = pad_classes(classes, model.config.num_classes)
     return RunState(cfg, rank, world, device, model, opt, sched, scaler, micro, classes, t_start)
 

@@ -16,10 +16,13 @@ PKG = Path(__file__).resolve().parents[1] / 'evl_nb'
 
 # The chapters, lowest first: a module may import only from modules before it. Evaluation sits below training
 # because the trainer evaluates (train imports evl_nb.evaluate at module level); evaluation needs nothing from
-# the trainer (annotation finding and DEFAULT_MODEL live in data, model_input_size in model, the distributed
-# helpers in core). The dataset doctor reads data and is read only by the command line.
-CHAIN = ['core', 'video', 'store', 'augment', 'data', 'doctor', 'synthetic', 'backbone', 'model', 'evaluate', 'features',
-         'train', 'attention', 'demo', 'cli']
+# the trainer (annotation finding and DEFAULT_MODEL live in annotations, model_input_size in model, the
+# distributed helpers in core). The synthetic set sits low (it needs only core) so that reading the synthetic
+# annotations can make the default set; annotations read files only, the clip store lists its videos with them,
+# transforms work on uint8 clips, data puts frames, transforms and annotations together. The dataset doctor
+# reads annotations and is read only by the command line.
+CHAIN = ['core', 'video', 'synthetic', 'annotations', 'store', 'augment', 'transforms', 'data', 'doctor', 'backbone',
+         'model', 'evaluate', 'features', 'train', 'attention', 'demo', 'cli']
 
 # Imports that still point up, each with its reason. Every entry must still be needed (test_no_stale_exceptions),
 # so fixing one means deleting it here.
@@ -33,7 +36,7 @@ UPWARD_EXCEPTIONS = {
 
 # Modules whose exported lines are not yet wrapped at 110 characters (chapters other helpers were editing);
 # each must still have a long line (test_no_stale_exceptions), so wrapping one means deleting it here.
-LONG_LINES_PENDING = {'attention', 'cli', 'demo', 'features', 'store', 'train'}
+LONG_LINES_PENDING = {'attention', 'cli', 'demo', 'features', 'train'}
 MAX_LINE = 110
 MAX_FUNCTION_LINES, MAX_TRAIN_LINES = 60, 40
 
