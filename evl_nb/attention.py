@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from .core import get_logger
 from .video import check_video, read_clip
-from .data import (CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, read_class_list, resize_short,
-                         uniform_indices)
+from .annotations import read_class_list
+from .transforms import CLIP_MEAN, CLIP_STD, center_crop, normalize_clip, resize_short, uniform_indices
 from .synthetic import load_object_tracks, object_masks
 from .model import EVL, temporal_maps
 

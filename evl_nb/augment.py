@@ -16,10 +16,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 # %% auto #0
-__all__ = ['LEVELS', 'GEOMETRIC_OPS', 'TRUNC_EPS', 'WHOLE_PICTURE_OPS', 'resize_clip', 'blend_lut', 'point_lut', 'posterize_mask',
+__all__ = ['LEVELS', 'GEOMETRIC_OPS', 'TRUNC_EPS', 'WHOLE_PICTURE_OPS', 'resize_clip', 'blend_lut', 'posterize_mask', 'point_lut',
            'histograms', 'autocontrast_lut', 'equalize_lut', 'grey', 'apply_lut', 'pil_affine', 'source_region',
-           'pil_cubic', 'shift_rows', 'affine_region', 'color_op', 'contrast_op', 'sharpness_op', 'tensor_op',
-           'ClipAug', 'needed_regions', 'apply_clip_aug', 'augment_batch', 'batch_clips']
+           'pil_cubic', 'shift_rows', 'affine_region', 'color_op', 'contrast_lut', 'contrast_op', 'sharpness_op',
+           'tensor_op', 'ClipAug', 'needed_regions', 'apply_clip_aug', 'augment_batch', 'batch_clips']
 
 # %% ../nbs/01b_augment.ipynb #d63d6161
 def resize_clip(video, hw, antialias: bool = False):
@@ -45,6 +45,12 @@ def blend_lut(a, f: float) -> torch.Tensor:
     y = a + torch.tensor(f, dtype=torch.float32) * (LEVELS.float() - a)
     return y.clamp_(0, 255).floor_().to(torch.uint8)
 
+# %% ../nbs/01b_augment.ipynb #86d5d7d5
+def posterize_mask(bits: int) -> int:
+    "The level mask keeping `bits` high bits (PIL's); 0 bits keeps nothing (black: current PIL refuses 0)."
+    return ~(2 ** (8 - bits) - 1) & 255 if bits > 0 else 0
+
+
 # %% ../nbs/01b_augment.ipynb #6b3d1b7a
 def point_lut(name: str, m: float, s: float = 1.0) -> torch.Tensor | None:
     """The uint8 table of a RandAugment op that maps each level alone, at magnitude `m` (0-10) and sign `s`;
@@ -61,9 +67,6 @@ def point_lut(name: str, m: float, s: float = 1.0) -> torch.Tensor | None:
     if name == 'BrightnessIncreasing': return blend_lut(0.0, 1.0 + ((m / 10) * 0.9) * s)
     return None
 
-def posterize_mask(bits: int) -> int:
-    "The level mask keeping `bits` high bits (PIL's); 0 bits keeps nothing (black: current PIL refuses 0)."
-    return ~(2 ** (8 - bits) - 1) & 255 if bits > 0 else 0
 
 # %% ../nbs/01b_augment.ipynb #8b197eb1
 def histograms(x) -> torch.Tensor:
@@ -95,10 +98,10 @@ def equalize_lut(h) -> torch.Tensor:
 
 # %% ../nbs/01b_augment.ipynb #52bb78c8
 def grey(x) -> torch.Tensor:
-    """PIL's RGB -> L of uint8 `(..., 3, H, W)`: `(R*19595 + G*38470 + B*7471 + 0x8000) >> 16`, int32 `(...,
-    H, W)`."""
-    r, g, b = x.unbind(-3)
-    return (r.int() * 19595 + g.int() * 38470 + b.int() * 7471 + 0x8000) >> 16
+    """PIL's RGB -> L of uint8 `(..., 3, H, W)`: `(R*19595 + G*38470 + B*7471 + 0x8000) >> 16`, as float32
+    `(..., H, W)`. Exact: every partial sum stays below 2**24, and the shift is a power-of-two scale."""
+    r, g, b = x.float().unbind(-3)
+    return (r * 19595 + g * 38470 + b * 7471 + 0x8000).mul_(2.0 ** -16).floor_()
 
 # %% ../nbs/01b_augment.ipynb #ce7048cc
 def apply_lut(x, lut) -> torch.Tensor:
@@ -224,15 +227,21 @@ def _blend(d, x, f: float) -> torch.Tensor:
 
 def color_op(x, f: float) -> torch.Tensor:
     "PIL's `ImageEnhance.Color(f)` on uint8 `(..., 3, H, W)`: each channel blended with the grey picture."
-    return _blend(grey(x).unsqueeze(-3).float(), x, f)
+    return _blend(grey(x).unsqueeze(-3), x, f)
 
 # %% ../nbs/01b_augment.ipynb #d038a907
-def contrast_op(x, f: float) -> torch.Tensor:
-    """PIL's `ImageEnhance.Contrast(f)` on uint8 `(..., 3, H, W)`: each frame blended with its rounded grey
-    mean."""
+def contrast_lut(x, f: float) -> torch.Tensor:
+    """The tables of PIL's `ImageEnhance.Contrast(f)` for uint8 `(..., 3, H, W)`: one per frame, blending
+    every level with the frame's rounded grey mean, `(frames, 256)`."""
     mean = (grey(x).flatten(-2).double().mean(-1) + 0.5).floor()
-    lut = blend_lut(mean.reshape(-1).float(), f)                       # one table per frame
-    return apply_lut(x.reshape(lut.shape[0], -1, x.shape[-1]), lut).view(x.shape)
+    return blend_lut(mean.reshape(-1).float(), f)
+
+
+# %% ../nbs/01b_augment.ipynb #13c29ee5
+def contrast_op(x, f: float) -> torch.Tensor:
+    "PIL's `ImageEnhance.Contrast(f)` on uint8 `(..., 3, H, W)`: each frame blended with its grey mean."
+    return apply_lut(x, contrast_lut(x, f))
+
 
 # %% ../nbs/01b_augment.ipynb #2553cd77
 def sharpness_op(x, f: float) -> torch.Tensor:
@@ -241,24 +250,24 @@ def sharpness_op(x, f: float) -> torch.Tensor:
     xi = x.to(torch.int16)
     rows = xi[..., :-2, :] + xi[..., 1:-1, :] + xi[..., 2:, :]
     S = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * xi[..., 1:-1, 1:-1]
-    d = xi.clone()
-    d[..., 1:-1, 1:-1] = (2 * S + 13) // 26                               # round(S / 13), exactly
-    return _blend(d.float(), x, f)
+    d = xi.float()                     # round(S / 13) = floor((S + 6.5) / 13), never within 0.03 of a step:
+    # float32 is exact
+    d[..., 1:-1, 1:-1] = S.float().add_(6.5).mul_(1 / 13).floor_()
+    return _blend(d, x, f)
 
 # %% ../nbs/01b_augment.ipynb #ee695556
-WHOLE_PICTURE_OPS = ('AutoContrast', 'Equalize', 'ContrastIncreasing', 'SharpnessIncreasing')
+WHOLE_PICTURE_OPS = ('AutoContrast', 'Equalize', 'ContrastIncreasing')   # their tables read the whole frame
 
-def _picture_op(name, x, f):
-    if name == 'ContrastIncreasing': return contrast_op(x, f)
-    if name == 'SharpnessIncreasing': return sharpness_op(x, f)
-    planes = x.reshape(-1, *x.shape[-2:])
-    lut = (autocontrast_lut if name == 'AutoContrast' else equalize_lut)(histograms(planes))
-    return apply_lut(planes, lut).view(x.shape)
+def _picture_op(name, x, f, cut):
+    "The tables from all of `x` (the whole frame), applied to the part `cut` keeps."
+    if name == 'ContrastIncreasing': lut = contrast_lut(x, f)
+    else: lut = (autocontrast_lut if name == 'AutoContrast' else equalize_lut)(histograms(x))
+    return apply_lut(cut(x), lut)
 
 def tensor_op(name: str, x, m: float, s: float = 1.0, src=None, dst=None, frame=None) -> torch.Tensor:
     """One RandAugment op (PIL's semantics) at magnitude `m` (0-10) and sign `s` on uint8 `(T, 3, h, w)`,
     which is region `src` (top, left, bottom, right) of a `frame` (H, W); returns region `dst` (default: all
-    of x)."""
+    of x). `src` must hold what the op reads for `dst` (`needed_regions`)."""
     H, W = frame or x.shape[-2:]
     src = src or (0, 0, H, W); dst = dst or src
     cut = lambda y: y[..., dst[0] - src[0]:dst[2] - src[0], dst[1] - src[1]:dst[3] - src[1]]
@@ -269,7 +278,8 @@ def tensor_op(name: str, x, m: float, s: float = 1.0, src=None, dst=None, frame=
     if lut is not None: return cut(apply_lut(x, lut.to(x.device)))
     f = 1.0 + ((m / 10) * 0.9) * s
     if name == 'ColorIncreasing': return cut(color_op(x, f))
-    if name in WHOLE_PICTURE_OPS: return cut(_picture_op(name, x, f))
+    if name in WHOLE_PICTURE_OPS: return _picture_op(name, x, f, cut)
+    if name == 'SharpnessIncreasing': return cut(sharpness_op(x, f))     # x: the region grown by a pixel
     raise ValueError(f'unknown RandAugment op {name!r}')
 
 # %% ../nbs/01b_augment.ipynb #dba4e9fe
@@ -293,6 +303,8 @@ def needed_regions(ops: Sequence, box, H: int, W: int) -> list:
     for name, m, s in reversed(ops):
         r = need[0]
         if name in WHOLE_PICTURE_OPS: r = (0, 0, H, W)
+        elif name == 'SharpnessIncreasing':                          # a 3 x 3 filter: one more pixel around
+            r = (max(r[0] - 1, 0), max(r[1] - 1, 0), min(r[2] + 1, H), min(r[3] + 1, W))
         elif name in GEOMETRIC_OPS and (mat := pil_affine(name, m, s, W, H)) is not None:
             r = source_region(mat, r, H, W)
         need.insert(0, r)
@@ -327,8 +339,11 @@ def augment_batch(frames: Sequence, augs: Sequence[ClipAug], device=None) -> tor
         with ThreadPoolExecutor(threads) as pool: return torch.stack(list(pool.map(one, zip(frames, augs))))
     finally: torch.set_num_threads(threads)
 
+
+# %% ../nbs/01b_augment.ipynb #5595eb15
 def batch_clips(batch: dict, device=None) -> torch.Tensor | None:
     """The uint8 clips of a collated batch: `batch['video']`, or the device share applied to `batch['frames']`
     (a worker that left the augmentation to the device); None when every clip was skipped."""
     if batch.get('frames') is None: return batch.get('video')
     return augment_batch(batch['frames'], batch['aug'], device)
+

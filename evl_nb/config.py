@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 
 from .core import as_dtype, check_output_path, get_logger
-from .data import AUGMENT_ON, DEFAULT_MODEL, parse_views, resolve_convention
+from .annotations import DEFAULT_MODEL
+from .transforms import AUGMENT_ON, parse_views, resolve_convention
 from .model import PRESETS, TINY_TOWER, get_config, model_input_size
 from .synthetic import DEMO_CLASSES
 

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .core import get_logger
 from .video import VIDEO_EXTS, VideoError, open_video, scan_videos
 from .store import store_frame_size
-from .data import AnnotationError, read_split
+from .annotations import AnnotationError, read_split
+
+_log = get_logger('evl_nb.doctor')
 
 # %% auto #0
 __all__ = ['STORE_BYTES_PER_PIXEL', 'CONVERT_FRAMES_PER_S', 'probe_video', 'probe_videos', 'find_duplicates', 'check_split',
@@ -143,6 +146,7 @@ def guess_split(ann_file) -> str:
     if any(k in name for k in ('val', 'validation', 'validate')): return 'val'
     return 'test' if 'test' in name else 'train'
 
+# %% ../nbs/02b_doctor.ipynb #1a8e7d39
 def check_dataset(dataset: str, data_root=None, ann_file=None, splits=None, decode: bool = False,
                   num_workers: int | None = None, progress: bool = True, cores: int | None = None) -> dict:
     """The dataset doctor: `check_split` for each of `splits` (default: train and val; with `ann_file`, the
@@ -163,6 +167,7 @@ def check_dataset(dataset: str, data_root=None, ann_file=None, splits=None, deco
                 overlap=overlap, estimate=estimate_store(rows, cores=cores),
                 usable=any(r['usable'] for r in per.values()))
 
+# %% ../nbs/02b_doctor.ipynb #7cd598df
 def require_usable(report: dict):
     "Raise, naming each split's problem, when no split has a readable video (a job then fails, as the CLI)."
     if not report['usable']:
@@ -198,6 +203,7 @@ def format_doctor(report: dict, examples: int = 3) -> str:
     lines.append('usable: ' + ('yes' if r['usable'] else 'NO: no split has a video that can be read'))
     return '\n'.join(lines)
 
+# %% ../nbs/02b_doctor.ipynb #5d983bfb
 def save_report(report: dict, path) -> Path:
     "The report as JSON (without the per-video probes), written atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ import torch
 
 from .core import (add_context, all_gather_objects, as_dtype, check_output_path, dist_info, get_logger,
                          hold_run_lock, is_run_folder, seed_everything)
-from .data import (DEFAULT_MODEL, build_dataset, collate_clips, find_ann, normalize_clip, pad_classes,
-                         read_class_list, record_skipped)
+from .annotations import DEFAULT_MODEL, find_ann, pad_classes, read_class_list
+from .transforms import normalize_clip
+from .data import build_dataset, collate_clips, record_skipped
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
                           read_checkpoint)

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .core import all_gather_objects, dist_info, get_logger
-from .data import normalize_clip, pad_classes
+from .annotations import pad_classes
+from .transforms import normalize_clip
 from .evaluate import classification_metrics
 
 _log = get_logger('evl_nb.features')

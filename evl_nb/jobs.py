@@ -458,9 +458,10 @@ def predict_videos(model, videos, classes=None, views: str = '3x1', top: int = 5
     videos = [v for v in videos if v not in missing]
     if not videos:
         return dict(views=views, predictions=[], skipped=[dict(video=v, reason='missing') for v in missing])
-    ds = VideoClipDataset([(v, 0, v) for v in videos], names, train=False, sampling=cfg.sampling,
-                          num_frames=cfg.num_frames, frame_interval=cfg.frame_interval, views=views,
-                          input_size=model.backbone.tower.image_size[0], name='predict')
+    ds = VideoClipDataset.from_settings([(v, 0, v) for v in videos], names, train=False,
+                                        sampling=cfg.sampling, num_frames=cfg.num_frames,
+                                        frame_interval=cfg.frame_interval, views=views,
+                                        input_size=model.backbone.tower.image_size[0], name='predict')
     out = predict(model, ds, batch_size=1, num_workers=num_workers, precision=precision,
                   progress=progress and len(videos) > 1)
     preds = []

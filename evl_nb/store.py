@@ -5,6 +5,7 @@
 # %% ../nbs/01a_store.ipynb #st002
 from __future__ import annotations
 import csv, errno, io, json, os, tarfile, tempfile, time, warnings, zlib
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,30 +18,37 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .core import get_logger, find_fixture
-from .video import (VIDEO_EXTS, VideoError, VideoInfo, MissingVideoError, EmptyVideoError, TruncatedVideoError,
-                          UnreadableVideoError, TooShortVideoError, open_video, load_manifest)
+from .annotations import annotation_videos
+from .video import (VIDEO_EXTS, VideoError, VideoInfo, MissingVideoError, EmptyVideoError,
+                          TruncatedVideoError, UnreadableVideoError, TooShortVideoError, open_video,
+                          load_manifest)
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'STORE_REASONS', 'MANIFEST_COLUMNS', 'store_frame_size', 'fit_short_side', 'pack_frames', 'StoreError',
-           'read_index', 'read_jpegs', 'decode_frames', 'verify_clip_file', 'convert_video', 'annotation_videos',
-           'store_sources', 'build_store', 'ClipStore']
+           'read_index', 'read_jpegs', 'decode_frames', 'verify_clip_file', 'convert_video', 'store_sources',
+           'build_store', 'ClipStore']
 
 # %% ../nbs/01a_store.ipynb #st004
 _log = get_logger('evl_nb.store')
 STORE_FORMAT = 'evl-nb-clip-store-1'
-# torchvision 0.29 warns on every JPEG call that TorchCodec will take image decoding over; the calls work, say it once
+# torchvision 0.29 warns on every JPEG call that TorchCodec will take image decoding over; the calls work,
+# say it once
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
                         category=DeprecationWarning)
 
 # %% ../nbs/01a_store.ipynb #st007
 def store_frame_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
-    "(height, width) of a stored frame: short side scaled down to `short_side` (never up), torchvision's rounding."
+    """(height, width) of a stored frame: short side scaled down to `short_side` (never up), torchvision's
+    rounding."""
     if not short_side or min(height, width) <= short_side: return int(height), int(width)
     if height <= width: return int(short_side), int(short_side * width / height)
     return int(short_side * height / width), int(short_side)
 
-def fit_short_side(frames: torch.Tensor, short_side: int | None, size: tuple[int, int] | None = None) -> torch.Tensor:
-    "uint8 `(..., 3, H, W)` resized to `size` or to `store_frame_size` (bilinear, antialiased); unchanged if it fits."
+# %% ../nbs/01a_store.ipynb #9979eaec
+def fit_short_side(frames: torch.Tensor, short_side: int | None,
+                   size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 `(..., 3, H, W)` resized to `size` or to `store_frame_size` (bilinear, antialiased); unchanged if
+    it fits."""
     H, W = frames.shape[-2:]
     h, w = size or store_frame_size(H, W, short_side)
     if (h, w) == (H, W): return frames
@@ -178,6 +186,7 @@ def read_jpegs(path, indices: Sequence[int], check: bool = True) -> list[torch.T
         return out
     finally: os.close(fd)
 
+# %% ../nbs/01a_store.ipynb #afa8c57f
 def _decode(jpegs: Sequence[torch.Tensor], device, where: Sequence[tuple] | None = None) -> list:
     "`decode_jpeg` of a batch; `where[k]`, the (store file, frame) of `jpegs[k]`, names one that fails."
     dev = torch.device(device)
@@ -236,8 +245,8 @@ def verify_clip_file(path, level: str = 'tar', frames: int | None = None) -> dic
     return idx
 
 # %% ../nbs/01a_store.ipynb #st016
-MANIFEST_COLUMNS = ['key', 'file', 'source', 'frames', 'fps', 'width', 'height', 'src_width', 'src_height', 'codec',
-                    'bytes', 'seconds', 'error', 'message']
+MANIFEST_COLUMNS = ['key', 'file', 'source', 'frames', 'fps', 'width', 'height', 'src_width', 'src_height',
+                    'codec', 'bytes', 'seconds', 'error', 'message']
 _FATAL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 def _decode_to_jpeg(c, src, short_side, quality, spool, chunk: int = 32):
@@ -266,7 +275,8 @@ def convert_video(src, dst, short_side: int | None = 320, quality: int = 95, min
                   key: str | None = None) -> dict:
     "Decode `src` once, store every frame as JPEG in the tar `dst` (atomically); returns its manifest row."
     src, dst = Path(src), Path(dst); t0 = time.perf_counter()
-    row = dict.fromkeys(MANIFEST_COLUMNS, ''); row.update(key=key or src.name, source=str(src), frames=0, bytes=0)
+    row = dict.fromkeys(MANIFEST_COLUMNS, '')
+    row.update(key=key or src.name, source=str(src), frames=0, bytes=0)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f'{dst.name}.tmp-{os.getpid()}')
     try:
@@ -277,14 +287,17 @@ def convert_video(src, dst, short_side: int | None = 320, quality: int = 95, min
             with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=dst.parent) as spool:
                 sizes, crcs, (H, W), (H0, W0) = _decode_to_jpeg(c, src, short_side, quality, spool)
                 if not sizes: raise EmptyVideoError(src, 'no frame decodes')
-                if len(sizes) < min_frames: raise TooShortVideoError(src, f'{len(sizes)} frame(s) decode, need {min_frames}')
-                meta = dict(format=STORE_FORMAT, key=row['key'], source=str(src), frames=len(sizes), fps=fps, width=W,
-                            height=H, src_width=W0, src_height=H0, codec=codec, short_side=short_side, quality=quality)
+                if len(sizes) < min_frames:
+                    raise TooShortVideoError(src, f'{len(sizes)} frame(s) decode, need {min_frames}')
+                meta = dict(format=STORE_FORMAT, key=row['key'], source=str(src), frames=len(sizes), fps=fps,
+                            width=W, height=H, src_width=W0, src_height=H0, codec=codec,
+                            short_side=short_side, quality=quality)
                 spool.seek(0); pack_frames(spool, sizes, tmp, meta, crcs)
         finally: c.close()
         verify_clip_file(tmp, 'tar', frames=len(sizes))
         os.replace(tmp, dst)
-        row.update({k: meta[k] for k in ('frames', 'fps', 'width', 'height', 'src_width', 'src_height', 'codec')})
+        row.update({k: meta[k] for k in ('frames', 'fps', 'width', 'height', 'src_width', 'src_height',
+                                         'codec')})
         row.update(bytes=dst.stat().st_size)
     except VideoError as err: row.update(error=err.kind, message=str(err))
     except OSError as err:
@@ -296,46 +309,8 @@ def convert_video(src, dst, short_side: int | None = 320, quality: int = 95, min
     row['seconds'] = round(time.perf_counter() - t0, 3)
     return row
 
-# %% ../nbs/01a_store.ipynb #st020
-def _stem_index(root) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root, followlinks=True):
-        for f in sorted(files):
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in VIDEO_EXTS and stem not in out: out[stem] = os.path.join(dirpath, f)
-    return out
-
-def annotation_videos(ann_file, data_root=None) -> tuple[list[Path], list[str]]:
-    "Videos named by a K400 CSV, an SSv2 JSON or a `path label` list, under `data_root`: (found paths, missing names)."
-    ann = Path(ann_file); root = Path(data_root) if data_root is not None else ann.parent
-    if not ann.exists(): raise FileNotFoundError(f'annotation file {ann} does not exist')
-    stems, paths = [], []
-    if ann.suffix == '.csv':
-        with open(ann, newline='') as f:
-            for line, r in enumerate(csv.DictReader(f), start=2):
-                try: stems.append(f"{r['youtube_id'].strip()}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}")
-                except (KeyError, TypeError, ValueError): raise ValueError(f'{ann}:{line}: not a K400 row ({r})') from None
-    elif ann.suffix == '.json':
-        items = json.loads(ann.read_text())
-        if not isinstance(items, list) or not all(isinstance(i, dict) and 'id' in i for i in items):
-            raise ValueError(f'{ann}: expected a JSON list of objects with "id" (SSv2)')
-        stems = [str(i['id']) for i in items]
-    else:
-        for line, raw in enumerate(ann.read_text().splitlines(), start=1):
-            s = raw.strip()
-            if not s or s.startswith('#'): continue
-            parts = s.rsplit(maxsplit=1)
-            if len(parts) != 2: raise ValueError(f'{ann}:{line}: expected "path label", got {s!r}')
-            paths.append(Path(parts[0]) if Path(parts[0]).is_absolute() else root / parts[0])
-    found, missing = [p for p in paths if p.exists()], [str(p) for p in paths if not p.exists()]
-    if stems:
-        idx = _stem_index(root)
-        found += [Path(idx[s]) for s in dict.fromkeys(stems) if s in idx]
-        missing += [s for s in dict.fromkeys(stems) if s not in idx]
-    return found, missing
-
 # %% ../nbs/01a_store.ipynb #st021
-def _abs(p) -> Path: return Path(os.path.abspath(p))   # absolute, symbolic links kept (a linked tree keeps its keys)
+def _abs(p) -> Path: return Path(os.path.abspath(p))  # absolute, links kept (a linked tree keeps its keys)
 
 def _key(path: Path, root: Path | None) -> str:
     if root is not None:
@@ -344,11 +319,13 @@ def _key(path: Path, root: Path | None) -> str:
     return path.name
 
 def store_sources(src, data_root=None, root=None) -> tuple[list[tuple[str, Path]], list[str]]:
-    "`(key, path)` for every video in `src` (folder, list of paths, video, or annotation file), and missing names."
+    """`(key, path)` for every video in `src` (folder, list of paths, video, or annotation file), and missing
+    names."""
     missing = []
     if isinstance(src, (str, Path)):
         p = Path(src)
-        if p.is_dir(): paths, root = sorted(q for q in p.rglob('*') if q.suffix.lower() in VIDEO_EXTS), root or p
+        if p.is_dir():
+            paths, root = sorted(q for q in p.rglob('*') if q.suffix.lower() in VIDEO_EXTS), root or p
         elif p.suffix.lower() in VIDEO_EXTS: paths = [p]
         elif p.exists():
             paths, missing = annotation_videos(p, data_root)
@@ -360,8 +337,9 @@ def store_sources(src, data_root=None, root=None) -> tuple[list[tuple[str, Path]
             root = Path(os.path.commonpath([str(_abs(q).parent) for q in paths]))
     root = Path(root) if root is not None else None
     pairs = [(_key(q, root), _abs(q)) for q in paths]
-    dup = [k for k, n in __import__('collections').Counter(k for k, _ in pairs).items() if n > 1]
-    if dup: raise ValueError(f'two source videos map to the same store key {dup[0]!r}; pass root= so keys differ')
+    dup = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+    if dup:
+        raise ValueError(f'two source videos map to the same store key {dup[0]!r}; pass root= so keys differ')
     return sorted(pairs), missing
 
 # %% ../nbs/01a_store.ipynb #st024
@@ -384,7 +362,8 @@ def _store_settings(out: Path, short_side, quality) -> dict:
         have = json.loads(f.read_text())
         diff = [k for k in want if have.get(k) != want[k]]
         if diff: raise ValueError(f'{out} is a store with {", ".join(f"{k}={have.get(k)!r}" for k in diff)}; '
-                                  f'asked for {", ".join(f"{k}={want[k]!r}" for k in diff)}: use another out_dir')
+                                  f'asked for {", ".join(f"{k}={want[k]!r}" for k in diff)}: '
+                                  'use another out_dir')
         return have
     _write_atomic(f, json.dumps(want, indent=1)); return want
 
@@ -392,15 +371,19 @@ def _done_row(key, src, dst, verify) -> dict | None:
     "The manifest row of an existing, verified store file (None when it must be converted again)."
     try: idx = verify_clip_file(dst, verify)
     except StoreError as err:
-        _log.warning(f'store file {dst} is not valid ({err}); converting {src} again'); dst.unlink(missing_ok=True); return None
-    row = dict.fromkeys(MANIFEST_COLUMNS, ''); row.update({k: idx.get(k, '') for k in MANIFEST_COLUMNS if k in idx})
+        _log.warning(f'store file {dst} is not valid ({err}); converting {src} again')
+        dst.unlink(missing_ok=True); return None
+    row = dict.fromkeys(MANIFEST_COLUMNS, '')
+    row.update({k: idx.get(k, '') for k in MANIFEST_COLUMNS if k in idx})
     row.update(key=key, source=str(src), bytes=dst.stat().st_size, seconds=0)
     return row
 
 # %% ../nbs/01a_store.ipynb #st025
 def build_store(src, out_dir, short_side: int | None = 320, num_workers: int | None = None, quality: int = 95,
-                data_root=None, root=None, min_frames: int = 1, verify: str = 'index', progress: bool = True) -> 'ClipStore':
-    "Convert every video of `src` (folder, list of paths, or annotation file under `data_root`) into a clip store."
+                data_root=None, root=None, min_frames: int = 1, verify: str = 'index',
+                progress: bool = True) -> 'ClipStore':
+    """Convert every video of `src` (folder, list of paths, or annotation file under `data_root`) into a clip
+    store."""
     out = Path(out_dir); (out / 'frames').mkdir(parents=True, exist_ok=True)
     _store_settings(out, short_side, quality)
     for t in (out / 'frames').rglob('*.tmp-*'): t.unlink(missing_ok=True)      # left by a killed run
@@ -413,7 +396,8 @@ def build_store(src, out_dir, short_side: int | None = 320, num_workers: int | N
         else: rows[key] = r
     skipped = len(rows)
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(pairs), initial=skipped, desc='building clip store', unit='video', disable=not progress)
+    bar = tqdm(total=len(pairs), initial=skipped, desc='building clip store', unit='video',
+               disable=not progress)
     nw = max(1, min(num_workers if num_workers is not None else (os.cpu_count() or 1), len(jobs)))
     try:
         if nw == 1 or not jobs:
@@ -422,20 +406,25 @@ def build_store(src, out_dir, short_side: int | None = 320, num_workers: int | N
         else:
             import multiprocessing as mp
             with mp.get_context('fork').Pool(nw, initializer=_init_worker) as pool:
-                for r in pool.imap_unordered(_convert_job, jobs, chunksize=1): rows[r['key']] = r; bar.update()
+                for r in pool.imap_unordered(_convert_job, jobs, chunksize=1):
+                    rows[r['key']] = r; bar.update()
     finally: bar.close()
     for m in missing:
-        rows[m] = dict.fromkeys(MANIFEST_COLUMNS, '') | dict(key=m, source=m, frames=0, bytes=0, error='missing',
-                                                             message=f'missing: {m} (named by {src}, not under the data root)')
+        why = f'missing: {m} (named by {src}, not under the data root)'
+        rows[m] = dict.fromkeys(MANIFEST_COLUMNS, '') | dict(key=m, source=m, frames=0, bytes=0,
+                                                             error='missing', message=why)
     for r in rows.values(): r['file'] = f"frames/{r['key']}.tar" if not r['error'] else ''
     buf = io.StringIO(); w = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS); w.writeheader()
     for k in sorted(rows): w.writerow(rows[k])
     _write_atomic(out / 'manifest.csv', buf.getvalue())
     bad = [r for r in rows.values() if r['error']]
-    if bad: _log.warning(f'clip store {out}: {len(bad)} of {len(rows)} videos not converted, e.g. {bad[0]["message"]}')
+    if bad:
+        _log.warning(f'clip store {out}: {len(bad)} of {len(rows)} videos not converted, '
+                     f'e.g. {bad[0]["message"]}')
     store = ClipStore(out)
-    store.last_build = dict(videos=len(rows), converted=len(jobs) - sum(1 for j in jobs if rows[j[0]]['error']),
-                            skipped=skipped, failed=len(bad))
+    failed_jobs = sum(1 for j in jobs if rows[j[0]]['error'])
+    store.last_build = dict(videos=len(rows), converted=len(jobs) - failed_jobs, skipped=skipped,
+                            failed=len(bad))
     return store
 
 # %% ../nbs/01a_store.ipynb #st027
@@ -443,22 +432,30 @@ class ClipStore:
     "A clip store made by `build_store`: look videos up by source path, key or stem; read frames at indices."
     def __init__(self, root):
         self.root = Path(root); f = self.root / 'store.json'
-        if not f.exists(): raise FileNotFoundError(f'{self.root} is not a clip store (no store.json): make one with build_store')
+        if not f.exists():
+            raise FileNotFoundError(f'{self.root} is not a clip store (no store.json): '
+                                    'make one with build_store')
         self.meta = json.loads(f.read_text())
-        if self.meta.get('format') != STORE_FORMAT: raise ValueError(f'{f}: format {self.meta.get("format")!r}, expected {STORE_FORMAT}')
+        if self.meta.get('format') != STORE_FORMAT:
+            raise ValueError(f'{f}: format {self.meta.get("format")!r}, expected {STORE_FORMAT}')
         m = self.root / 'manifest.csv'
-        if not m.exists(): raise FileNotFoundError(f'{m} missing: the build was interrupted, run build_store again')
+        if not m.exists():
+            raise FileNotFoundError(f'{m} missing: the build was interrupted, run build_store again')
         with open(m, newline='') as fh: self.rows = {r['key']: r for r in csv.DictReader(fh)}
-        self.by_source = {s: k for k, r in self.rows.items() for s in (r['source'], str(Path(r['source']).resolve()))}
+        self.by_source = {s: k for k, r in self.rows.items()
+                          for s in (r['source'], str(Path(r['source']).resolve()))}
         stems = {}
-        for k in self.rows: stems.setdefault(Path(k).stem if Path(k).suffix.lower() in VIDEO_EXTS else Path(k).name, []).append(k)
+        for k in self.rows:
+            name = Path(k).stem if Path(k).suffix.lower() in VIDEO_EXTS else Path(k).name
+            stems.setdefault(name, []).append(k)
         self.by_stem = {s: ks[0] for s, ks in stems.items() if len(ks) == 1}
         self.last_build = None
 
     def __len__(self): return len(self.rows)
     def __repr__(self):
         bad = sum(1 for r in self.rows.values() if r['error'])
-        return f'ClipStore({str(self.root)!r}, {len(self)} videos, {bad} failed, short side {self.meta.get("short_side")})'
+        return (f'ClipStore({str(self.root)!r}, {len(self)} videos, {bad} failed, '
+                f'short side {self.meta.get("short_side")})')
 
     def key(self, path) -> str | None:
         "The store key of a source path, a key, or a file stem (None when the store does not hold it)."
@@ -487,14 +484,18 @@ def _error_of(info: VideoInfo) -> VideoError:
 def _info(self, path) -> VideoInfo:
     "The `VideoInfo` of `path` as the store holds it (frames = the sequential decode count; errors included)."
     k = self.key(path)
-    if k is None: return VideoInfo(str(path), error='missing', message=f'missing: {path} (not in the clip store {self.root})')
+    if k is None:
+        return VideoInfo(str(path), error='missing',
+                         message=f'missing: {path} (not in the clip store {self.root})')
     r = self.rows[k]
     if r['error']: return VideoInfo(str(path), error=r['error'], message=r['message'])
-    return VideoInfo(str(path), frames=int(r['frames']), claimed_frames=int(r['frames']), fps=float(r['fps'] or 0),
-                     width=int(r['width']), height=int(r['height']), codec='jpeg', opens=True, seek_ok=True)
+    return VideoInfo(str(path), frames=int(r['frames']), claimed_frames=int(r['frames']),
+                     fps=float(r['fps'] or 0), width=int(r['width']), height=int(r['height']), codec='jpeg',
+                     opens=True, seek_ok=True)
 
 def _read_tensor(self, path, indices: Sequence[int], device='cpu') -> torch.Tensor:
-    "Frames `indices` (any order, repeats allowed) as uint8 `(T, 3, H, W)` on `device` (CUDA decodes with nvjpeg)."
+    """Frames `indices` (any order, repeats allowed) as uint8 `(T, 3, H, W)` on `device` (CUDA decodes with
+    nvjpeg)."""
     idx = np.asarray([int(i) for i in indices], dtype=np.int64)
     if not idx.size: raise ValueError('read: indices is empty')
     uniq, inv = np.unique(idx, return_inverse=True)
@@ -522,7 +523,8 @@ def _read_batch(self, items: Sequence[tuple], device='cuda') -> list[torch.Tenso
     return [torch.stack(out[a:a + n]) for a, n in spans]
 
 def _verify(self, level: str = 'tar') -> dict[str, str]:
-    "Check every converted file of the store at `level` ('index', 'tar', 'full'); returns {key: problem} (empty = all good)."
+    """Check every converted file of the store at `level` ('index', 'tar', 'full'); returns {key: problem}
+    (empty = all good)."""
     bad = {}
     for k, r in self.rows.items():
         if r['error']: continue

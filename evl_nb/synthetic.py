@@ -11,12 +11,12 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .core import default_synthetic_root, get_logger
+from .core import get_logger
 
 # %% auto #0
-__all__ = ['SYNTHETIC_CLASSES', 'DEMO_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'OBJECTS_FILE', 'render_clip_tracked', 'render_clip',
-           'object_masks', 'write_video', 'SyntheticData', 'make_synthetic_dataset', 'ensure_synthetic',
-           'load_object_tracks', 'object_track_for']
+__all__ = ['SYNTHETIC_CLASSES', 'DEMO_CLASSES', 'SYNTHETIC_FLIP_PAIRS', 'OBJECTS_FILE', 'SYNTHETIC_RECIPE', 'render_clip_tracked',
+           'render_clip', 'object_masks', 'write_video', 'SyntheticData', 'default_synthetic_root',
+           'make_synthetic_dataset', 'ensure_synthetic', 'load_object_tracks', 'object_track_for']
 
 # %% ../nbs/03_synthetic.ipynb #83c551d3
 _log = get_logger('evl_nb.synthetic')
@@ -350,6 +350,16 @@ def _write_synthetic(tmp: Path, params: dict, classes: list[str], jobs, rng, pro
     (tmp / 'synthetic.json').write_text(json.dumps(meta, indent=1))
     return meta
 
+# %% ../nbs/03_synthetic.ipynb #494899e9
+def default_synthetic_root() -> Path:
+    "Where the default synthetic dataset lives: `$EVL_NB_DATA/synthetic`, else `~/.cache/evl_nb/synthetic`."
+    base = os.environ.get('EVL_NB_DATA')
+    return Path(base).expanduser() / 'synthetic' if base else Path.home() / '.cache' / 'evl_nb' / 'synthetic'
+
+# %% ../nbs/03_synthetic.ipynb #4b331a46
+SYNTHETIC_RECIPE = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_class=150,
+                        val_per_class=20, num_frames=(16, 20), size=128, ssv2=False)
+
 # %% ../nbs/03_synthetic.ipynb #141948ad
 def make_synthetic_dataset(root=None, num_classes: int | None = None, train_per_class: int = 24,
                            val_per_class: int = 8, num_frames=(24, 32), size: int = 128, aspect: float = 1.25,
@@ -383,12 +393,13 @@ def make_synthetic_dataset(root=None, num_classes: int | None = None, train_per_
 
 # %% ../nbs/03_synthetic.ipynb #6c6c2e72
 def ensure_synthetic(root=None, **params) -> Path:
-    """The synthetic dataset at `root` (default `default_synthetic_root()`), made with the `params` of
-    `make_synthetic_dataset` when its `synthetic.json` is missing (an existing one is used as it is). Under
-    torchrun only rank 0 makes it; the other ranks wait for it. The one way to get the set."""
+    """The synthetic dataset at `root` (default `default_synthetic_root()`), made when its `synthetic.json` is
+    missing with `SYNTHETIC_RECIPE` (or the `params` of `make_synthetic_dataset` given here); an existing one
+    is used as it is. Under torchrun only rank 0 makes it; the other ranks wait for it. The one way to get the
+    set."""
     root = Path(root) if root is not None else default_synthetic_root()
     if (root / 'synthetic.json').exists(): return root
-    if int(os.environ.get('RANK', '0')) == 0: make_synthetic_dataset(root, **params)
+    if int(os.environ.get('RANK', '0')) == 0: make_synthetic_dataset(root, **(params or SYNTHETIC_RECIPE))
     else:
         while not (root / 'synthetic.json').exists(): time.sleep(1)
     return root

@@ -18,8 +18,9 @@ from .core import (RunLockedError, add_context, all_gather_objects, all_reduce_s
                          atomic_save, dist_info, get_logger, hold_run_lock, init_distributed,
                          release_run_lock, seed_everything)
 from .augment import batch_clips
-from .data import (TensorClips, build_dataset, cache_dataset, class_ids, collate_clips, find_ann,
-                         normalize_clip, pad_classes, record_skipped)
+from .annotations import class_ids, find_ann, pad_classes
+from .transforms import normalize_clip
+from .data import TensorClips, build_dataset, cache_dataset, collate_clips, record_skipped
 from .synthetic import ensure_synthetic
 from .model import EVL, build_evl, get_config, model_input_size
 from .config import TRAIN_OPTIONS, TrainConfig

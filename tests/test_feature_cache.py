@@ -1,7 +1,8 @@
 "cache_features=K: cached block features give the clip's logits; the trainer trains and evaluates on them."
 import torch
 
-from evl_nb.data import TensorClips, normalize_clip, random_clips
+from evl_nb.transforms import normalize_clip
+from evl_nb.data import TensorClips, random_clips
 from evl_nb.features import (DecoderHead, cache_features, collate_features, evaluate_features, feature_bytes_per_view,
                              unpack_features)
 from evl_nb.evaluate import evaluate

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import fixture_path
-from evl_nb.data import dense_indices, uniform_indices
+from evl_nb.transforms import dense_indices, uniform_indices
 from evl_nb.store import (ClipStore, build_store, fit_short_side, read_index, verify_clip_file, StoreError,
                           MANIFEST_COLUMNS, STORE_REASONS, pack_frames, read_jpegs)
 from evl_nb.video import check_video, read_frames_pyav, VIDEO_EXTS, TruncatedVideoError

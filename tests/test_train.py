@@ -241,7 +241,7 @@ def test_relative_annotation_path_working_directory_then_data_root(tmp_path, mon
 
 
 def test_malformed_annotation_line_is_raised_as_itself(tmp_path):
-    from evl_nb.data import AnnotationError
+    from evl_nb.annotations import AnnotationError
     from evl_nb.train import build_datasets
     root = _k400_root(tmp_path)
     csv_file = root / 'annotations' / 'k400_train.csv'
