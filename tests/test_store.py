@@ -145,7 +145,7 @@ def test_annotation_file_source_lists_missing_videos(tmp_path):
     assert store.key(src / 'class_1' / 'vid01_000000_000010.mp4') == 'class_1/vid01_000000_000010.mp4'
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (nvjpeg)')
+@pytest.mark.cuda            # nvjpeg
 def test_gpu_decode_matches_cpu(fixture_store):
     vids, store = fixture_store
     p = vids[0]; idx = [0, 9, 17, 3]
