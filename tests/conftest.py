@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evl_nb.core import find_fixture, in_ci
+from evl_nb.video import check_video
 
 REPO = Path(__file__).resolve().parents[1]
 _TREE = pytest.StashKey[object]()       # git status when the session started
@@ -21,6 +22,22 @@ def fixture_path(*parts):
         if in_ci(): pytest.fail(f'shared fixture {"/".join(parts)} is missing under CI')
         pytest.skip(f'shared fixture {"/".join(parts)} not found (set EVL_NB_SHARED)')
     return p
+
+
+class CheckedClips(dict):
+    "{resolved path: `check_video(path)`} filled on first use: the check (a full sequential decode) runs once a file."
+    def __missing__(self, key):
+        info = self[key] = check_video(key)
+        return info
+    def of(self, path): return self[str(Path(path).resolve())]
+
+
+@pytest.fixture(scope='session')
+def checked_clips() -> CheckedClips:
+    """`check_video` of the shared fixture clips with its defaults (as a video dataset checks a file), shared by the
+    session: pass it as a dataset's `manifest` or `infos`, or call `.of(path)`. The check is most of the time of
+    the tests that read the fixture clips."""
+    return CheckedClips()
 
 
 def pytest_runtest_setup(item):

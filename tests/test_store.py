@@ -27,13 +27,6 @@ def fixture_store(tmp_path_factory):
     return vids, build_store(vids, tmp_path_factory.mktemp('store') / 'store', num_workers=2, progress=False)
 
 
-@pytest.fixture(scope='module')
-def checked():
-    """`check_video` of each fixture clip (the sequential decode's frame count: the truth), by resolved path, as a video
-    dataset checks it (the defaults): computed once, the slowest step of the tests below."""
-    return {str(p.resolve()): check_video(p) for p in fixture_videos()}
-
-
 def sampling_patterns(n, seed):
     "Train and test indices as the datasets draw them: dense 8x16 (1 and 3 views) and uniform 8 (1 and 2 views)."
     rng = np.random.default_rng(seed)
@@ -46,11 +39,11 @@ def psnr(a, b):
     return 10 * np.log10(255 ** 2 / max(mse, 1e-12))
 
 
-def test_store_same_indices_and_frames_within_jpeg_loss(fixture_store, checked):
+def test_store_same_indices_and_frames_within_jpeg_loss(fixture_store, checked_clips):
     vids, store = fixture_store
     assert store.last_build['failed'] == 0 and len(store) == len(vids)
     for p in vids:
-        info, sinfo = checked[str(p.resolve())], store.info(p)
+        info, sinfo = checked_clips.of(p), store.info(p)              # check_video(p), once a session
         assert sinfo.frames == info.frames, p.name            # the sequential decode count, not the container's
         pats = {(seed, name): (a, sampling_patterns(sinfo.frames, seed)[name])
                 for seed in (0, 1) for name, a in sampling_patterns(info.frames, seed).items()}
@@ -66,14 +59,14 @@ def test_store_same_indices_and_frames_within_jpeg_loss(fixture_store, checked):
             assert q >= 38, f'{p.name} {name} seed {seed}: PSNR {q:.1f} dB'
 
 
-def test_store_lookup_by_key_stem_and_source(fixture_store, checked):
+def test_store_lookup_by_key_stem_and_source(fixture_store, checked_clips):
     vids, store = fixture_store
     p = vids[0]
     assert store.key(p) == p.name and store.key(p.name) == p.name
     assert store.key(Path('/other/machine') / p.name) == p.name          # by stem
     assert store.info('/nowhere/not_there.mp4').error == 'missing'
     idx = read_index(store.file(p))
-    assert idx['frames'] == checked[str(p.resolve())].frames and idx['source'] == str(p)
+    assert idx['frames'] == checked_clips.of(p).frames and idx['source'] == str(p)
     out = subprocess.run(['tar', '-tf', str(store.file(p))], capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == 'index.json' and out[1:] == [f'{i:06d}.jpg' for i in range(idx['frames'])]
 
@@ -88,7 +81,7 @@ def _copy_tree(n_copies, dst):
     return dst
 
 
-def test_sigkill_mid_build_then_rerun_gives_complete_verified_store(checked, tmp_path):
+def test_sigkill_mid_build_then_rerun_gives_complete_verified_store(checked_clips, tmp_path):
     src, out = _copy_tree(8, tmp_path / 'src'), tmp_path / 'store'
     code = ('import sys; from evl_nb.store import build_store; '
             'build_store(sys.argv[1], sys.argv[2], num_workers=2, progress=False)')
@@ -118,7 +111,7 @@ def test_sigkill_mid_build_then_rerun_gives_complete_verified_store(checked, tmp
     assert store.verify('full') == {}
     clips = {v.read_bytes(): v for v in fixture_videos()}     # 8 copies of 6 clips: each clip's count checked once
     for p in sorted(src.rglob('*.mp4')):
-        assert store.info(p).frames == checked[str(clips[p.read_bytes()].resolve())].frames, p
+        assert store.info(p).frames == checked_clips.of(clips[p.read_bytes()]).frames, p
     again = build_store(src, out, num_workers=1, progress=False, verify='tar')
     assert again.last_build['skipped'] == 8 and again.last_build['converted'] == 0
 
@@ -165,7 +158,7 @@ def test_gpu_decode_matches_cpu(fixture_store):
 
 
 @pytest.mark.parametrize('sampling', ['dense', 'uniform'])
-def test_dataset_reads_store_with_the_same_indices_as_the_videos(fixture_store, checked, tmp_path, sampling):
+def test_dataset_reads_store_with_the_same_indices_as_the_videos(fixture_store, checked_clips, tmp_path, sampling):
     "build_dataset(..., store=...): for train and test, the same seed draws the same indices as reading the videos."
     from evl_nb.data import build_dataset
     vids, store = fixture_store
@@ -173,7 +166,7 @@ def test_dataset_reads_store_with_the_same_indices_as_the_videos(fixture_store, 
     lst.write_text(''.join(f'{p} {k % 2}\n' for k, p in enumerate(vids)))
     for split, views in (('train', '1x1'), ('test', '3x1')):
         kw = dict(ann_file=lst, num_frames=8, sampling=sampling, views=views, input_size=112)
-        a = build_dataset('list', split, manifest=checked, **kw)           # the videos' checks, made once
+        a = build_dataset('list', split, manifest={str(p.resolve()): checked_clips.of(p) for p in vids}, **kw)
         b = build_dataset('list', split, store=store.root, **kw)
         for i in range(len(vids)):
             for seed in ((0, 7) if split == 'train' else (0,)):    # test views draw nothing: one read says it
