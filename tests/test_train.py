@@ -132,11 +132,6 @@ def test_bad_batch_split(tmp_path, clips):
         train(_cfg(tmp_path, batch_size=5, accum_steps=2), clips[0], None)
 
 
-def test_cli_help():
-    r = subprocess.run([sys.executable, '-m', 'evl_nb.train', '--help'], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and '--data-root' in r.stdout and '--eval-views' in r.stdout
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_train_and_evaluate(tmp_path):
     from evl_nb.synthetic import make_synthetic_dataset
@@ -348,10 +343,12 @@ def test_k400_with_an_explicit_sparse_class_list(tmp_path):
 
 
 def test_cli_help_describes_every_option():
+    "`python -m evl_nb.train --help` (one process: the slow part) lists every option with its help."
     from evl_nb.train import TRAIN_OPTIONS
     r = subprocess.run([sys.executable, '-m', 'evl_nb.train', '--help'], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, COLUMNS='200'))
     assert r.returncode == 0 and 'default: None' not in r.stdout
+    assert '--data-root' in r.stdout and '--eval-views' in r.stdout
     flat = ' '.join(r.stdout.split())
     for o in TRAIN_OPTIONS.values():
         if o.group == 'config' and o.name != 'progress': assert ' '.join(o.help.split()) in flat, o.name
