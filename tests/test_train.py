@@ -167,30 +167,17 @@ def test_in_memory_flip_swaps_paired_labels():
     assert seen == {(0, False, 0), (0, True, 1), (1, False, 2), (1, True, 2)}
 
 
-def _demo(out, *argv, busy=False):
-    "`python -m evl_nb.demo` (the `make demo` command) into `out`, beside a CPU-bound process if `busy`; its wall time."
-    import time
-    hog = subprocess.Popen([sys.executable, '-c', 'while True: pass']) if busy else None
-    t = time.time()
-    try:
-        r = subprocess.run([sys.executable, '-m', 'evl_nb.demo', '--output-dir', str(out), '--no-progress', *argv],
-                           capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    finally:
-        if hog is not None: hog.kill(); hog.wait()
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r, time.time() - t
-
-
 @pytest.mark.demo
 @pytest.mark.slow
-def test_demo_acceptance(tmp_path):
+def test_demo_acceptance(demo_run):
     """`make demo` (python -m evl_nb.demo), run once: >= 92% top-1, >= 3x chance and >= 1.5x the temporal-off
-    control. That the same command gives the same figures beside a CPU-bound process is
-    `test_demo_recipe_gives_the_same_weights_beside_a_cpu_bound_process` (a short run of the same code). The wall time
-    is printed, not asserted."""
-    r, wall = _demo(tmp_path)
-    print(r.stdout, f'wall time {wall:.0f}s')
-    res = json.loads((tmp_path / 'demo_results.json').read_text())
+    control. The run started with the session and went on beside the other tests (conftest's `DemoRun`): that the
+    same command gives the same figures beside a CPU-bound process is
+    `test_demo_recipe_gives_the_same_weights_beside_a_cpu_bound_process`. The wall time is printed, not asserted."""
+    rc, out, wall = demo_run.wait()
+    assert rc == 0, out[-5000:]
+    print(out[-1000:], f'wall time {wall:.0f}s (beside the other tests)')
+    res = json.loads((demo_run.out / 'demo_results.json').read_text())
     evl, off = res['results']['evl']['top1'], res['results']['temporal_off']['top1']
     assert evl >= 3 * res['chance'], (evl, res['chance'])
     n = res['results']['evl']['num_val']
@@ -203,11 +190,15 @@ def test_demo_recipe_gives_the_same_weights_beside_a_cpu_bound_process(tmp_path)
     """The demo's command (`--quick` data, 40 steps of its recipe: in-memory clips, cached features, both models),
     run alone and then beside a CPU-bound process: bit-identical weights and the same figures. The thread count is
     fixed (the cores), so a busy machine changes the time, never the result."""
-    runs = []
-    for busy in (False, True):
-        out = tmp_path / ('busy' if busy else 'quiet')
-        _demo(out, '--quick', '--max-steps', '40', busy=busy)
-        runs.append(out)
+    runs = [tmp_path / 'quiet', tmp_path / 'busy']
+    for out in runs:
+        hog = subprocess.Popen([sys.executable, '-c', 'while True: pass']) if out.name == 'busy' else None
+        try:
+            r = subprocess.run([sys.executable, '-m', 'evl_nb.demo', '--output-dir', str(out), '--no-progress', '--quick',
+                                '--max-steps', '40'], capture_output=True, text=True, cwd=ROOT, timeout=900)
+        finally:
+            if hog is not None: hog.kill(); hog.wait()
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     quiet, loaded = (json.loads((o / 'demo_results.json').read_text()) for o in runs)
     for k in ('evl', 'temporal_off'):
         assert quiet['results'][k]['top1'] == loaded['results'][k]['top1'], k
