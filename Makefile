@@ -1,6 +1,8 @@
 # evl-nb: one command sets up a fresh machine and runs everything CI runs.
-#   make test   create .venv if missing, install -e .[dev], nbdev_export (must change nothing), nbdev_test, pytest
-#   make test-fast   the inner loop: export check + pytest without the slow and browser tests (a few minutes)
+#   make test   create .venv if missing, install -e .[dev], nbdev_export (must change nothing), nbdev_test with the
+#               `#| slow` cells, every pytest tier (what CI runs)
+#   make test-fast   the inner loop: export check + pytest without the slow, demo, browser and cuda tiers (pytest.ini)
+#   (the `#| cuda` cells and the cuda tests run on a GPU in benchmarks/gpu_check.sh)
 #   make demo   train on the generated synthetic dataset on CPU, then evaluate
 VENV      ?= .venv
 PYTHON    ?= python3
@@ -28,13 +30,13 @@ export-check: install
 	  echo "$$changed"; git --no-pager diff --stat -- evl_nb; exit 1; fi; echo "nbdev_export: evl_nb/ in sync"
 
 nbtest: install
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags slow
 
 pytest: install
-	$(BIN)/python -m pytest tests -ra --durations=15
+	$(BIN)/python -m pytest tests -ra --durations=20
 
 test-fast: export-check
-	$(BIN)/python -m pytest tests -ra -m 'not slow and not browser' --durations=10
+	$(BIN)/python -m pytest tests -ra -m 'not slow and not demo and not browser and not cuda' --durations=10
 
 test: export-check nbtest pytest
 

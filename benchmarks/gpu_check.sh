@@ -9,7 +9,7 @@
 # what is left, and a step with under 10 s left is skipped (rc 125). Run from the repository root or anywhere.
 # Order (most GPU-specific first, so a short budget cuts the least): CUDA tests, CPU/GPU fp32 parity on the
 # reference fixture, model throughput (bf16, then --compile), 200-step training in bf16 and fp16 (stop at 100,
-# resume), the clip store's nvjpeg decode rate, the `#| cuda` notebook cells, the rest of the suite.
+# resume), the clip store's nvjpeg decode rate, the `#| cuda` notebook cells, the `make test-fast` tier.
 set -uo pipefail
 
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
@@ -56,10 +56,8 @@ log "gpu_check in $ROOT -> $OUT, budget ${BUDGET}s, git $(git rev-parse --short 
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee -a "$LOG"; }
 
 # ---- 1. the CUDA tests ---------------------------------------------------------------------------------------------
-# pytest.ini has no `cuda` marker: the CUDA tests are skipif(not cuda) ones; select them by name, then the rest.
-if grep -qE '^\s*cuda\s*:' pytest.ini 2>/dev/null; then SEL=(-m "cuda and not browser")
-else SEL=(-k "cuda or gpu or test_crops_resize_and_normalize" -m "not browser"); fi
-run pytest_cuda 45 "$PY" -m pytest -q -rs "${SEL[@]}"
+# the `cuda` tier of pytest.ini (elsewhere these tests skip)
+run pytest_cuda 45 "$PY" -m pytest -q -rs -m cuda
 # ---- 2. same logits on CPU and GPU in fp32 on the reference fixture ---------------------------------------
 run parity_fp32 40 "$PY" - <<'EOF'
 import json, torch
@@ -111,15 +109,15 @@ run data_throughput 45 "$PY" benchmarks/data_throughput.py --repeats 3
 # the augment_on split with device_augment_cuda (the device share of a batch of 32 on CUDA)
 run augment_throughput 60 "$PY" benchmarks/data_throughput.py --augment-only --repeats 3 --json "$OUT/augment_throughput.json"
 
-# ---- 6. the `#| cuda` notebook cells ----------------------------------------------------------------------
+# ---- 6. the `#| cuda` notebook cells (settings.ini's tst_flags skips them everywhere else) ------------------
 CUDA_NBS=$(grep -l '#| cuda' nbs/*.ipynb 2>/dev/null | tr '\n' ' ')
 if [ -n "$CUDA_NBS" ]; then
   run nbdev_test_cuda 60 bash -c "rc=0; for nb in $CUDA_NBS; do \"$ROOT/.venv/bin/nbdev_test\" --flags cuda \
 --do_print --path \"\$nb\" || rc=1; done; exit \$rc"
 fi
 
-# ---- 7. the rest of the suite with the GPU visible (last: the least GPU-specific, takes what is left) ----
-run pytest_rest 200 "$PY" -m pytest -q -rs -m "not browser" --deselect tests/test_train.py::test_demo_acceptance
+# ---- 7. the `make test-fast` tier with the GPU visible (last: the least GPU-specific, takes what is left) ----
+run pytest_rest 200 "$PY" -m pytest -q -rs -m "not slow and not demo and not browser and not cuda"
 # ---- summary: OUT_DIR/gpu_check.json -------------------------------------------------------------------------
 SUMPY=$PY; [ -x "$SUMPY" ] || SUMPY=python3
 "$SUMPY" - "$OUT" "$DRY" <<'EOF' 2>&1 | tee -a "$LOG"

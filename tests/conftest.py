@@ -1,7 +1,23 @@
-"""Shared pytest helpers. Fixtures come from ../shared (or $EVL_NB_SHARED); missing ones skip locally, fail under CI."""
+"""Shared pytest helpers. Fixtures come from ../shared (or $EVL_NB_SHARED); missing ones skip locally, fail under CI.
+The tiers are markers (pytest.ini): a `cuda` test skips where torch sees no CUDA GPU; a selected `demo` test's run
+starts with the session, beside the other tests (`DemoRun`). Tests never change the checkout: a session that leaves
+`git status` other than it found it says so, and fails under CI."""
+from __future__ import annotations
+import os, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
 import pytest
+import torch
 
 from evl_nb.core import find_fixture, in_ci
+from evl_nb.video import check_video
+
+REPO = Path(__file__).resolve().parents[1]
+_TREE = pytest.StashKey[object]()       # git status when the session started
+_DEMO = pytest.StashKey[object]()       # the background `make demo` run
+# OpenMP threads that spin while they wait take the core another process needs (the demo beside the other tests, a
+# CPU hog): the processes the tests start wait passively. Results do not depend on it (fixed thread counts), times do.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 
 def fixture_path(*parts):
@@ -13,3 +29,91 @@ def fixture_path(*parts):
     return p
 
 
+class CheckedClips(dict):
+    "{resolved path: `check_video(path)`} filled on first use: the check (a full sequential decode) runs once a file."
+    def __missing__(self, key):
+        info = self[key] = check_video(key)
+        return info
+    def of(self, path): return self[str(Path(path).resolve())]
+
+
+@pytest.fixture(scope='session')
+def checked_clips() -> CheckedClips:
+    """`check_video` of the shared fixture clips with its defaults (as a video dataset checks a file), shared by the
+    session: pass it as a dataset's `manifest` or `infos`, or call `.of(path)`. The check is most of the time of
+    the tests that read the fixture clips."""
+    return CheckedClips()
+
+
+def pytest_runtest_setup(item):
+    "`@pytest.mark.cuda` tests need a GPU: without one they skip (benchmarks/gpu_check.sh runs them on one)."
+    if item.get_closest_marker('cuda') is not None and not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU (benchmarks/gpu_check.sh runs pytest -m cuda)')
+
+
+def _tree() -> str | None:
+    "`git status --porcelain` of the checkout (changed and untracked files, not ignored ones); None outside git."
+    try: r = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=all'], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired): return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def pytest_sessionstart(session): session.config.stash[_TREE] = _tree()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "The background demo ended; the checkout as the session found it: a test that writes into it fails the run under CI."
+    demo = session.config.stash.get(_DEMO, None)
+    if demo is not None: demo.stop()
+    before, after = session.config.stash.get(_TREE, None), _tree()
+    if before is None or after is None or before == after: return
+    new = sorted(set(after.splitlines()) - set(before.splitlines()))
+    tr = session.config.pluginmanager.get_plugin('terminalreporter')
+    if tr is not None:
+        tr.write_line(f'the tests changed the checkout ({REPO}), git status now also lists:', red=True)
+        for line in new or after.splitlines(): tr.write_line(f'  {line}', red=True)
+    if in_ci() and session.exitstatus == 0: session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+
+class DemoRun:
+    """`python -m evl_nb.demo` (`make demo`) into a temporary folder, started at once in its own process. Most of
+    `make test`'s time is this run's 2-thread training, while the other tests keep about one of 2 cores busy: started
+    when the session begins, it runs beside them and `test_demo_acceptance` waits for it. Its figures are the same
+    on a busy machine (`test_demo_recipe_gives_the_same_weights_beside_a_cpu_bound_process`); its time is not its own."""
+    def __init__(self, *argv):
+        self.dir = Path(tempfile.mkdtemp(prefix='evl-nb-demo-'))
+        self.out, self.log, self.t0 = self.dir / 'demo', open(self.dir / 'demo.log', 'w+'), time.time()
+        self.proc = subprocess.Popen([sys.executable, '-m', 'evl_nb.demo', '--output-dir', str(self.out), '--no-progress',
+                                      *argv], stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def wait(self, timeout: float = 3600) -> tuple[int, str, float]:
+        "Wait for the run: (exit status, its output, seconds since it started)."
+        rc = self.proc.wait(timeout)
+        self.log.flush(); self.log.seek(0)
+        return rc, self.log.read(), time.time() - self.t0
+
+    def stop(self):
+        "End the run if it is still going, and delete its folder."
+        if self.proc.poll() is None: self.proc.kill(); self.proc.wait()
+        self.log.close(); shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    "`demo` tests last: their run (started with the session) has the whole session to go on beside the others."
+    items.sort(key=lambda item: item.get_closest_marker('demo') is not None)        # stable: the rest keep their order
+
+
+def pytest_collection_finish(session):
+    "A selected `demo` test: its run starts now (see `DemoRun`)."
+    if session.config.option.collectonly: return
+    if any(item.get_closest_marker('demo') is not None for item in session.items):
+        session.config.stash[_DEMO] = DemoRun()
+
+
+@pytest.fixture(scope='session')
+def demo_run(pytestconfig) -> DemoRun:
+    "The session's background demo run (started with the session when a `demo` test is selected, else now)."
+    if _DEMO not in pytestconfig.stash: pytestconfig.stash[_DEMO] = DemoRun()
+    return pytestconfig.stash[_DEMO]

@@ -61,13 +61,12 @@ VIEW_CASES = [('1x1', 8, 16), ('3x1', 8, 16), ('1x3', 16, 8)]
 
 
 @pytest.fixture(scope='module')
-def fixture_list(tmp_path_factory):
+def fixture_list(tmp_path_factory, checked_clips):
     vids = fixture_path('videos')
     d = tmp_path_factory.mktemp('conv')
     lst = d / 'list.txt'
     lst.write_text(''.join(f'{vids / n} {i}\n' for i, n in enumerate(FIXTURES)))
-    infos = {}
-    return lst, infos
+    return lst, checked_clips                         # each file checked once a session
 
 
 def _max_diffs(lst, infos, views, T, r, **kw):

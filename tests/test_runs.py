@@ -1,6 +1,8 @@
 """Runs that cannot lose, lie or run foreign code, walked with real `evl-nb` processes and real files: a crafted
 checkpoint, two runs on one folder, a truncated newest checkpoint, a resume with a changed lr, bad parameters named
-before any data is read, SIGTERM mid-run, and identical commands giving identical weights."""
+before any data is read, SIGTERM mid-run, and identical commands giving identical weights. The runs that must end
+where an undisturbed run ends (a shared folder, beside a CPU-bound process, stopped or SIGTERMed and resumed) all
+compare with one uninterrupted 300-step run, `reference`."""
 import json, os, pickle, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / 'evl-nb'
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
 ENV.pop('OMP_NUM_THREADS', None)
+REF_STEPS = 300                        # the length of the `reference` run
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +28,15 @@ def syn(tmp_path_factory):
     make_synthetic_dataset(root, num_classes=3, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False,
                            progress=False)
     return root
+
+
+@pytest.fixture(scope='module')
+def reference(syn, tmp_path_factory):
+    "The weights of one undisturbed 300-step run of `_args` (seed 5, 2 threads): what every interrupted run must end with."
+    out = tmp_path_factory.mktemp('reference') / 'run'
+    r = _run(_args(syn, out, '--max-steps', REF_STEPS, '--ckpt-every', 100))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return _weights(out, REF_STEPS)
 
 
 def _args(syn, out, *extra, threads=2):
@@ -79,21 +91,20 @@ def test_crafted_checkpoint_never_runs(syn, tmp_path):
     assert evil.exists()                                   # foreign, not corrupt: left where it is, for the user to see
 
 
-def test_two_runs_on_one_folder(syn, tmp_path):
+def test_two_runs_on_one_folder(syn, reference, tmp_path):
     "The second run exits within seconds naming the holder; the first run's files are an undisturbed run's."
-    shared, alone = tmp_path / 'shared', tmp_path / 'alone'
-    first = _start(_args(syn, shared, '--max-steps', 300, '--ckpt-every', 100))
+    shared = tmp_path / 'shared'
+    first = _start(_args(syn, shared, '--max-steps', REF_STEPS, '--ckpt-every', 100))
     _wait_for(lambda: (shared / '.evl-nb.lock').exists() and (shared / '.evl-nb.lock').read_text().strip(), 120,
               'the first run to take the lock')
     t0 = time.time()
-    second = _run(_args(syn, shared, '--max-steps', 300, '--ckpt-every', 100, '--seed', 1), timeout=120)
+    second = _run(_args(syn, shared, '--max-steps', REF_STEPS, '--ckpt-every', 100, '--seed', 1), timeout=120)
     took = time.time() - t0
     assert second.returncode != 0 and f'pid {first.pid}' in second.stderr, second.stderr[-2000:]
     assert took < 30, f'the second run took {took:.0f}s to refuse'
     assert first.wait(timeout=900) == 0, first.stderr.read()[-2000:]
-    assert _run(_args(syn, alone, '--max-steps', 300, '--ckpt-every', 100)).returncode == 0
-    _assert_same_weights(_weights(shared, 300), _weights(alone, 300))
-    assert [r['step'] for r in _train_rows(shared)] == list(range(1, 301))       # every step once
+    _assert_same_weights(_weights(shared, REF_STEPS), reference)
+    assert [r['step'] for r in _train_rows(shared)] == list(range(1, REF_STEPS + 1))       # every step once
     assert json.loads((shared / 'summary.json').read_text())['config']['seed'] == 5
     assert (shared / '.evl-nb.lock').read_text() == ''                          # released at the end
 
@@ -178,9 +189,9 @@ def test_evaluation_respects_a_running_training(syn, tmp_path):
     assert r.returncode == 2 and f'pid {first.pid}' in r.stderr, r.stderr[-2000:]
 
 
-def test_sigterm_saves_the_step_and_resumes_bit_exactly(syn, tmp_path):
-    full, part = tmp_path / 'full', tmp_path / 'part'
-    p = _start(_args(syn, part, '--max-steps', 800, '--ckpt-every', 1000))
+def test_sigterm_saves_the_step_and_resumes_bit_exactly(syn, reference, tmp_path):
+    part = tmp_path / 'part'
+    p = _start(_args(syn, part, '--max-steps', REF_STEPS, '--ckpt-every', 1000))
     _wait_for(lambda: (part / 'metrics.csv').exists() and len(_train_rows(part)) >= 20, 600, '20 steps')
     p.send_signal(signal.SIGTERM)
     rc, err = p.wait(timeout=120), p.stderr.read()
@@ -188,32 +199,30 @@ def test_sigterm_saves_the_step_and_resumes_bit_exactly(syn, tmp_path):
     lines = [l for l in err.splitlines() if 'SIGTERM' in l]
     assert len(lines) == 1 and 'stopped at step' in lines[0], err[-2000:]
     step = int(lines[0].split('stopped at step ')[1].split()[0])
-    assert 20 <= step < 800 and (part / 'checkpoints' / f'step_{step:07d}.pt').exists()
-    r = _run(_args(syn, part, '--max-steps', 800, '--ckpt-every', 1000))
+    assert 20 <= step < REF_STEPS and (part / 'checkpoints' / f'step_{step:07d}.pt').exists()
+    r = _run(_args(syn, part, '--max-steps', REF_STEPS, '--ckpt-every', 1000))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((part / 'summary.json').read_text())['start_step'] == step
-    assert _run(_args(syn, full, '--max-steps', 800, '--ckpt-every', 1000)).returncode == 0
-    _assert_same_weights(_weights(full, 800), _weights(part, 800))
+    _assert_same_weights(_weights(part, REF_STEPS), reference)
 
 
-def test_the_same_command_twice_at_2_threads_gives_the_same_weights(syn, tmp_path):
-    "The issue's 200-step command, run twice at 2 threads (once beside a CPU-bound process): bit-identical weights."
+def test_the_same_command_twice_at_2_threads_gives_the_same_weights(syn, reference, tmp_path):
+    "The reference's command at 2 threads, run again beside a CPU-bound process: bit-identical weights."
     busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
-    try: r = _run(_args(syn, tmp_path / 'a', '--max-steps', 200))
+    try: r = _run(_args(syn, tmp_path / 'a', '--max-steps', REF_STEPS))
     finally: busy.kill(); busy.wait()
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _run(_args(syn, tmp_path / 'b', '--max-steps', 200)).returncode == 0
-    _assert_same_weights(_weights(tmp_path / 'a', 200), _weights(tmp_path / 'b', 200))
+    _assert_same_weights(_weights(tmp_path / 'a', REF_STEPS), reference)
 
 
-def test_stopped_at_500_and_resumed_equals_2000_uninterrupted_steps(syn, tmp_path):
-    full, part = tmp_path / 'full', tmp_path / 'part'
-    assert _run(_args(syn, full, '--max-steps', 2000)).returncode == 0
-    assert _run(_args(syn, part, '--max-steps', 2000, '--stop-at-step', 500)).returncode == 0
-    r = _run(_args(syn, part, '--max-steps', 2000))
+def test_stopped_and_resumed_equals_the_uninterrupted_steps(syn, reference, tmp_path):
+    "Stopped at step 75 of 300 (past the warmup, mid-epoch) and resumed: the reference's weights."
+    part = tmp_path / 'part'
+    assert _run(_args(syn, part, '--max-steps', REF_STEPS, '--stop-at-step', 75)).returncode == 0
+    r = _run(_args(syn, part, '--max-steps', REF_STEPS))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((part / 'summary.json').read_text())['start_step'] == 500
-    _assert_same_weights(_weights(full, 2000), _weights(part, 2000))
+    assert json.loads((part / 'summary.json').read_text())['start_step'] == 75
+    _assert_same_weights(_weights(part, REF_STEPS), reference)
 
 
 def test_sigkill_at_random_moments_with_device_augmentation_resumes_bit_exactly(syn, tmp_path):

@@ -32,8 +32,8 @@ def sampling_table(n, seed=0):
     return out
 
 
-def assert_frames_match_sequential(path, n_expected=None):
-    info = check_video(path)
+def assert_frames_match_sequential(path, n_expected=None, info=None):
+    info = info or check_video(path)
     assert info.ok, info.message
     if n_expected is not None: assert info.frames == n_expected
     table = [inds.reshape(-1).tolist() for inds in sampling_table(info.frames)]
@@ -45,8 +45,9 @@ def assert_frames_match_sequential(path, n_expected=None):
 
 
 @pytest.mark.parametrize('name', sorted(FIXTURE_CLIPS))
-def test_fixture_clips_match_sequential_decode(name):
-    info = assert_frames_match_sequential(fixture_path('videos', name), FIXTURE_CLIPS[name])
+def test_fixture_clips_match_sequential_decode(name, checked_clips):
+    path = fixture_path('videos', name)
+    info = assert_frames_match_sequential(path, FIXTURE_CLIPS[name], checked_clips.of(path))   # check_video(path)
     assert info.backend in ('decord', 'pyav')
 
 
