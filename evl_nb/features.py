@@ -4,22 +4,27 @@
 
 # %% ../nbs/06a_features.ipynb #75622aec
 from __future__ import annotations
-import math, time
+import contextlib, fcntl, hashlib, json, math, os, time
+from dataclasses import asdict
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .core import all_gather_objects, dist_info, get_logger
+from .core import all_gather_objects, atomic_save, dist_info, get_logger
 from .data import normalize_clip, pad_classes
 from .evaluate import classification_metrics
 
 _log = get_logger('evl_nb.features')
 
 # %% auto #0
-__all__ = ['feature_bytes_per_view', 'DecoderHead', 'FeatureCache', 'collate_features', 'CachedBlock', 'unpack_features',
-           'cache_features', 'evaluate_features', 'backbone_fingerprint', 'without_maps']
+__all__ = ['FEATURE_CACHE_ENV', 'DECODER_FIELDS', 'RUN_ONLY', 'feature_bytes_per_view', 'DecoderHead', 'FeatureCache',
+           'collate_features', 'CachedBlock', 'unpack_features', 'cache_features', 'evaluate_features',
+           'backbone_fingerprint', 'without_maps', 'data_fingerprint', 'feature_key', 'save_feature_cache',
+           'load_feature_cache', 'fit_cache', 'file_lock', 'release_kept_features', 'read_entry', 'write_entry',
+           'shared_features']
 
 # %% ../nbs/06a_features.ipynb #544732db
 def feature_bytes_per_view(model) -> int:
@@ -160,3 +165,118 @@ def backbone_fingerprint(model) -> str:
 def without_maps(cache: FeatureCache) -> FeatureCache:
     "The same cache (tensors shared) without TCA's maps, for a decoder without TCA."
     return FeatureCache(cache.layers, cache.labels, cache.views, None, cache.classes, cache.per_clip)
+
+# %% ../nbs/06a_features.ipynb #bd22bb75
+FEATURE_CACHE_ENV = 'EVL_NB_FEATURE_CACHE'    # a folder: runs share their feature caches on disk there
+DECODER_FIELDS = ('num_classes', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
+                  'decoder_mlp_dropout', 'cls_dropout', 'enable_temporal_conv', 'enable_temporal_pos_embed',
+                  'enable_temporal_cross_attention')
+RUN_ONLY = ('lr', 'weight_decay', 'betas', 'max_steps', 'warmup_steps', 'batch_size', 'accum_steps', 'num_classes',
+            'num_workers', 'eval_every', 'eval_batch_size', 'ckpt_every', 'keep_last', 'log_every', 'output_dir',
+            'resume', 'reevaluate', 'stop_at_step', 'progress', 'threads', 'allow_changes', 'max_missing', 'device',
+            'model_overrides')     # model_overrides: the model's resolved config is in the key instead
+
+_PLAIN = (int, float, str, bool, type(None))
+
+def data_fingerprint(ds) -> str:
+    """A hash of what `ds` gives: its plain settings, its class names, its samples (path, label, file size and
+    time) or its in-memory clips and labels."""
+    h = hashlib.sha1(type(ds).__name__.encode())
+    if ds is None: return 'none'
+    for k, v in sorted(vars(ds).items()):
+        if isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)):
+            h.update(f'{k}={v!r};'.encode())
+    h.update(repr(getattr(ds, 'classes', None)).encode())
+    for s in getattr(ds, 'samples', None) or []:
+        st = os.stat(s[0]) if os.path.isfile(s[0]) else None
+        h.update(f'{s[0]}|{s[1]}|{st and st.st_size}|{st and st.st_mtime_ns};'.encode())
+    for name in ('videos', 'labels'):
+        t = getattr(ds, name, None)
+        if isinstance(t, torch.Tensor): h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(t, (list, tuple)): h.update(repr(list(t)).encode())
+    return h.hexdigest()
+
+# %% ../nbs/06a_features.ipynb #5274ede0
+def feature_key(cfg: dict, model, device, train_set, val_set=None) -> str:
+    """The shared cache's key for a run: `cfg` (the training parameters as a dict) less `RUN_ONLY`, the model
+    config less `DECODER_FIELDS`, the tower's weights, the device type and both datasets' fingerprints."""
+    parts = dict(run={k: v for k, v in cfg.items() if k not in RUN_ONLY},
+                 model={k: v for k, v in asdict(model.config).items() if k not in DECODER_FIELDS},
+                 tower=backbone_fingerprint(model), device=torch.device(device).type,
+                 train=data_fingerprint(train_set), val=data_fingerprint(val_set), version=1)
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+# %% ../nbs/06a_features.ipynb #b89ef927
+def save_feature_cache(fc: FeatureCache, path) -> Path:
+    "Write `fc` to `path` (atomic)."
+    return atomic_save(dict(layers=fc.layers, maps=fc.maps, labels=fc.labels, views=fc.views, classes=fc.classes,
+                            per_clip=fc.per_clip), path)
+
+def load_feature_cache(path) -> FeatureCache:
+    "A `FeatureCache` written by `save_feature_cache` (tensors memory-mapped)."
+    d = torch.load(path, weights_only=True, mmap=True)
+    return FeatureCache(d['layers'], d['labels'], d['views'], d['maps'], d['classes'], d['per_clip'])
+
+def fit_cache(fc: FeatureCache | None, layers: int, tca: bool) -> FeatureCache | None:
+    "What a decoder of `layers` layers (with or without TCA) takes from `fc`: its last layers; None if too shallow."
+    if fc is None or len(fc.layers) < layers or (tca and fc.maps is None): return None
+    maps = fc.maps[-layers:] if tca else None
+    return FeatureCache(fc.layers[-layers:], fc.labels, fc.views, maps, fc.classes, fc.per_clip)
+
+# %% ../nbs/06a_features.ipynb #244e4edf
+@contextlib.contextmanager
+def file_lock(path):
+    "Hold an exclusive `flock` on `path` (created) for the block; waits for another holder."
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info(f'waiting for {path} (another run is building this feature cache)')
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/06a_features.ipynb #ae910c45
+_KEPT: dict = {}     # this process's last caches: {key: (train, val)}
+
+def release_kept_features():
+    "Free the feature caches this process keeps for the next run."
+    _KEPT.clear()
+
+def read_entry(folder) -> tuple | None:
+    "(train, val) of a complete disk entry (its `meta.json` written), else None."
+    folder = Path(folder)
+    if not (folder / 'meta.json').is_file(): return None
+    meta = json.loads((folder / 'meta.json').read_text())
+    return load_feature_cache(folder / 'train.pt'), load_feature_cache(folder / 'val.pt') if meta['val'] else None
+
+def write_entry(folder, train: FeatureCache, val: FeatureCache | None) -> Path:
+    "Write (train, val) as the disk entry `folder`; `meta.json` last, so a reader sees all of it or none."
+    folder = Path(folder); (folder / 'meta.json').unlink(missing_ok=True)
+    save_feature_cache(train, folder / 'train.pt')
+    if val is not None: save_feature_cache(val, folder / 'val.pt')
+    meta = dict(val=val is not None, layers=len(train.layers), maps=train.maps is not None, train=repr(train),
+                val_cache=repr(val), written=time.strftime('%Y-%m-%d %H:%M:%S'))
+    tmp = folder / f'.meta.json.tmp{os.getpid()}'; tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / 'meta.json')
+    return folder
+
+# %% ../nbs/06a_features.ipynb #fa7bda4e
+def shared_features(key: str, build, layers: int, tca: bool, root=None) -> tuple:
+    """(train, val) caches for `key`, fitted to a decoder of `layers` layers (`tca`: with its maps): the ones this
+    process keeps, else the disk entry `root/key`, else `build()` (then kept, and written under `root`)."""
+    def fit(pair):
+        if pair is None or fit_cache(pair[0], layers, tca) is None: return None
+        return fit_cache(pair[0], layers, tca), None if pair[1] is None else fit_cache(pair[1], layers, tca)
+    got = fit(_KEPT.get(key))
+    if got is not None:
+        _log.info(f"reusing this process's feature cache {key} ({got[0]!r})"); return got
+    if root is None:
+        pair = build(); release_kept_features(); _KEPT[key] = pair
+        return fit(pair)
+    with file_lock(Path(root) / f'{key}.lock'):
+        pair = read_entry(Path(root) / key)
+        if fit(pair) is not None: _log.info(f'reusing the feature cache {Path(root) / key} ({pair[0]!r})')
+        else: pair = build(); write_entry(Path(root) / key, *pair)
+    release_kept_features(); _KEPT[key] = pair
+    return fit(pair)

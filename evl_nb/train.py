@@ -23,8 +23,8 @@ from .augment import batch_clips
 from .data import (AUGMENT_ON, DEFAULT_MODEL, TensorClips, cache_dataset, collate_clips, find_ann, normalize_clip, parse_views,
                          random_clips, record_skipped)
 from .evaluate import evaluate, format_report, save_results
-from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features, collate_features,
-                             evaluate_features, unpack_features, without_maps)
+from .features import (FEATURE_CACHE_ENV, DecoderHead, FeatureCache, cache_features, collate_features,
+                             evaluate_features, feature_key, release_kept_features, shared_features, unpack_features)
 from .model import EVL, PRESETS, build_evl, get_config, model_input_size
 
 _log = get_logger('evl_nb.train')
@@ -749,32 +749,26 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     return p
 
 # %% ../nbs/06_train.ipynb #fc0a1b02
-_KEPT_CACHES: dict = {}    # the last run's feature caches, reused by a run on the same datasets and tower
-
 def release_feature_caches():
     "Free the feature caches the trainer keeps for the next run of a decoder ablation."
-    _KEPT_CACHES.clear()
+    release_kept_features()
 
 def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
-    "(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views once."
+    """(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views once;
+    shared with every run of the same key (`features.shared_features`: kept in this process, and on disk in
+    `$EVL_NB_FEATURE_CACHE` when it is set)."""
     cfg, n = run.cfg, len(train_set)
-    key = (cfg.cache_features, cfg.seed, cfg.precision, str(run.device), backbone_fingerprint(run.model))
-    tca = run.model.config.enable_temporal_cross_attention
-    kept = _KEPT_CACHES
-    if kept and kept['key'] == key and kept['sets'][0] is train_set and kept['sets'][1] is val_set \
-            and (kept['train'].maps is not None or not tca):
-        _log.info(f'reusing the previous run\'s feature cache ({kept["train"]!r})')
-        tr, va = kept['train'], kept['val']
-        return (tr, va) if tca else (without_maps(tr), va and without_maps(va))
-    release_feature_caches()
     seeded = PositionSeeded(train_set, cfg.seed)
     kw = dict(batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device, precision=cfg.precision,
               progress=cfg.progress and run.rank == 0)
-    tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
-                        desc='cache train', **kw)
-    va = cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
-    _KEPT_CACHES.update(key=key, sets=(train_set, val_set), train=tr, val=va)
-    return tr, va
+    def build():
+        tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
+                            desc='cache train', **kw)
+        return tr, cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
+    key = feature_key(asdict(cfg), run.model, run.device, train_set, val_set)
+    mc = run.model.config
+    return shared_features(key, build, mc.decoder_num_layers, mc.enable_temporal_cross_attention,
+                           os.environ.get(FEATURE_CACHE_ENV) or None)
 
 # %% ../nbs/06_train.ipynb #a9450b59
 def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tensor, bool, int]:
@@ -1123,7 +1117,8 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
             if params.get(k) is None: params[k] = DEMO_TRAIN[k]
         params.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
         if not params.get('cache_features'): params['cache_features'] = DEMO_TRAIN.get('cache_features', 0)
-        if params.get('model') in (None, 'evl-tiny'): params['model_overrides'] = dict(DEMO_MODEL)
+        if params.get('model') in (None, 'evl-tiny'):      # the demo's model, with the job's own overrides on top
+            params['model_overrides'] = dict(DEMO_MODEL, **(params.get('model_overrides') or {}))
     return TrainConfig(**params).resolve()
 
 def job_data(cfg: TrainConfig):

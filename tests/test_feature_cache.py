@@ -91,7 +91,10 @@ def test_a_decoder_ablation_reuses_the_cache(tmp_path, monkeypatch):
     train(TrainConfig(output_dir=str(tmp_path / 'd'), **dict(kw, seed=4)), train_set, val_set)
     assert len(calls) == 4                                              # another seed draws other views: recomputed
     train(TrainConfig(output_dir=str(tmp_path / 'e'), **dict(kw, seed=4)), _clips(8), val_set)
-    assert len(calls) == 6                                              # other dataset objects: recomputed
+    assert len(calls) == 4                                     # other dataset objects, the same clips: reused
+    other = TensorClips(*random_clips(8, num_classes=4, T=8, size=128, seed=2), crop=112)
+    train(TrainConfig(output_dir=str(tmp_path / 'f'), **dict(kw, seed=4)), other, val_set)
+    assert len(calls) == 6                                              # other clips: recomputed
     tr.release_feature_caches()
 
 
