@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parents[1] / 'evl_nb'
 # the trainer (annotation finding and DEFAULT_MODEL live in data, model_input_size in model, the distributed
 # helpers in core). The dataset doctor reads data and is read only by the command line.
 CHAIN = ['core', 'video', 'store', 'augment', 'data', 'doctor', 'synthetic', 'backbone', 'model', 'evaluate', 'features',
-         'train', 'attention', 'demo', 'cli']
+         'train', 'attention', 'sweep', 'compare', 'demo', 'cli']
 
 # Imports that still point up, each with its reason. Every entry must still be needed (test_no_stale_exceptions),
 # so fixing one means deleting it here.
