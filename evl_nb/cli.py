@@ -20,6 +20,7 @@ from .train import (LAUNCH_OPTIONS, Option, TrainConfig, TrainingStopped, build_
                           convert_checkpoint, job_config, job_data, run, run_job)
 from .evaluate import (evaluate, format_report, load_for_eval, per_class_table, predict, prepare_evaluation,
                              save_results)
+from .sweep import parse_grid, run_sweep
 
 _log = get_logger('evl_nb.cli')
 
@@ -27,9 +28,10 @@ _log = get_logger('evl_nb.cli')
 __all__ = ['STRUCTURE', 'SLURM_OPTIONS', 'EVALUATE_OPTIONS', 'load_predictor', 'video_files', 'expand_videos', 'predict_videos',
            'format_predictions', 'write_attention', 'defaults_of', 'first_host', 'slurm_env', 'submitit_env',
            'run_task', 'TrainJob', 'slurm_minutes', 'slurm_parameters', 'submit_train', 'sbatch_script', 'slurm_task',
-           'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_evaluate_parser', 'evaluate_command',
-           'add_predict_parser', 'predict_command', 'add_check_parser', 'check_command', 'add_prepare_parser',
-           'prepare_command', 'add_convert_parser', 'convert_command', 'build_cli', 'main']
+           'add_options', 'add_train_parser', 'slurm_job', 'train_command', 'add_sweep_parser', 'sweep_executor',
+           'sweep_command', 'add_evaluate_parser', 'evaluate_command', 'add_predict_parser', 'predict_command',
+           'add_check_parser', 'check_command', 'add_prepare_parser', 'prepare_command', 'add_convert_parser',
+           'convert_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #959efcdf
 STRUCTURE = ('backbone', 'num_frames', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
@@ -313,6 +315,39 @@ def train_command(a: dict) -> dict | None:
     if s and summary_json: Path(summary_json).write_text(json.dumps(s, indent=1, default=str))
     return s
 
+# %% ../nbs/10_cli.ipynb #c42ebd3a
+def add_sweep_parser(sub):
+    "The `sweep` subcommand: OUT_DIR, `--grid` (repeated), the trainer's options, `--gpus` and the SLURM ones."
+    p = sub.add_parser('sweep', parents=[train_parser()], conflict_handler='resolve',
+                       help='a grid of training runs (resumable; one feature cache)',
+                       description='Train every point of a grid in OUT_DIR/<values>; OUT_DIR/sweep.json records the '
+                                   'grid and each run. Run it again to resume: finished runs are skipped.')
+    p.add_argument('out_dir', metavar='OUT_DIR', help='the sweep folder (one run folder per grid point)')
+    p.add_argument('--grid', action='append', required=True, metavar='NAME=V1,V2',
+                   help='a training parameter (or model.<EVLConfig field>) and its values; repeat for more')
+    p.add_argument('--gpus', type=int, default=1, help='GPUs per run; > 1 runs each through torchrun (default: 1)')
+    add_options(p, SLURM_OPTIONS, 'SLURM (submitit job array)')
+    return p
+
+def sweep_executor(out_dir, gpus: int = 1, slurm_partition: str | None = None, slurm_time='24:00:00',
+                   slurm_account: str | None = None, slurm_cpus_per_task: int | None = None):
+    "A submitit SLURM executor for a sweep's job array: one task per run (torchrun inside when `gpus` > 1)."
+    try: import submitit
+    except ImportError: raise ImportError('SLURM submission needs submitit: pip install "evl-nb[slurm]"') from None
+    ex = submitit.AutoExecutor(folder=Path(out_dir) / 'slurm' / '%j', cluster='slurm')
+    p = slurm_parameters(1, gpus, slurm_partition, slurm_time, slurm_account, slurm_cpus_per_task, name='evl-nb-sweep')
+    ex.update_parameters(**dict(p, tasks_per_node=1))
+    return ex
+
+def sweep_command(a: dict) -> dict:
+    "Run `evl-nb sweep`: parse the grid, hand everything to `evl_nb.sweep.run_sweep`."
+    out, grid, gpus = a.pop('out_dir'), parse_grid(a.pop('grid')), a.pop('gpus')
+    slurm = {o.name: a.pop(o.name) for o in SLURM_OPTIONS}; a.pop('summary_json', None)
+    if a.pop('output_dir') != TrainConfig.output_dir:
+        raise ValueError('--output-dir: a sweep writes each run to OUT_DIR/<values>')
+    ex = sweep_executor(out, gpus, **slurm) if slurm['slurm_partition'] else None
+    return run_sweep(out, grid, a, gpus=gpus, executor=ex)
+
 # %% ../nbs/10_cli.ipynb #c9225c9f
 EVALUATE_OPTIONS = [
     Option('checkpoint', 'str | None', None, 'evl-nb checkpoint (best.pt, step_*.pt) or official release (.pth); '
@@ -536,10 +571,10 @@ def convert_command(a: dict) -> Path:
 def build_cli() -> argparse.ArgumentParser:
     "The `evl-nb` argument parser."
     p = argparse.ArgumentParser(prog='evl-nb', description='EVL (frozen CLIP video learners) from the shell: '
-                                'train, evaluate, predict, prepare data, the CPU demo.')
+                                'train, sweep, evaluate, predict, prepare data, the CPU demo.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     add_train_parser(sub); add_evaluate_parser(sub); add_predict_parser(sub); add_prepare_parser(sub)
-    add_convert_parser(sub)
+    add_convert_parser(sub); add_sweep_parser(sub)
     sub.add_parser('demo', add_help=False, help='the CPU demo (= make demo; evl-nb demo --help for its options)')
     sub.add_parser('slurm-task', add_help=False, help='one task of a batch script from --print-sbatch (run by srun)')
     return p
@@ -560,6 +595,7 @@ def main(argv=None) -> int:
         if cmd == 'prepare':        # check: 1 when no video is usable
             r = prepare_command(a); return 1 if a['action'] == 'check' and not r['usable'] else 0
         if cmd == 'convert-checkpoint': convert_command(a); return 0
+        if cmd == 'sweep': return 1 if sweep_command(a)['counts'].get('failed') else 0
     except TrainingStopped as e: return e.exit_code              # SIGTERM 143, SIGINT 130: logged, checkpoint saved
     except (ValueError, FileNotFoundError, ImportError, RunLockedError) as e:   # bad input: named once, no traceback
         print(f'evl-nb {cmd}: error: {e}', file=sys.stderr); return 2
