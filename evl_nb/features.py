@@ -28,7 +28,8 @@ __all__ = ['FEATURE_CACHE_ENV', 'DECODER_FIELDS', 'RUN_ONLY', 'feature_bytes_per
 
 # %% ../nbs/06a_features.ipynb #544732db
 def feature_bytes_per_view(model) -> int:
-    "Bytes the cache stores for one view of one clip: per decoder layer `out`, plus the TCA maps (fp32) when TCA is on."
+    """Bytes the cache stores for one view of one clip: per decoder layer `out`, plus the TCA maps (fp32) when
+    TCA is on."""
     c, bb = model.config, model.backbone
     hw = bb.grid_size[0] * bb.grid_size[1]
     out = c.num_frames * (1 + hw) * bb.width * torch.empty(0, dtype=bb.dtype).element_size()
@@ -37,7 +38,8 @@ def feature_bytes_per_view(model) -> int:
 
 # %% ../nbs/06a_features.ipynb #f1ccee75
 class DecoderHead(nn.Module):
-    "Decoder and head of `model` (parameters shared): `forward(feats) -> logits`, feats as `backbone_features` gives."
+    """Decoder and head of `model` (parameters shared): `forward(feats) -> logits`, feats as
+    `backbone_features` gives."""
     def __init__(self, model):
         super().__init__()
         self.decoder, self.proj = model.decoder, model.proj
@@ -46,7 +48,8 @@ class DecoderHead(nn.Module):
 # %% ../nbs/06a_features.ipynb #56bf487a
 class FeatureCache(Dataset):
     "Cached features: `layers[l]` (M, T, L, C), `maps[l]` (M, 2, T-1, hw, hw) or None; M = clips x views."
-    def __init__(self, layers: list, labels, views: int, maps: list | None = None, classes=None, per_clip: bool = False):
+    def __init__(self, layers: list, labels, views: int, maps: list | None = None, classes=None,
+                 per_clip: bool = False):
         self.layers, self.maps, self.labels, self.views = layers, maps, torch.as_tensor(labels), views
         self.classes = list(classes) if classes is not None else None
         self.per_clip = per_clip
@@ -57,14 +60,17 @@ class FeatureCache(Dataset):
     def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.layers + (self.maps or []))
     def __len__(self): return len(self.labels)
     def __repr__(self):
-        return f'FeatureCache({len(self)} items, {self.views} view(s) per clip, {self.nbytes / 2**20:.0f} MiB)'
+        return (f'FeatureCache({len(self)} items, {self.views} view(s) per clip, '
+                f'{self.nbytes / 2**20:.0f} MiB)')
     def __getitem__(self, i):
         rows = slice(i * self.views, (i + 1) * self.views) if self.per_clip else i
         maps = [t[rows] for t in self.maps] if self.maps is not None else None
-        return {'feats': [t[rows] for t in self.layers], 'maps': maps, 'label': int(self.labels[i]), 'index': i}
+        return {'feats': [t[rows] for t in self.layers], 'maps': maps, 'label': int(self.labels[i]),
+                'index': i}
 
 def collate_features(items) -> dict:
-    "Stack cached items: `feats`, `maps` per layer (B, ...) (evaluation: (B, V, ...)), `label`, `index`; no skips."
+    """Stack cached items: `feats`, `maps` per layer (B, ...) (evaluation: (B, V, ...)), `label`, `index`; no
+    skips."""
     stack = lambda key: [torch.stack(t) for t in zip(*(it[key] for it in items))]
     return {'feats': stack('feats'), 'maps': stack('maps') if items[0]['maps'] is not None else None,
             'skipped': [], 'label': torch.tensor([it['label'] for it in items]),
@@ -85,7 +91,8 @@ def unpack_features(feats, maps=None, device=None) -> list[CachedBlock]:
 @torch.no_grad()
 def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 32, device=None,
                    precision: str = 'fp32', progress: bool = False, desc: str = 'cache') -> FeatureCache:
-    "`model.backbone` once over `views` draws of every item of `dataset`: a `FeatureCache` (train: items are views)."
+    """`model.backbone` once over `views` draws of every item of `dataset`: a `FeatureCache` (train: items are
+    views)."""
     from tqdm.auto import tqdm
     from evl_nb.core import as_dtype
     from evl_nb.augment import batch_clips
@@ -107,7 +114,8 @@ def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 
         v = batch_clips(b, device); multi = v.ndim == 6; V = v.shape[1] if multi else 1
         with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
             fs = model.backbone_features(normalize_clip(v.flatten(0, 1) if multi else v, device))
-        parts = [f.out.cpu() for f in fs] + ([torch.stack(temporal_maps(f.q, f.k), 1).cpu() for f in fs] if tca else [])
+        parts = [f.out.cpu() for f in fs]
+        if tca: parts += [torch.stack(temporal_maps(f.q, f.k), 1).cpu() for f in fs]
         if store is None: store = [torch.empty((total * V,) + p.shape[1:], dtype=p.dtype) for p in parts]
         for t, p in zip(store, parts): t[s * V:s * V + p.shape[0]] = p
         labels = torch.cat([labels, b['label']])
@@ -168,13 +176,14 @@ def without_maps(cache: FeatureCache) -> FeatureCache:
 
 # %% ../nbs/06a_features.ipynb #bd22bb75
 FEATURE_CACHE_ENV = 'EVL_NB_FEATURE_CACHE'    # a folder: runs share their feature caches on disk there
-DECODER_FIELDS = ('num_classes', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads', 'decoder_mlp_factor',
-                  'decoder_mlp_dropout', 'cls_dropout', 'enable_temporal_conv', 'enable_temporal_pos_embed',
-                  'enable_temporal_cross_attention')
-RUN_ONLY = ('lr', 'weight_decay', 'betas', 'max_steps', 'warmup_steps', 'batch_size', 'accum_steps', 'num_classes',
-            'num_workers', 'eval_every', 'eval_batch_size', 'ckpt_every', 'keep_last', 'log_every', 'output_dir',
-            'resume', 'reevaluate', 'stop_at_step', 'progress', 'threads', 'allow_changes', 'max_missing', 'device',
-            'model_overrides')     # model_overrides: the model's resolved config is in the key instead
+DECODER_FIELDS = ('num_classes', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads',
+                  'decoder_mlp_factor', 'decoder_mlp_dropout', 'cls_dropout', 'enable_temporal_conv',
+                  'enable_temporal_pos_embed', 'enable_temporal_cross_attention')
+RUN_ONLY = ('lr', 'weight_decay', 'betas', 'max_steps', 'warmup_steps', 'batch_size', 'accum_steps',
+            'num_classes', 'num_workers', 'eval_every', 'eval_batch_size', 'ckpt_every', 'keep_last',
+            'log_every', 'output_dir', 'resume', 'reevaluate', 'stop_at_step', 'progress', 'threads',
+            'allow_changes', 'max_missing', 'device',
+            'model_overrides')      # model_overrides: the resolved model config is keyed instead
 
 _PLAIN = (int, float, str, bool, type(None))
 
@@ -192,7 +201,8 @@ def data_fingerprint(ds) -> str:
         h.update(f'{s[0]}|{s[1]}|{st and st.st_size}|{st and st.st_mtime_ns};'.encode())
     for name in ('videos', 'labels'):
         t = getattr(ds, name, None)
-        if isinstance(t, torch.Tensor): h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        if isinstance(t, torch.Tensor):
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         elif isinstance(t, (list, tuple)): h.update(repr(list(t)).encode())
     return h.hexdigest()
 
@@ -209,8 +219,8 @@ def feature_key(cfg: dict, model, device, train_set, val_set=None) -> str:
 # %% ../nbs/06a_features.ipynb #b89ef927
 def save_feature_cache(fc: FeatureCache, path) -> Path:
     "Write `fc` to `path` (atomic)."
-    return atomic_save(dict(layers=fc.layers, maps=fc.maps, labels=fc.labels, views=fc.views, classes=fc.classes,
-                            per_clip=fc.per_clip), path)
+    return atomic_save(dict(layers=fc.layers, maps=fc.maps, labels=fc.labels, views=fc.views,
+                            classes=fc.classes, per_clip=fc.per_clip), path)
 
 def load_feature_cache(path) -> FeatureCache:
     "A `FeatureCache` written by `save_feature_cache` (tensors memory-mapped)."
@@ -218,7 +228,8 @@ def load_feature_cache(path) -> FeatureCache:
     return FeatureCache(d['layers'], d['labels'], d['views'], d['maps'], d['classes'], d['per_clip'])
 
 def fit_cache(fc: FeatureCache | None, layers: int, tca: bool) -> FeatureCache | None:
-    "What a decoder of `layers` layers (with or without TCA) takes from `fc`: its last layers; None if too shallow."
+    """What a decoder of `layers` layers (with or without TCA) takes from `fc`: its last layers; None if too
+    shallow."""
     if fc is None or len(fc.layers) < layers or (tca and fc.maps is None): return None
     maps = fc.maps[-layers:] if tca else None
     return FeatureCache(fc.layers[-layers:], fc.labels, fc.views, maps, fc.classes, fc.per_clip)
@@ -248,7 +259,8 @@ def read_entry(folder) -> tuple | None:
     folder = Path(folder)
     if not (folder / 'meta.json').is_file(): return None
     meta = json.loads((folder / 'meta.json').read_text())
-    return load_feature_cache(folder / 'train.pt'), load_feature_cache(folder / 'val.pt') if meta['val'] else None
+    val = load_feature_cache(folder / 'val.pt') if meta['val'] else None
+    return load_feature_cache(folder / 'train.pt'), val
 
 def write_entry(folder, train: FeatureCache, val: FeatureCache | None) -> Path:
     "Write (train, val) as the disk entry `folder`; `meta.json` last, so a reader sees all of it or none."
@@ -263,8 +275,9 @@ def write_entry(folder, train: FeatureCache, val: FeatureCache | None) -> Path:
 
 # %% ../nbs/06a_features.ipynb #fa7bda4e
 def shared_features(key: str, build, layers: int, tca: bool, root=None) -> tuple:
-    """(train, val) caches for `key`, fitted to a decoder of `layers` layers (`tca`: with its maps): the ones this
-    process keeps, else the disk entry `root/key`, else `build()` (then kept, and written under `root`)."""
+    """(train, val) caches for `key`, fitted to a decoder of `layers` layers (`tca`: with its maps): the ones
+    this process keeps, else the disk entry `root/key`, else `build()` (then kept, and written under `root`).
+    """
     def fit(pair):
         if pair is None or fit_cache(pair[0], layers, tca) is None: return None
         return fit_cache(pair[0], layers, tca), None if pair[1] is None else fit_cache(pair[1], layers, tca)
