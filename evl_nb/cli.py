@@ -16,14 +16,16 @@ from .checkpoints import convert_checkpoint
 from .train import TrainingStopped, build_parser as train_parser
 from .slurm import SLURM_OPTIONS
 from .jobs import EVALUATE_OPTIONS, check_job, evaluate_job, predict_job, slurm_task, train_job, video_files
+from .sweep import sweep_job
 
 _log = get_logger('evl_nb.cli')
 
 # %% auto #0
-__all__ = ['defaults_of', 'add_options', 'add_train_parser', 'train_command', 'add_evaluate_parser', 'evaluate_command',
-           'add_predict_parser', 'predict_command', 'add_check_parser', 'check_command', 'add_prepare_parser',
-           'add_scan_parser', 'add_reencode_parser', 'add_store_parser', 'scan_command', 'store_command',
-           'reencode_command', 'prepare_command', 'add_convert_parser', 'convert_command', 'build_cli', 'main']
+__all__ = ['defaults_of', 'add_options', 'add_train_parser', 'train_command', 'add_sweep_parser', 'sweep_command',
+           'add_evaluate_parser', 'evaluate_command', 'add_predict_parser', 'predict_command', 'add_check_parser',
+           'check_command', 'add_prepare_parser', 'add_scan_parser', 'add_reencode_parser', 'add_store_parser',
+           'scan_command', 'store_command', 'reencode_command', 'prepare_command', 'add_convert_parser',
+           'convert_command', 'build_cli', 'main']
 
 # %% ../nbs/10_cli.ipynb #51fca5e3
 def defaults_of(fn) -> dict:
@@ -60,6 +62,28 @@ def train_command(a: dict) -> dict | None:
     """Run `evl-nb train`: `evl_nb.jobs.train_job`, the job of `nbs/train.ipynb`, here, under torchrun or on
     SLURM."""
     return train_job(**a)
+
+# %% ../nbs/10_cli.ipynb #5c4a23c5
+def add_sweep_parser(sub):
+    "The `sweep` subcommand: OUT_DIR, `--grid` (repeated), the trainer's options, `--gpus`, the SLURM ones."
+    p = sub.add_parser('sweep', parents=[train_parser()], conflict_handler='resolve',
+                       help='a grid of training runs (resumable; one feature cache)',
+                       description='Train every point of a grid in OUT_DIR/<values>; OUT_DIR/sweep.json '
+                       'records the grid and each run. Run it again to resume: finished runs are skipped.')
+    p.add_argument('out_dir', metavar='OUT_DIR', help='the sweep folder (one run folder per grid point)')
+    p.add_argument('--grid', action='append', required=True, metavar='NAME=V1,V2',
+                   help='a training parameter (or model.<EVLConfig field>) and its values; repeat for more')
+    for flag in ('--output-dir', '--summary-json'):     # the sweep names the runs' folders
+        p.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument('--gpus', type=int, default=1,
+                   help='GPUs per run; > 1 runs each through torchrun (default: 1)')
+    add_options(p, SLURM_OPTIONS, 'SLURM (submitit job array)')
+    return p
+
+# %% ../nbs/10_cli.ipynb #795c5d05
+def sweep_command(a: dict) -> dict:
+    "Run `evl-nb sweep`: `evl_nb.sweep.sweep_job`, the job of `nbs/sweep.ipynb`; the sweep's record."
+    return sweep_job(**a)
 
 # %% ../nbs/10_cli.ipynb #4cb05e19
 def add_evaluate_parser(sub):
@@ -289,10 +313,10 @@ def convert_command(a: dict) -> Path:
 def build_cli() -> argparse.ArgumentParser:
     "The `evl-nb` argument parser."
     p = argparse.ArgumentParser(prog='evl-nb', description='EVL (frozen CLIP video learners) from the shell: '
-                                'train, evaluate, predict, prepare data, the CPU demo.')
+                                'train, sweep, evaluate, predict, prepare data, the CPU demo.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     add_train_parser(sub); add_evaluate_parser(sub); add_predict_parser(sub); add_prepare_parser(sub)
-    add_convert_parser(sub)
+    add_convert_parser(sub); add_sweep_parser(sub)
     sub.add_parser('demo', add_help=False,
                    help='the CPU demo (= make demo; evl-nb demo --help for its options)')
     sub.add_parser('slurm-task', add_help=False,
@@ -315,6 +339,7 @@ def main(argv=None) -> int:
         if cmd == 'prepare':        # check: 1 when no video is usable
             r = prepare_command(a); return 1 if a['action'] == 'check' and not r['usable'] else 0
         if cmd == 'convert-checkpoint': convert_command(a); return 0
+        if cmd == 'sweep': return 1 if sweep_command(a)['counts'].get('failed') else 0
     except TrainingStopped as e:
         return e.exit_code              # SIGTERM 143, SIGINT 130: logged, checkpoint saved
     except (ValueError, FileNotFoundError, ImportError,

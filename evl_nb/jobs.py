@@ -48,7 +48,8 @@ def synthetic_params(params: dict) -> dict:
         if p.get(k) is None: p[k] = DEMO_TRAIN[k]
     p.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
     if not p.get('cache_features'): p['cache_features'] = DEMO_TRAIN.get('cache_features', 0)
-    if p.get('model') in (None, 'evl-tiny'): p['model_overrides'] = dict(DEMO_MODEL)
+    if p.get('model') in (None, 'evl-tiny'):      # the demo's model, with the job's own overrides on top
+        p['model_overrides'] = dict(DEMO_MODEL, **(p.get('model_overrides') or {}))
     return p
 
 # %% ../nbs/09c_jobs.ipynb #c435e5b0
@@ -60,7 +61,7 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
         if not isinstance(v, int) or v < 1: raise ValueError(f'{name}={v!r}: must be a positive integer')
     unknown = set(params) - set(TRAIN_OPTIONS)
     if unknown: raise TypeError(f'unknown training options: {sorted(unknown)}')
-    if params.get('resume') in ('none', None): params['resume'] = False
+    if 'resume' in params and params['resume'] in ('none', None): params['resume'] = False   # missing: 'auto'
     if params.get('dataset', 'synthetic') == 'synthetic': params = synthetic_params(params)
     return TrainConfig(**params).resolve()
 
@@ -186,7 +187,8 @@ def train_job(print_sbatch: bool = False, summary_json=None, echo=print, **param
                   summary_json=summary_json, echo=echo, **slurm)
         return None
     cfg = job_config(**launch, **params)
-    train_set, val_set = job_data(cfg)
+    try: train_set, val_set = job_data(cfg)
+    except BaseException: release_run_lock(cfg.output_dir, everything=True); raise    # the folder is free
     echo(train_set); echo(val_set)
     s = run_job(cfg, echo=echo, **launch)
     if s and summary_json: Path(summary_json).write_text(json.dumps(s, indent=1, default=str))
