@@ -14,10 +14,10 @@ from .core import check_output_path, get_logger, hold_run_lock, release_run_lock
 from .video import VIDEO_EXTS, check_video
 from .data import VideoClipDataset
 from .doctor import check_dataset, format_doctor, plot_report, require_usable, save_report
-from .synthetic import (SYNTHETIC_CLASSES, ensure_synthetic, make_synthetic_dataset, object_masks,
-                              object_track_for, render_clip_tracked)
+from .synthetic import (SYNTHETIC_CLASSES, ensure_synthetic, object_masks, object_track_for,
+                              render_clip_tracked)
 from .model import EVL, PRESETS, get_config
-from .config import (DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, EXPLORER_DATA, EXPLORER_STEPS, LAUNCH_OPTIONS,
+from .config import (DEMO_MODEL, DEMO_TRAIN, EXPLORER_DATA, EXPLORER_STEPS, LAUNCH_OPTIONS,
                            Option, TRAIN_OPTIONS, TrainConfig)
 from .evaluate import (evaluate, find_run_checkpoint, format_report, load_for_eval, per_class_table,
                              plot_confusion, plot_per_class, predict, prepare_evaluation, save_results)
@@ -67,11 +67,11 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
 
 # %% ../nbs/09c_jobs.ipynb #094d73d2
 def job_data(cfg: TrainConfig):
-    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`)
+    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`SYNTHETIC_RECIPE`)
     is made if missing. Takes `output_dir`'s run lock first (kept until `run_job` ends): the job owns its
     folder from here."""
     hold_run_lock(cfg.output_dir, 'train job')
-    if cfg.dataset == 'synthetic': ensure_synthetic(cfg.data_root, **DEMO_DATA)
+    if cfg.dataset == 'synthetic': ensure_synthetic(cfg.data_root)          # the synthetic recipe
     return check_data(cfg)
 
 # %% ../nbs/09c_jobs.ipynb #a46145b4
@@ -301,9 +301,9 @@ def explorer_checkpoint(train: bool = True, cache_dir=None, max_steps: int = EXP
     _log.info(f'no trained EVL found: training the demo model for the explorer ({max_steps} steps) into '
               f'{cache}')
     data = dict(EXPLORER_DATA if data is None else data)
-    syn = make_synthetic_dataset(cache / 'synthetic', progress=progress, **data)
+    root = ensure_synthetic(cache / 'synthetic', progress=progress, **data)
     kw = dict(DEMO_TRAIN, max_steps=max_steps, warmup_steps=min(DEMO_TRAIN['warmup_steps'], max_steps // 10))
-    run(TrainConfig(dataset='synthetic', data_root=str(syn.root), num_classes=data['num_classes'],
+    run(TrainConfig(dataset='synthetic', data_root=str(root), num_classes=data['num_classes'],
                     output_dir=str(cache / 'evl'), resume=True, seed=0, progress=progress,
                     model_overrides=dict(DEMO_MODEL), **kw))
     return find_run_checkpoint(cache / 'evl')

@@ -38,9 +38,9 @@ _log = get_logger('evl_nb.train')
 __all__ = ['build_datasets', 'build_optimizer', 'cosine_factor', 'CosineSchedule', 'build_scheduler', 'StepSampler',
            'PositionSeeded', 'NonFiniteLossError', 'build_model', 'check_data', 'check_classes', 'cpu_cores',
            'RunState', 'setup_run', 'apply_changes', 'resume_run', 'start_run', 'ignore_stop_signals', 'train_loader',
-           'save_checkpoint', 'forward_backward', 'train_step', 'log_step', 'evaluate_run', 'run_summary',
-           'run_video_counts', 'TrainingStopped', 'GracefulStop', 'run_folder_lock', 'train', 'train_loop', 'run',
-           'build_parser', 'main', 'cli_args']
+           'save_checkpoint', 'release_feature_caches', 'cache_run_features', 'forward_backward', 'train_step',
+           'log_step', 'evaluate_run', 'run_summary', 'run_video_counts', 'TrainingStopped', 'GracefulStop',
+           'run_folder_lock', 'train', 'train_loop', 'run', 'build_parser', 'main', 'cli_args']
 
 # %% ../nbs/06_train.ipynb #fae325b4
 def build_datasets(cfg: TrainConfig, input_size: int | None = None):
@@ -415,6 +415,29 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     p = atomic_save(state, path or run.ckpt_dir / f'step_{run.step:07d}.pt')
     if path is None: prune_checkpoints(run.ckpt_dir, run.cfg.keep_last)
     return p
+
+# %% ../nbs/06_train.ipynb #fc0a1b02
+def release_feature_caches():
+    "Free the feature caches the trainer keeps for the next run of a decoder ablation (`release_kept_features`)."
+    release_kept_features()
+
+# %% ../nbs/06_train.ipynb #e1578eb9
+def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
+    """(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views
+    once; shared with every run of the same key (`features.shared_features`: kept in this process, and on
+    disk in `$EVL_NB_FEATURE_CACHE` when it is set)."""
+    cfg, n = run.cfg, len(train_set)
+    seeded = PositionSeeded(train_set, cfg.seed)
+    kw = dict(batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device, precision=cfg.precision,
+              progress=cfg.progress and run.rank == 0)
+    def build():
+        tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
+                            desc='cache train', **kw)
+        return tr, cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
+    key = feature_key(asdict(cfg), run.model, run.device, train_set, val_set)
+    mc = run.model.config
+    return shared_features(key, build, mc.decoder_num_layers, mc.enable_temporal_cross_attention,
+                           os.environ.get(FEATURE_CACHE_ENV) or None)
 
 # %% ../nbs/06_train.ipynb #a9450b59
 def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tensor, bool, int]:
