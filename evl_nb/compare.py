@@ -46,21 +46,26 @@ def run_dirs(runs) -> list[Path]:
     return out
 
 # %% ../nbs/09e_compare.ipynb #5f23f4fd
-def flat_params(config: dict) -> dict:
-    "A run's parameters as one flat dict: the training config, `model_overrides` as `model.<field>`."
+def flat_params(config: dict, model_config: dict | None = None) -> dict:
+    """A run's parameters as one flat dict: the training config, `model_overrides` as `model.<field>`, and the
+    other fields of the run's resolved `model_config` (when known) as `model.<field>` too."""
     out = {k: v for k, v in config.items() if k != 'model_overrides'}
     out.update({MODEL_PREFIX + k: v for k, v in (config.get('model_overrides') or {}).items()})
+    for k, v in (model_config or {}).items(): out.setdefault(MODEL_PREFIX + k, v)
     return out
 
 # %% ../nbs/09e_compare.ipynb #2d2b2aa0
 def load_run(folder) -> dict:
-    "A run folder read: name, folder, summary, results (None without one), metrics rows, flat parameters."
+    """A run folder read: name, folder, summary, results (None without one), metrics rows, the model config of
+    its checkpoint (None without one), flat parameters."""
     d = Path(folder)
     s = json.loads((d / 'summary.json').read_text())
     res = json.loads((d / 'results.json').read_text()) if (d / 'results.json').is_file() else None
     rows = read_metrics(d / 'metrics.csv') if (d / 'metrics.csv').is_file() else []
-    return dict(name=d.name, dir=d, summary=s, results=res, metrics=rows,
-                params=flat_params(s.get('config') or {}))
+    ck = Path(s.get('checkpoint') or '')
+    mc = torch.load(ck, weights_only=True, mmap=True).get('model_config') if ck.is_file() else None
+    return dict(name=d.name, dir=d, summary=s, results=res, metrics=rows, model_config=mc,
+                params=flat_params(s.get('config') or {}, mc))
 
 # %% ../nbs/09e_compare.ipynb #da3d77f8
 BOOKKEEPING = ('output_dir', 'resume', 'reevaluate', 'progress', 'stop_at_step', 'log_every', 'num_workers',
@@ -76,11 +81,8 @@ def differing(runs: list[dict]) -> list[str]:
 # %% ../nbs/09e_compare.ipynb #4761e217
 def trainable_count(run: dict) -> int | None:
     "Trainable parameters of the run's model (decoder and head), from its checkpoint's model config."
-    ck = Path(run['summary'].get('checkpoint') or '')
-    if not ck.is_file(): return None
-    mc = torch.load(ck, weights_only=True, mmap=True).get('model_config')
-    if mc is None: return None
-    with torch.device('meta'): m = build_evl(EVLConfig(**mc))
+    if run.get('model_config') is None: return None
+    with torch.device('meta'): m = build_evl(EVLConfig(**run['model_config']))
     return sum(p.numel() for p in m.trainable_parameters())
 
 # %% ../nbs/09e_compare.ipynb #33ddc0e8

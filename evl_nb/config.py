@@ -20,9 +20,9 @@ _log = get_logger('evl_nb.config')
 
 # %% auto #0
 __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'POSITIVE', 'NON_NEGATIVE', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'DEMO_DATA', 'DEMO_TRAIN',
-           'DEMO_MODEL', 'TEMPORAL_OFF', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'recipe', 'option', 'check_type',
-           'check_types', 'check_ranges', 'check_dataset', 'check_preset', 'check_data_source', 'check_job_params',
-           'TrainConfig', 'Option']
+           'DEMO_MODEL', 'TEMPORAL_OFF', 'DEMO_GRID', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'recipe', 'option',
+           'check_type', 'check_types', 'check_ranges', 'check_dataset', 'check_preset', 'check_data_source',
+           'check_job_params', 'TrainConfig', 'Option']
 
 # %% ../nbs/05b_config.ipynb #5edc101e
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -277,6 +277,9 @@ DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0, backbone=dict(TINY_T
 # %% ../nbs/05b_config.ipynb #cd5ad1a4
 TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False,
                     enable_temporal_cross_attention=False)
+
+# %% ../nbs/05b_config.ipynb #29abf913
+DEMO_GRID = {'model_overrides': {'evl': {}, 'temporal_off': TEMPORAL_OFF}}   # the demo's two runs (a sweep)
 
 # %% ../nbs/05b_config.ipynb #bfa22928
 EXPLORER_DATA = dict(SYNTHETIC_RECIPE, train_per_class=80, val_per_class=10)

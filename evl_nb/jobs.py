@@ -67,7 +67,7 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
 
 # %% ../nbs/09c_jobs.ipynb #094d73d2
 def job_data(cfg: TrainConfig):
-    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`SYNTHETIC_RECIPE`)
+    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set
     is made if missing. Takes `output_dir`'s run lock first (kept until `run_job` ends): the job owns its
     folder from here."""
     hold_run_lock(cfg.output_dir, 'train job')

@@ -219,10 +219,10 @@ def run_point(out_dir, run: dict, gpus: int = 1, echo=print) -> dict:
 # %% ../nbs/09d_sweep.ipynb #fb4684b0
 @contextlib.contextmanager
 def feature_cache_env(folder):
-    "Set `$EVL_NB_FEATURE_CACHE` to `folder` for the block, unless it is set already."
+    "Set `$EVL_NB_FEATURE_CACHE` to `folder` for the block, unless it is set already (or `folder` is None)."
     old = os.environ.get(FEATURE_CACHE_ENV)
-    if not old: os.environ[FEATURE_CACHE_ENV] = str(folder)
-    try: yield os.environ[FEATURE_CACHE_ENV]
+    if not old and folder: os.environ[FEATURE_CACHE_ENV] = str(folder)
+    try: yield os.environ.get(FEATURE_CACHE_ENV)
     finally:
         if not old: os.environ.pop(FEATURE_CACHE_ENV, None)
 
@@ -238,15 +238,18 @@ def format_sweep(rec: dict) -> str:
     return '\n'.join(lines + [', '.join(f'{n} {k}' for k, n in sweep_counts(rec).items())])
 
 # %% ../nbs/09d_sweep.ipynb #75a96086
-def run_sweep(out_dir, grid: dict, params: dict | None = None, gpus: int = 1, executor=None,
-              echo=print) -> dict:
+def run_sweep(out_dir, grid: dict, params: dict | None = None, gpus: int = 1, executor=None, echo=print,
+              disk_cache: bool = True) -> dict:
     """Run every point of `grid` (the train job's `params` with the point's values) in `out_dir/<run name>`:
     here one after the other, or as a SLURM array through a submitit `executor`. Finished runs are skipped,
-    interrupted ones resume, failed ones are recorded. The record (`sweep.json`; with an executor, `jobs`)."""
+    interrupted ones resume, failed ones are recorded. The runs share their feature caches on disk
+    (`$EVL_NB_FEATURE_CACHE`, else `out_dir/feature_cache`), or with `disk_cache=False` only in this process's
+    memory. The record (`sweep.json`; with an executor, `jobs`)."""
     rec = plan_sweep(out_dir, grid, params)
     out = Path(out_dir)
+    cache = (os.environ.get(FEATURE_CACHE_ENV) or str(out / 'feature_cache')) if disk_cache else None
     rec.update(launcher='slurm' if executor is not None else 'torchrun' if gpus > 1 else 'local', gpus=gpus,
-               feature_cache=os.environ.get(FEATURE_CACHE_ENV) or str(out / 'feature_cache'))
+               feature_cache=cache)
     with file_lock(out / '.sweep.lock'):
         old = {r['name']: r for r in (read_sweep(out) or {}).get('runs', [])}
         for r in rec['runs']:                              # a run the last sweep left running was interrupted
@@ -266,7 +269,7 @@ class SweepTask:
         self.out_dir, self.run, self.gpus, self.feature_cache = str(out_dir), run, gpus, feature_cache
 
     def __call__(self) -> dict:
-        with feature_cache_env(self.feature_cache or Path(self.out_dir) / 'feature_cache'):
+        with feature_cache_env(self.feature_cache):
             return run_point(self.out_dir, self.run, self.gpus)
 
     def checkpoint(self, *args, **kwargs):

@@ -418,7 +418,7 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
 
 # %% ../nbs/06_train.ipynb #fc0a1b02
 def release_feature_caches():
-    "Free the feature caches the trainer keeps for the next run of a decoder ablation (`release_kept_features`)."
+    "Free the feature caches this process keeps for a decoder ablation's next run (`release_kept_features`)."
     release_kept_features()
 
 # %% ../nbs/06_train.ipynb #e1578eb9
@@ -431,8 +431,8 @@ def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
     kw = dict(batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device, precision=cfg.precision,
               progress=cfg.progress and run.rank == 0)
     def build():
-        tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
-                            desc='cache train', **kw)
+        tr = cache_features(run.model, train_set, cfg.cache_features,
+                            draw=lambda v, i: seeded[(v * n + i, i)], desc='cache train', **kw)
         return tr, cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
     key = feature_key(asdict(cfg), run.model, run.device, train_set, val_set)
     mc = run.model.config

@@ -101,13 +101,13 @@ def test_a_decoder_ablation_reuses_the_cache(tmp_path, monkeypatch):
 
 def test_in_memory_datasets_are_read_front_to_back(tmp_path, monkeypatch):
     "in_memory reads every clip once: sequential PyAV decoding, no decord seek check."
-    import evl_nb.data as data
+    import evl_nb.train as trainer
     from evl_nb.synthetic import make_synthetic_dataset
     from evl_nb.train import build_datasets
     root = tmp_path / 'syn'
     make_synthetic_dataset(root, num_classes=2, train_per_class=1, val_per_class=1, num_frames=(8, 8), ssv2=False)
-    seen, real = [], data.build_dataset
-    monkeypatch.setattr(data, 'build_dataset', lambda *a, **k: seen.append(k.get('decode')) or real(*a, **k))
+    seen, real = [], trainer.build_dataset          # as the trainer calls it (imported from evl_nb.data)
+    monkeypatch.setattr(trainer, 'build_dataset', lambda *a, **k: seen.append(k.get('decode')) or real(*a, **k))
     cfg = TrainConfig(dataset='synthetic', data_root=str(root), num_classes=2, in_memory=True, num_workers=0,
                       output_dir=str(tmp_path / 'run'), progress=False).resolve()
     tr, va = build_datasets(cfg)
