@@ -15,6 +15,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .core import get_logger
+
+_log = get_logger('evl_nb.augment')
+
 # %% auto #0
 __all__ = ['LEVELS', 'GEOMETRIC_OPS', 'TRUNC_EPS', 'WHOLE_PICTURE_OPS', 'resize_clip', 'blend_lut', 'posterize_mask', 'point_lut',
            'histograms', 'autocontrast_lut', 'equalize_lut', 'grey', 'apply_lut', 'pil_affine', 'source_region',
@@ -38,12 +42,15 @@ def resize_clip(video, hw, antialias: bool = False):
 # %% ../nbs/01b_augment.ipynb #4bd9e091
 LEVELS = torch.arange(256)
 
+
+# %% ../nbs/01b_augment.ipynb #dd557314
 def blend_lut(a, f: float) -> torch.Tensor:
     """PIL's `Image.blend(a, b, f)` for every level b: float32, clipped, truncated; `(..., 256)` uint8 (one
     row per `a`)."""
     a = torch.as_tensor(a, dtype=torch.float32).unsqueeze(-1)
     y = a + torch.tensor(f, dtype=torch.float32) * (LEVELS.float() - a)
     return y.clamp_(0, 255).floor_().to(torch.uint8)
+
 
 # %% ../nbs/01b_augment.ipynb #86d5d7d5
 def posterize_mask(bits: int) -> int:
@@ -115,6 +122,8 @@ def apply_lut(x, lut) -> torch.Tensor:
 # %% ../nbs/01b_augment.ipynb #4969ee3c
 GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 
+
+# %% ../nbs/01b_augment.ipynb #fafaedf6
 def pil_affine(name: str, m: float, s: float, W: int, H: int) -> tuple | None:
     """PIL's inverse matrix (a, b, c, d, e, f) for a geometric op on a W x H frame; None where PIL returns a
     copy."""
@@ -132,6 +141,7 @@ def pil_affine(name: str, m: float, s: float, W: int, H: int) -> tuple | None:
         f = (m / 10) * 0.45 * s
         return (1, 0, f * W, 0, 1, 0) if name == 'TranslateXRel' else (1, 0, 0, 0, 1, f * H)
     raise ValueError(f'{name!r} is not a geometric RandAugment op')
+
 
 # %% ../nbs/01b_augment.ipynb #b7967909
 def source_region(mat, region, H: int, W: int) -> tuple:
@@ -157,11 +167,14 @@ def _fill_outside(y, inside, fill: int) -> torch.Tensor:
     y = y.clamp_(0, 255).add_(TRUNC_EPS).floor_()
     return (y if bool(inside.all()) else torch.where(inside, y, float(fill))).to(torch.uint8)
 
+
+# %% ../nbs/01b_augment.ipynb #e35b729f
 def pil_cubic(t) -> torch.Tensor:
     """PIL's affine bicubic weights (Keys' cubic, a = -1) of the taps floor - 1 .. floor + 2 for fractions
     `t`: (4, ...)."""
     t2, t3 = t * t, t * t * t
     return torch.stack([-t + 2 * t2 - t3, 1 - 2 * t2 + t3, t + t2 - t3, t3 - t2])
+
 
 # %% ../nbs/01b_augment.ipynb #978be758
 def _translate_taps(rows, first: int, n: int, w: list) -> torch.Tensor:
@@ -264,6 +277,8 @@ def _picture_op(name, x, f, cut):
     else: lut = (autocontrast_lut if name == 'AutoContrast' else equalize_lut)(histograms(x))
     return apply_lut(cut(x), lut)
 
+
+# %% ../nbs/01b_augment.ipynb #479c14d3
 def tensor_op(name: str, x, m: float, s: float = 1.0, src=None, dst=None, frame=None) -> torch.Tensor:
     """One RandAugment op (PIL's semantics) at magnitude `m` (0-10) and sign `s` on uint8 `(T, 3, h, w)`,
     which is region `src` (top, left, bottom, right) of a `frame` (H, W); returns region `dst` (default: all
@@ -281,6 +296,7 @@ def tensor_op(name: str, x, m: float, s: float = 1.0, src=None, dst=None, frame=
     if name in WHOLE_PICTURE_OPS: return _picture_op(name, x, f, cut)
     if name == 'SharpnessIncreasing': return cut(sharpness_op(x, f))     # x: the region grown by a pixel
     raise ValueError(f'unknown RandAugment op {name!r}')
+
 
 # %% ../nbs/01b_augment.ipynb #dba4e9fe
 @dataclass

@@ -73,6 +73,9 @@ def get_logger(name: str = 'evl_nb') -> logging.Logger:
         root.addHandler(h); root.setLevel(logging.INFO); root.propagate = False
     return log
 
+_log = get_logger('evl_nb.core')
+
+
 # %% ../nbs/00_core.ipynb #fd7e1d3c
 def dist_info() -> tuple[int, int]:
     "(rank, world_size); (0, 1) outside torchrun."
@@ -204,7 +207,7 @@ class RunLock:
             raise RunLockedError(f'{self.folder} is in use by {describe_holder(h)} ({why}); wait for it, '
                                  f'or give this run another output folder')
         if h:
-            get_logger('evl_nb.core').warning(f'{self.path}: took over the lock of {describe_holder(h)}')
+            _log.warning(f'{self.path}: took over the lock of {describe_holder(h)}')
         os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(self._record()).encode(), 0); os.fsync(fd)
         self.fd = fd; self._stop.clear()
         threading.Thread(target=self._beat, name='evl-nb-lock-heartbeat', daemon=True).start()

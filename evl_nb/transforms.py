@@ -43,6 +43,8 @@ _SWITCH_VALUES = dict(antialias=(False, True), crop_offset=('floor', 'round'), l
                       train_pad=('repeat_last', 'clamp', 'loop'), test_pad=('repeat_last', 'clamp', 'loop'),
                       rand_augment=('official', 'torchvision'))
 
+
+# %% ../nbs/02a_transforms.ipynb #bdef7bdb
 def resolve_convention(convention='official', **switches) -> dict:
     """The switches of `convention` ('official', 'mmaction2', 'legacy', or a dict from this function), with
     every switch given (not None) overriding it; the result is what `build_dataset(convention=...)` also
@@ -67,6 +69,7 @@ def resolve_convention(convention='official', **switches) -> dict:
             what = 'out_of_bound' if k.endswith('_pad') else k
             raise ValueError(f'{what}={base.get(k)!r}: expected one of {", ".join(map(repr, ok))}')
     return base
+
 
 # %% ../nbs/02a_transforms.ipynb #165651d4
 def _as_rng(rng) -> np.random.Generator:
@@ -225,12 +228,15 @@ def _from_pil(imgs, like):
     return tv_tensors.Video(torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1,
                                                                                               2).contiguous())
 
+
+# %% ../nbs/02a_transforms.ipynb #445e3f5e
 def rand_augment_op(name: str, video, magnitude: float, sign: float = 1.0, style: str = 'official'):
     "One RandAugment op on a uint8 clip `(T, 3, H, W)` at `magnitude` (0-10) with `sign` (+1/-1), in `style`."
     if style not in RA_STYLES: raise ValueError(f'style={style!r}: expected one of {RA_STYLES}')
     v = video if isinstance(video, tv_tensors.Video) else tv_tensors.Video(video)
     if style == 'torchvision': return _tv_op(name, v, magnitude, sign)
     return _from_pil([_pil_op(name, im, magnitude, sign) for im in _to_pil(v)], v)
+
 
 # %% ../nbs/02a_transforms.ipynb #99430889
 RAND_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
@@ -241,6 +247,8 @@ _SIGNED = {'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'Colo
            'ContrastIncreasing',
            'BrightnessIncreasing', 'SharpnessIncreasing'}
 
+
+# %% ../nbs/02a_transforms.ipynb #8444fc08
 class ClipRandAugment(torch.nn.Module):
     """timm-style RandAugment (`n` ops, magnitude `m`±`mstd`, each op with prob `p`) with one draw per clip;
     `style` as above."""
@@ -288,6 +296,7 @@ class ClipRandAugment(torch.nn.Module):
         return _from_pil(imgs, v)
     def forward(self, video, generator=None): return self.apply(video, self.draw(generator))
     def extra_repr(self): return f'n={self.n}, m={self.m}, mstd={self.mstd}, p={self.p}, style={self.style!r}'
+
 
 # %% ../nbs/02a_transforms.ipynb #04efae6c
 def short_side_size(h: int, w: int, size: int, long_side: str = 'floor') -> tuple[int, int]:
@@ -389,6 +398,8 @@ class FlipPolicy:
 # %% ../nbs/02a_transforms.ipynb #a3bf9a3d
 AUGMENT_ON = ('worker', 'device')
 
+
+# %% ../nbs/02a_transforms.ipynb #256efddd
 def augment_place(augment_on: str, rand_augment, name: str = '') -> str:
     """Where a training clip is augmented: `augment_on`, except that RandAugment other than the official ops
     (the torchvision style of the mmaction2/legacy conventions, or your own callable) stays in the worker."""
@@ -401,6 +412,7 @@ def augment_place(augment_on: str, rand_augment, name: str = '') -> str:
                   '(the device applies the official ops only)')
         return 'worker'
     return augment_on
+
 
 # %% ../nbs/02a_transforms.ipynb #68ae72db
 def dense_interval(num_frames: int) -> int:
