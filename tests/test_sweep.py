@@ -132,3 +132,20 @@ def test_a_failed_run_is_recorded_and_the_others_run(syn, tmp_path):
     assert rec['counts'] == {'failed': 2} and 'other parameters' in rec['runs'][0]['error']
     rec = run_sweep(out, {'seed': [1, 2, 3]}, dict(params, warmup_steps=1), echo=lambda *a: None)
     assert [r['state'] for r in rec['runs']] == ['failed', 'failed', 'done']
+
+
+def test_sweep_notebook_runs_the_sweep_job(syn, tmp_path):
+    "papermill nbs/sweep.ipynb -p grid {...}: the same job as `evl-nb sweep`; a rerun skips both finished runs."
+    pm = pytest.importorskip('papermill')
+    out = tmp_path / 'sw'
+    params = dict(out_dir=str(out), grid={'model.decoder_num_layers': [2, 1]}, data_root=str(syn), num_classes=3,
+                  batch_size=3, max_steps=2, num_workers=0, ckpt_every=0, threads=1)
+    for i in range(2):
+        pm.execute_notebook(str(ROOT / 'nbs' / 'sweep.ipynb'), str(tmp_path / f'out{i}.ipynb'), cwd=str(ROOT),
+                            parameters=params, kernel_name='python3', progress_bar=False)
+        if i == 0: first = _mtimes(out / 'decoder_num_layers=1')
+    rec = read_sweep(out)
+    assert rec['counts'] == {'done': 2} and [r['name'] for r in rec['runs']] == ['decoder_num_layers=2',
+                                                                               'decoder_num_layers=1']
+    assert _mtimes(out / 'decoder_num_layers=1') == first
+    assert 'complete, skipped' in (tmp_path / 'out1.ipynb').read_text()
