@@ -14,15 +14,15 @@ from .core import as_dtype, check_output_path, get_logger
 from .annotations import DEFAULT_MODEL
 from .transforms import AUGMENT_ON, parse_views, resolve_convention
 from .model import PRESETS, TINY_TOWER, get_config, model_input_size
-from .synthetic import DEMO_CLASSES
+from .synthetic import SYNTHETIC_RECIPE
 
 _log = get_logger('evl_nb.config')
 
 # %% auto #0
 __all__ = ['OFFICIAL_RECIPE', 'RECIPES', 'POSITIVE', 'NON_NEGATIVE', 'LAUNCH_OPTIONS', 'TRAIN_OPTIONS', 'DEMO_DATA', 'DEMO_TRAIN',
-           'DEMO_MODEL', 'TEMPORAL_OFF', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'recipe', 'option', 'check_type',
-           'check_types', 'check_ranges', 'check_dataset', 'check_preset', 'check_data_source', 'check_job_params',
-           'TrainConfig', 'Option']
+           'DEMO_MODEL', 'TEMPORAL_OFF', 'DEMO_GRID', 'EXPLORER_DATA', 'EXPLORER_STEPS', 'recipe', 'option',
+           'check_type', 'check_types', 'check_ranges', 'check_dataset', 'check_preset', 'check_data_source',
+           'check_job_params', 'TrainConfig', 'Option']
 
 # %% ../nbs/05b_config.ipynb #5edc101e
 OFFICIAL_RECIPE = dict(lr=4e-4, weight_decay=0.05, betas=(0.9, 0.999), max_steps=50_000, warmup_steps=0,
@@ -264,8 +264,7 @@ def _config_options() -> list[Option]:
 TRAIN_OPTIONS: dict[str, Option] = {o.name: o for o in _config_options() + LAUNCH_OPTIONS}
 
 # %% ../nbs/05b_config.ipynb #57c3a200
-DEMO_DATA = dict(classes=DEMO_CLASSES, num_classes=len(DEMO_CLASSES), train_per_class=150, val_per_class=20,
-                 num_frames=(16, 20), size=128, ssv2=False)
+DEMO_DATA = SYNTHETIC_RECIPE     # the data: the synthetic set's one recipe (`evl_nb.synthetic`)
 
 # %% ../nbs/05b_config.ipynb #22d333e9
 DEMO_TRAIN = dict(model='evl-tiny', batch_size=32, max_steps=2500, lr=6e-3, warmup_steps=30,
@@ -279,8 +278,11 @@ DEMO_MODEL = dict(decoder_mlp_dropout=0.0, cls_dropout=0.0, backbone=dict(TINY_T
 TEMPORAL_OFF = dict(enable_temporal_conv=False, enable_temporal_pos_embed=False,
                     enable_temporal_cross_attention=False)
 
+# %% ../nbs/05b_config.ipynb #29abf913
+DEMO_GRID = {'model_overrides': {'evl': {}, 'temporal_off': TEMPORAL_OFF}}   # the demo's two runs (a sweep)
+
 # %% ../nbs/05b_config.ipynb #bfa22928
-EXPLORER_DATA = dict(DEMO_DATA, train_per_class=80, val_per_class=10)
+EXPLORER_DATA = dict(SYNTHETIC_RECIPE, train_per_class=80, val_per_class=10)
 
 # %% ../nbs/05b_config.ipynb #4ab9b173
 EXPLORER_STEPS = 1000

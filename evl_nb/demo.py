@@ -12,14 +12,15 @@ if 'torch' not in sys.modules: os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE
 import torch
 
 from .core import get_logger
-from .synthetic import DEMO_CLASSES, make_synthetic_dataset
-from .config import DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, TEMPORAL_OFF, TrainConfig
-from .train import build_datasets, train
+from .synthetic import DEMO_CLASSES, ensure_synthetic
+from .config import DEMO_DATA, DEMO_GRID, DEMO_MODEL, DEMO_TRAIN
+from .sweep import run_sweep
+from .compare import compare_table, load_run, table_markdown
 
 _log = get_logger('evl_nb.demo')
 
 # %% auto #0
-__all__ = ['DEMO_QUICK', 'demo_data', 'demo_config', 'run_figures', 'demo_summary', 'demo', 'report', 'main']
+__all__ = ['DEMO_QUICK', 'demo_data', 'demo_params', 'run_figures', 'demo_summary', 'demo', 'report', 'main']
 
 # %% ../nbs/09_demo.ipynb #717b772b
 DEMO_QUICK = dict(num_classes=4, classes=DEMO_CLASSES[:4], train_per_class=4, val_per_class=2,
@@ -27,24 +28,22 @@ DEMO_QUICK = dict(num_classes=4, classes=DEMO_CLASSES[:4], train_per_class=4, va
 
 # %% ../nbs/09_demo.ipynb #ebd4f5fd
 def demo_data(root, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
-    """Generate the demo's synthetic set at `root` (kept when already there; `quick`: a tiny one); its
+    """The demo's synthetic set at `root`, made if missing (`ensure_synthetic`; `quick`: a tiny one); its
     settings."""
     data = dict(DEMO_DATA, **(DEMO_QUICK if quick else {}))
-    make_synthetic_dataset(root, seed=seed, progress=progress, **data)
+    ensure_synthetic(root, **dict(data, seed=seed, progress=progress))
     return data
 
 # %% ../nbs/09_demo.ipynb #738f756a
-def demo_config(root, output_dir, num_classes: int, overrides: dict | None = None,
-                max_steps: int | None = None, quick: bool = False, seed: int = 0, progress: bool = True,
-                threads: int | None = None) -> TrainConfig:
-    """One demo run's resolved config: the synthetic recipe, with model `overrides` (`TEMPORAL_OFF`: the
-    control)."""
+def demo_params(root, num_classes: int, max_steps: int | None = None, quick: bool = False, seed: int = 0,
+                progress: bool = True, threads: int | None = None) -> dict:
+    """The training job's parameters both demo runs share: the synthetic recipe on `root` (`DEMO_GRID` adds
+    each run's model overrides)."""
     kw = dict(DEMO_TRAIN)
     if quick: kw.update(batch_size=4, max_steps=2, num_workers=0)
     if max_steps: kw['max_steps'] = max_steps
-    return TrainConfig(dataset='synthetic', data_root=str(root), num_classes=num_classes,
-                       output_dir=str(output_dir), resume=False, seed=seed, progress=progress,
-                       threads=threads, model_overrides=dict(DEMO_MODEL, **(overrides or {})), **kw).resolve()
+    return dict(kw, dataset='synthetic', data_root=str(root), num_classes=num_classes, resume=False,
+                seed=seed, progress=progress, threads=threads, model_overrides=dict(DEMO_MODEL))
 
 # %% ../nbs/09_demo.ipynb #550c3599
 def run_figures(summary: dict, seconds: float) -> dict:
@@ -65,31 +64,32 @@ def demo_summary(res: dict, num_classes: int, data_seconds: float, total_seconds
 # %% ../nbs/09_demo.ipynb #15ca2268
 def demo(output_dir='runs/demo', data_root=None, max_steps: int | None = None, quick: bool = False,
          seed: int = 0, progress: bool = True, threads: int | None = None) -> dict:
-    """Generate the data, train with and without the temporal modules, evaluate; returns (and saves) both
-    results."""
+    """Make the data, then the sweep of `DEMO_GRID`: train and evaluate with and without the temporal modules;
+    returns (and saves) both results and their comparison table."""
     t0 = time.time()
     out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root) if data_root else out / 'synthetic'
     data = demo_data(root, quick, seed, progress)
     t_data = time.time() - t0
-    res, sets = {}, None
-    for name, ov in (('evl', {}), ('temporal_off', TEMPORAL_OFF)):
-        cfg = demo_config(root, out / name, data['num_classes'], ov, max_steps, quick, seed, progress,
-                          threads)
-        t = time.time()
-        if sets is None:
-            sets = build_datasets(cfg)   # decoded once: the control reuses the clips and the feature cache
-        res[name] = run_figures(train(cfg, *sets), time.time() - t)
-        _log.info(f"{name}: top-1 {100 * res[name]['top1']:.1f}% in {res[name]['train_seconds']:.0f}s")
-    r = demo_summary(res, data['num_classes'], t_data, time.time() - t0)
+    params = demo_params(root, data['num_classes'], max_steps, quick, seed, progress, threads)
+    rec = run_sweep(out, DEMO_GRID, params, echo=_log.debug, disk_cache=False)
+    bad = [f"{r['name']}: {r.get('error')}" for r in rec['runs'] if r['state'] != 'done']
+    if bad: raise RuntimeError('the demo run failed: ' + '; '.join(bad))
+    runs = [load_run(r['output_dir']) for r in rec['runs']]
+    res = {r['name']: run_figures(run['summary'], r['seconds']) for r, run in zip(rec['runs'], runs)}
+    for name, f in res.items():
+        _log.info(f"{name}: top-1 {100 * f['top1']:.1f}% in {f['train_seconds']:.0f}s")
+    r = dict(demo_summary(res, data['num_classes'], t_data, time.time() - t0),
+             table=table_markdown(compare_table(runs)))
     (out / 'demo_results.json').write_text(json.dumps(r, indent=1))
     return r
 
 # %% ../nbs/09_demo.ipynb #903842ed
 def report(r: dict) -> str:
-    "The demo's two figures and its time as text."
+    "The comparison table, the demo's two figures and its time as text."
     e, c = r['results']['evl'], r['results']['temporal_off']
-    return (f"EVL-tiny on the synthetic temporal-order dataset ({r['num_classes']} classes, {e['num_val']} "
+    return (f"{r['table']}\n\n"
+            f"EVL-tiny on the synthetic temporal-order dataset ({r['num_classes']} classes, {e['num_val']} "
             f"validation clips, chance {100 * r['chance']:.0f}%)\n"
             f"  with the temporal modules:    top-1 {100 * e['top1']:5.1f}%  (top-5 "
             f"{100 * e['top5']:.1f}%)\n  temporal modules switched off: top-1 {100 * c['top1']:5.1f}%\n"

@@ -15,7 +15,7 @@ from .core import (add_context, all_gather_objects, as_dtype, check_output_path,
 from .annotations import DEFAULT_MODEL, find_ann, pad_classes, read_class_list
 from .transforms import normalize_clip
 from .data import build_dataset, collate_clips, record_skipped
-from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+from .synthetic import SYNTHETIC_CLASSES, ensure_synthetic
 from .model import (EVL, EVLConfig, build_evl, get_config, load_checkpoint, model_input_size,
                           read_checkpoint)
 from .config import check_job_params
@@ -292,12 +292,10 @@ def eval_synthetic_root(net: EVL, classes, data_root=None, runs_dir='runs/train'
     """The synthetic validation set for `net` (`data_root`, else `runs_dir/synthetic`), made when missing: the
     checkpoint's own `classes` when they are synthetic ones (the demo's set), else the first `num_classes`."""
     data_root = data_root or str(Path(runs_dir) / 'synthetic')
-    if not (Path(data_root) / 'synthetic.json').exists():
-        n, names = net.config.num_classes, classes or []
-        kw = dict(classes=names) if names and set(names) <= {c[0] for c in SYNTHETIC_CLASSES} \
-            else dict(num_classes=n if 2 <= n <= 12 else 10)
-        make_synthetic_dataset(data_root, train_per_class=1, val_per_class=4, **kw)
-    return data_root
+    n, names = net.config.num_classes, classes or []
+    kw = dict(classes=names) if names and set(names) <= {c[0] for c in SYNTHETIC_CLASSES} \
+        else dict(num_classes=n if 2 <= n <= 12 else 10)
+    return str(ensure_synthetic(data_root, train_per_class=1, val_per_class=4, **kw))
 
 # %% ../nbs/07_evaluate.ipynb #f804b7c6
 def prepare_evaluation(checkpoint=None, class_list=None, dataset: str = 'synthetic', data_root=None,

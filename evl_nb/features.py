@@ -4,27 +4,37 @@
 
 # %% ../nbs/06a_features.ipynb #75622aec
 from __future__ import annotations
-import math, time
+import contextlib, fcntl, hashlib, json, math, os, time
+from dataclasses import asdict
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from .core import all_gather_objects, dist_info, get_logger
+from .core import all_gather_objects, as_dtype, atomic_save, dist_info, get_logger
+from .augment import batch_clips
 from .annotations import pad_classes
 from .transforms import normalize_clip
+from .data import collate_clips
+from .model import temporal_maps
 from .evaluate import classification_metrics
 
 _log = get_logger('evl_nb.features')
 
 # %% auto #0
-__all__ = ['feature_bytes_per_view', 'DecoderHead', 'FeatureCache', 'collate_features', 'CachedBlock', 'unpack_features',
-           'cache_features', 'evaluate_features', 'backbone_fingerprint', 'without_maps']
+__all__ = ['FEATURE_CACHE_ENV', 'DECODER_FIELDS', 'RUN_ONLY', 'feature_bytes_per_view', 'DecoderHead', 'FeatureCache',
+           'collate_features', 'CachedBlock', 'unpack_features', 'cache_features', 'evaluate_features',
+           'backbone_fingerprint', 'without_maps', 'data_fingerprint', 'feature_key', 'save_feature_cache',
+           'load_feature_cache', 'fit_cache', 'file_lock', 'release_kept_features', 'read_entry', 'write_entry',
+           'shared_features']
 
 # %% ../nbs/06a_features.ipynb #544732db
 def feature_bytes_per_view(model) -> int:
-    "Bytes the cache stores for one view of one clip: per decoder layer `out`, plus the TCA maps (fp32) when TCA is on."
+    """Bytes the cache stores for one view of one clip: per decoder layer `out`, plus the TCA maps (fp32) when
+    TCA is on."""
     c, bb = model.config, model.backbone
     hw = bb.grid_size[0] * bb.grid_size[1]
     out = c.num_frames * (1 + hw) * bb.width * torch.empty(0, dtype=bb.dtype).element_size()
@@ -33,7 +43,8 @@ def feature_bytes_per_view(model) -> int:
 
 # %% ../nbs/06a_features.ipynb #f1ccee75
 class DecoderHead(nn.Module):
-    "Decoder and head of `model` (parameters shared): `forward(feats) -> logits`, feats as `backbone_features` gives."
+    """Decoder and head of `model` (parameters shared): `forward(feats) -> logits`, feats as
+    `backbone_features` gives."""
     def __init__(self, model):
         super().__init__()
         self.decoder, self.proj = model.decoder, model.proj
@@ -42,7 +53,8 @@ class DecoderHead(nn.Module):
 # %% ../nbs/06a_features.ipynb #56bf487a
 class FeatureCache(Dataset):
     "Cached features: `layers[l]` (M, T, L, C), `maps[l]` (M, 2, T-1, hw, hw) or None; M = clips x views."
-    def __init__(self, layers: list, labels, views: int, maps: list | None = None, classes=None, per_clip: bool = False):
+    def __init__(self, layers: list, labels, views: int, maps: list | None = None, classes=None,
+                 per_clip: bool = False):
         self.layers, self.maps, self.labels, self.views = layers, maps, torch.as_tensor(labels), views
         self.classes = list(classes) if classes is not None else None
         self.per_clip = per_clip
@@ -53,24 +65,30 @@ class FeatureCache(Dataset):
     def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.layers + (self.maps or []))
     def __len__(self): return len(self.labels)
     def __repr__(self):
-        return f'FeatureCache({len(self)} items, {self.views} view(s) per clip, {self.nbytes / 2**20:.0f} MiB)'
+        return (f'FeatureCache({len(self)} items, {self.views} view(s) per clip, '
+                f'{self.nbytes / 2**20:.0f} MiB)')
     def __getitem__(self, i):
         rows = slice(i * self.views, (i + 1) * self.views) if self.per_clip else i
         maps = [t[rows] for t in self.maps] if self.maps is not None else None
-        return {'feats': [t[rows] for t in self.layers], 'maps': maps, 'label': int(self.labels[i]), 'index': i}
+        return {'feats': [t[rows] for t in self.layers], 'maps': maps, 'label': int(self.labels[i]),
+                'index': i}
 
+# %% ../nbs/06a_features.ipynb #f5eeba6f
 def collate_features(items) -> dict:
-    "Stack cached items: `feats`, `maps` per layer (B, ...) (evaluation: (B, V, ...)), `label`, `index`; no skips."
+    """Stack cached items: `feats`, `maps` per layer (B, ...) (evaluation: (B, V, ...)), `label`, `index`; no
+    skips."""
     stack = lambda key: [torch.stack(t) for t in zip(*(it[key] for it in items))]
     return {'feats': stack('feats'), 'maps': stack('maps') if items[0]['maps'] is not None else None,
             'skipped': [], 'label': torch.tensor([it['label'] for it in items]),
             'index': torch.tensor([it['index'] for it in items])}
 
+# %% ../nbs/06a_features.ipynb #409a5f2b
 class CachedBlock(NamedTuple):
     "What the decoder takes from one cached block: `out` (N, T, L, C) and TCA's maps `(prev, next)` or None."
     out: torch.Tensor
     maps: tuple | None = None
 
+# %% ../nbs/06a_features.ipynb #8cb9cb93
 def unpack_features(feats, maps=None, device=None) -> list[CachedBlock]:
     "Collated `feats` (N, T, L, C) and `maps` (N, 2, T-1, hw, hw) per layer as the decoder's inputs."
     mv = lambda t: t.to(device, non_blocking=True) if device is not None else t
@@ -81,12 +99,8 @@ def unpack_features(feats, maps=None, device=None) -> list[CachedBlock]:
 @torch.no_grad()
 def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 32, device=None,
                    precision: str = 'fp32', progress: bool = False, desc: str = 'cache') -> FeatureCache:
-    "`model.backbone` once over `views` draws of every item of `dataset`: a `FeatureCache` (train: items are views)."
-    from tqdm.auto import tqdm
-    from evl_nb.core import as_dtype
-    from evl_nb.augment import batch_clips
-    from evl_nb.data import collate_clips
-    from evl_nb.model import temporal_maps
+    """`model.backbone` once over `views` draws of every item of `dataset`: a `FeatureCache` (train: items are
+    views)."""
     dt = as_dtype(precision)
     device = torch.device(device) if device is not None else next(model.decoder.parameters()).device
     tca = model.config.enable_temporal_cross_attention
@@ -103,7 +117,8 @@ def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 
         v = batch_clips(b, device); multi = v.ndim == 6; V = v.shape[1] if multi else 1
         with torch.autocast(device.type, dtype=dt, enabled=dt != torch.float32):
             fs = model.backbone_features(normalize_clip(v.flatten(0, 1) if multi else v, device))
-        parts = [f.out.cpu() for f in fs] + ([torch.stack(temporal_maps(f.q, f.k), 1).cpu() for f in fs] if tca else [])
+        parts = [f.out.cpu() for f in fs]
+        if tca: parts += [torch.stack(temporal_maps(f.q, f.k), 1).cpu() for f in fs]
         if store is None: store = [torch.empty((total * V,) + p.shape[1:], dtype=p.dtype) for p in parts]
         for t, p in zip(store, parts): t[s * V:s * V + p.shape[0]] = p
         labels = torch.cat([labels, b['label']])
@@ -118,7 +133,6 @@ def cache_features(model, dataset, views: int = 1, draw=None, batch_size: int = 
 def evaluate_features(model, cache: FeatureCache, batch_size: int = 32, device=None, precision: str = 'fp32',
                       classes=None) -> dict:
     "`evaluate` for a per-clip `FeatureCache`: the same metrics dict (nothing is ever skipped)."
-    from evl_nb.core import as_dtype
     t0 = time.time()
     rank, world = dist_info()
     device = torch.device(device) if device is not None else next(model.decoder.parameters()).device
@@ -151,13 +165,142 @@ def evaluate_features(model, cache: FeatureCache, batch_size: int = 32, device=N
 # %% ../nbs/06a_features.ipynb #da4c9bfe
 def backbone_fingerprint(model) -> str:
     "A hash of the backbone's weights and buffers: two models with equal towers give equal cached features."
-    import hashlib
     h = hashlib.sha1()
     for name, t in model.backbone.state_dict().items():
         h.update(name.encode()); h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/06a_features.ipynb #51b6f065
 def without_maps(cache: FeatureCache) -> FeatureCache:
     "The same cache (tensors shared) without TCA's maps, for a decoder without TCA."
     return FeatureCache(cache.layers, cache.labels, cache.views, None, cache.classes, cache.per_clip)
+
+# %% ../nbs/06a_features.ipynb #bd22bb75
+FEATURE_CACHE_ENV = 'EVL_NB_FEATURE_CACHE'    # a folder: runs share their feature caches on disk there
+
+# %% ../nbs/06a_features.ipynb #784024ae
+DECODER_FIELDS = ('num_classes', 'decoder_num_layers', 'decoder_qkv_dim', 'decoder_num_heads',
+                  'decoder_mlp_factor', 'decoder_mlp_dropout', 'cls_dropout', 'enable_temporal_conv',
+                  'enable_temporal_pos_embed', 'enable_temporal_cross_attention')
+
+# %% ../nbs/06a_features.ipynb #fff65636
+RUN_ONLY = ('lr', 'weight_decay', 'betas', 'max_steps', 'warmup_steps', 'batch_size', 'accum_steps',
+            'num_classes', 'num_workers', 'eval_every', 'eval_batch_size', 'ckpt_every', 'keep_last',
+            'log_every', 'output_dir', 'resume', 'reevaluate', 'stop_at_step', 'progress', 'threads',
+            'allow_changes', 'max_missing', 'device',
+            'model_overrides')      # model_overrides: the resolved model config is keyed instead
+
+# %% ../nbs/06a_features.ipynb #72f8f95e
+_PLAIN = (int, float, str, bool, type(None))
+
+def data_fingerprint(ds) -> str:
+    """A hash of what `ds` gives: its plain settings, its class names, its samples (path, label, file size and
+    time) or its in-memory clips and labels."""
+    h = hashlib.sha1(type(ds).__name__.encode())
+    if ds is None: return 'none'
+    for k, v in sorted(vars(ds).items()):
+        if isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)):
+            h.update(f'{k}={v!r};'.encode())
+    h.update(repr(getattr(ds, 'classes', None)).encode())
+    for s in getattr(ds, 'samples', None) or []:
+        st = os.stat(s[0]) if os.path.isfile(s[0]) else None
+        h.update(f'{s[0]}|{s[1]}|{st and st.st_size}|{st and st.st_mtime_ns};'.encode())
+    for name in ('videos', 'labels'):
+        t = getattr(ds, name, None)
+        if isinstance(t, torch.Tensor):
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        elif isinstance(t, (list, tuple)): h.update(repr(list(t)).encode())
+    return h.hexdigest()
+
+# %% ../nbs/06a_features.ipynb #5274ede0
+def feature_key(cfg: dict, model, device, train_set, val_set=None) -> str:
+    """The shared cache's key for a run: `cfg` (the training parameters as a dict) less `RUN_ONLY`, the model
+    config less `DECODER_FIELDS`, the tower's weights, the device type and both datasets' fingerprints."""
+    parts = dict(run={k: v for k, v in cfg.items() if k not in RUN_ONLY},
+                 model={k: v for k, v in asdict(model.config).items() if k not in DECODER_FIELDS},
+                 tower=backbone_fingerprint(model), device=torch.device(device).type,
+                 train=data_fingerprint(train_set), val=data_fingerprint(val_set), version=1)
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+# %% ../nbs/06a_features.ipynb #b89ef927
+def save_feature_cache(fc: FeatureCache, path) -> Path:
+    "Write `fc` to `path` (atomic)."
+    return atomic_save(dict(layers=fc.layers, maps=fc.maps, labels=fc.labels, views=fc.views,
+                            classes=fc.classes, per_clip=fc.per_clip), path)
+
+# %% ../nbs/06a_features.ipynb #c33951d0
+def load_feature_cache(path) -> FeatureCache:
+    "A `FeatureCache` written by `save_feature_cache` (tensors memory-mapped)."
+    d = torch.load(path, weights_only=True, mmap=True)
+    return FeatureCache(d['layers'], d['labels'], d['views'], d['maps'], d['classes'], d['per_clip'])
+
+# %% ../nbs/06a_features.ipynb #7f0b42a7
+def fit_cache(fc: FeatureCache | None, layers: int, tca: bool) -> FeatureCache | None:
+    """What a decoder of `layers` layers (with or without TCA) takes from `fc`: its last layers; None if too
+    shallow."""
+    if fc is None or len(fc.layers) < layers or (tca and fc.maps is None): return None
+    maps = fc.maps[-layers:] if tca else None
+    return FeatureCache(fc.layers[-layers:], fc.labels, fc.views, maps, fc.classes, fc.per_clip)
+
+# %% ../nbs/06a_features.ipynb #244e4edf
+@contextlib.contextmanager
+def file_lock(path):
+    "Hold an exclusive `flock` on `path` (created) for the block; waits for another holder."
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info(f'waiting for {path} (another run is building this feature cache)')
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/06a_features.ipynb #ae910c45
+_KEPT: dict = {}     # this process's last caches: {key: (train, val)}
+
+def release_kept_features():
+    "Free the feature caches this process keeps for the next run."
+    _KEPT.clear()
+
+# %% ../nbs/06a_features.ipynb #e75b11f9
+def read_entry(folder) -> tuple | None:
+    "(train, val) of a complete disk entry (its `meta.json` written), else None."
+    folder = Path(folder)
+    if not (folder / 'meta.json').is_file(): return None
+    meta = json.loads((folder / 'meta.json').read_text())
+    val = load_feature_cache(folder / 'val.pt') if meta['val'] else None
+    return load_feature_cache(folder / 'train.pt'), val
+
+# %% ../nbs/06a_features.ipynb #37b8e3cb
+def write_entry(folder, train: FeatureCache, val: FeatureCache | None) -> Path:
+    "Write (train, val) as the disk entry `folder`; `meta.json` last, so a reader sees all of it or none."
+    folder = Path(folder); (folder / 'meta.json').unlink(missing_ok=True)
+    save_feature_cache(train, folder / 'train.pt')
+    if val is not None: save_feature_cache(val, folder / 'val.pt')
+    meta = dict(val=val is not None, layers=len(train.layers), maps=train.maps is not None, train=repr(train),
+                val_cache=repr(val), written=time.strftime('%Y-%m-%d %H:%M:%S'))
+    tmp = folder / f'.meta.json.tmp{os.getpid()}'; tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / 'meta.json')
+    return folder
+
+# %% ../nbs/06a_features.ipynb #fa7bda4e
+def shared_features(key: str, build, layers: int, tca: bool, root=None) -> tuple:
+    """(train, val) caches for `key`, fitted to a decoder of `layers` layers (`tca`: with its maps): the ones
+    this process keeps, else the disk entry `root/key`, else `build()` (then kept, and written under `root`).
+    """
+    def fit(pair):
+        if pair is None or fit_cache(pair[0], layers, tca) is None: return None
+        return fit_cache(pair[0], layers, tca), None if pair[1] is None else fit_cache(pair[1], layers, tca)
+    got = fit(_KEPT.get(key))
+    if got is not None:
+        _log.info(f"reusing this process's feature cache {key} ({got[0]!r})"); return got
+    if root is None:
+        pair = build(); release_kept_features(); _KEPT[key] = pair
+        return fit(pair)
+    with file_lock(Path(root) / f'{key}.lock'):
+        pair = read_entry(Path(root) / key)
+        if fit(pair) is not None: _log.info(f'reusing the feature cache {Path(root) / key} ({pair[0]!r})')
+        else: pair = build(); write_entry(Path(root) / key, *pair)
+    release_kept_features(); _KEPT[key] = pair
+    return fit(pair)

@@ -14,10 +14,10 @@ from .core import check_output_path, get_logger, hold_run_lock, release_run_lock
 from .video import VIDEO_EXTS, check_video
 from .data import VideoClipDataset
 from .doctor import check_dataset, format_doctor, plot_report, require_usable, save_report
-from .synthetic import (SYNTHETIC_CLASSES, ensure_synthetic, make_synthetic_dataset, object_masks,
-                              object_track_for, render_clip_tracked)
+from .synthetic import (SYNTHETIC_CLASSES, ensure_synthetic, object_masks, object_track_for,
+                              render_clip_tracked)
 from .model import EVL, PRESETS, get_config
-from .config import (DEMO_DATA, DEMO_MODEL, DEMO_TRAIN, EXPLORER_DATA, EXPLORER_STEPS, LAUNCH_OPTIONS,
+from .config import (DEMO_MODEL, DEMO_TRAIN, EXPLORER_DATA, EXPLORER_STEPS, LAUNCH_OPTIONS,
                            Option, TRAIN_OPTIONS, TrainConfig)
 from .evaluate import (evaluate, find_run_checkpoint, format_report, load_for_eval, per_class_table,
                              plot_confusion, plot_per_class, predict, prepare_evaluation, save_results)
@@ -48,7 +48,8 @@ def synthetic_params(params: dict) -> dict:
         if p.get(k) is None: p[k] = DEMO_TRAIN[k]
     p.update(in_memory=True, train_aug=dict(DEMO_TRAIN['train_aug']))
     if not p.get('cache_features'): p['cache_features'] = DEMO_TRAIN.get('cache_features', 0)
-    if p.get('model') in (None, 'evl-tiny'): p['model_overrides'] = dict(DEMO_MODEL)
+    if p.get('model') in (None, 'evl-tiny'):      # the demo's model, with the job's own overrides on top
+        p['model_overrides'] = dict(DEMO_MODEL, **(p.get('model_overrides') or {}))
     return p
 
 # %% ../nbs/09c_jobs.ipynb #c435e5b0
@@ -60,17 +61,17 @@ def job_config(gpus: int = 1, nodes: int = 1, node_rank: int = 0, master_addr: s
         if not isinstance(v, int) or v < 1: raise ValueError(f'{name}={v!r}: must be a positive integer')
     unknown = set(params) - set(TRAIN_OPTIONS)
     if unknown: raise TypeError(f'unknown training options: {sorted(unknown)}')
-    if params.get('resume') in ('none', None): params['resume'] = False
+    if 'resume' in params and params['resume'] in ('none', None): params['resume'] = False   # missing: 'auto'
     if params.get('dataset', 'synthetic') == 'synthetic': params = synthetic_params(params)
     return TrainConfig(**params).resolve()
 
 # %% ../nbs/09c_jobs.ipynb #094d73d2
 def job_data(cfg: TrainConfig):
-    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set (`DEMO_DATA`)
+    """The job's (train, val) datasets, read and checked (annotations only); the synthetic set
     is made if missing. Takes `output_dir`'s run lock first (kept until `run_job` ends): the job owns its
     folder from here."""
     hold_run_lock(cfg.output_dir, 'train job')
-    if cfg.dataset == 'synthetic': ensure_synthetic(cfg.data_root, **DEMO_DATA)
+    if cfg.dataset == 'synthetic': ensure_synthetic(cfg.data_root)          # the synthetic recipe
     return check_data(cfg)
 
 # %% ../nbs/09c_jobs.ipynb #a46145b4
@@ -186,7 +187,8 @@ def train_job(print_sbatch: bool = False, summary_json=None, echo=print, **param
                   summary_json=summary_json, echo=echo, **slurm)
         return None
     cfg = job_config(**launch, **params)
-    train_set, val_set = job_data(cfg)
+    try: train_set, val_set = job_data(cfg)
+    except BaseException: release_run_lock(cfg.output_dir, everything=True); raise    # the folder is free
     echo(train_set); echo(val_set)
     s = run_job(cfg, echo=echo, **launch)
     if s and summary_json: Path(summary_json).write_text(json.dumps(s, indent=1, default=str))
@@ -299,9 +301,9 @@ def explorer_checkpoint(train: bool = True, cache_dir=None, max_steps: int = EXP
     _log.info(f'no trained EVL found: training the demo model for the explorer ({max_steps} steps) into '
               f'{cache}')
     data = dict(EXPLORER_DATA if data is None else data)
-    syn = make_synthetic_dataset(cache / 'synthetic', progress=progress, **data)
+    root = ensure_synthetic(cache / 'synthetic', progress=progress, **data)
     kw = dict(DEMO_TRAIN, max_steps=max_steps, warmup_steps=min(DEMO_TRAIN['warmup_steps'], max_steps // 10))
-    run(TrainConfig(dataset='synthetic', data_root=str(syn.root), num_classes=data['num_classes'],
+    run(TrainConfig(dataset='synthetic', data_root=str(root), num_classes=data['num_classes'],
                     output_dir=str(cache / 'evl'), resume=True, seed=0, progress=progress,
                     model_overrides=dict(DEMO_MODEL), **kw))
     return find_run_checkpoint(cache / 'evl')

@@ -25,8 +25,9 @@ from .synthetic import ensure_synthetic
 from .model import EVL, build_evl, get_config, model_input_size
 from .config import TRAIN_OPTIONS, TrainConfig
 from .evaluate import evaluate, format_report, save_results
-from .features import (DecoderHead, FeatureCache, backbone_fingerprint, cache_features,
-                             collate_features, evaluate_features, unpack_features, without_maps)
+from .features import (FEATURE_CACHE_ENV, DecoderHead, FeatureCache, cache_features, collate_features,
+                             evaluate_features, feature_key, release_kept_features, shared_features,
+                             unpack_features)
 from .checkpoints import (MetricsLog, config_changes, check_fits, finished_run, format_changes,
                                 latest_checkpoint, pick_checkpoint, prune_checkpoints, read_train_checkpoint,
                                 rng_state, set_rng_state)
@@ -416,34 +417,27 @@ def save_checkpoint(run: RunState, path=None, extra: dict | None = None) -> Path
     return p
 
 # %% ../nbs/06_train.ipynb #fc0a1b02
-_KEPT_CACHES: dict = {}    # the last run's feature caches, reused by a run on the same datasets and tower
-
 def release_feature_caches():
-    "Free the feature caches the trainer keeps for the next run of a decoder ablation."
-    _KEPT_CACHES.clear()
+    "Free the feature caches this process keeps for a decoder ablation's next run (`release_kept_features`)."
+    release_kept_features()
 
 # %% ../nbs/06_train.ipynb #e1578eb9
 def cache_run_features(run: RunState, train_set, val_set=None) -> tuple:
     """(train, val) as `FeatureCache`s: K = `cache_features` seeded views per training clip, the eval views
-    once."""
+    once; shared with every run of the same key (`features.shared_features`: kept in this process, and on
+    disk in `$EVL_NB_FEATURE_CACHE` when it is set)."""
     cfg, n = run.cfg, len(train_set)
-    key = (cfg.cache_features, cfg.seed, cfg.precision, str(run.device), backbone_fingerprint(run.model))
-    tca = run.model.config.enable_temporal_cross_attention
-    kept = _KEPT_CACHES
-    if kept and kept['key'] == key and kept['sets'][0] is train_set and kept['sets'][1] is val_set \
-            and (kept['train'].maps is not None or not tca):
-        _log.info(f'reusing the previous run\'s feature cache ({kept["train"]!r})')
-        tr, va = kept['train'], kept['val']
-        return (tr, va) if tca else (without_maps(tr), va and without_maps(va))
-    release_feature_caches()
     seeded = PositionSeeded(train_set, cfg.seed)
     kw = dict(batch_size=cfg.eval_batch_size or run.micro_batch, device=run.device, precision=cfg.precision,
               progress=cfg.progress and run.rank == 0)
-    tr = cache_features(run.model, train_set, cfg.cache_features, draw=lambda v, i: seeded[(v * n + i, i)],
-                        desc='cache train', **kw)
-    va = cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
-    _KEPT_CACHES.update(key=key, sets=(train_set, val_set), train=tr, val=va)
-    return tr, va
+    def build():
+        tr = cache_features(run.model, train_set, cfg.cache_features,
+                            draw=lambda v, i: seeded[(v * n + i, i)], desc='cache train', **kw)
+        return tr, cache_features(run.model, val_set, desc='cache val', **kw) if val_set is not None else None
+    key = feature_key(asdict(cfg), run.model, run.device, train_set, val_set)
+    mc = run.model.config
+    return shared_features(key, build, mc.decoder_num_layers, mc.enable_temporal_cross_attention,
+                           os.environ.get(FEATURE_CACHE_ENV) or None)
 
 # %% ../nbs/06_train.ipynb #a9450b59
 def forward_backward(run: RunState, batch: dict, sync: bool) -> tuple[torch.Tensor, bool, int]:

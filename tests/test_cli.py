@@ -92,6 +92,20 @@ def test_evaluate_options_are_the_notebook_parameters():
     assert (missing, extra, differ) == ([], [], {})
 
 
+def test_sweep_options_are_the_notebook_parameters():
+    """nbs/sweep.ipynb's parameters are `evl-nb sweep`'s options and arguments, with equal defaults (the grid
+    aside: a dict there, repeated --grid flags here); a training option keeps TRAIN_OPTIONS's help."""
+    from evl_nb.config import TRAIN_OPTIONS
+    nb = pm_inspect('sweep.ipynb')
+    p = cli.add_sweep_parser(argparse.ArgumentParser().add_subparsers())
+    mine = vars(p.parse_args(['OUT', '--grid', 'lr=1']))
+    mine = {k: v for k, v in mine.items() if k not in ('progress', 'grid', 'out_dir')}
+    assert sorted(set(nb) - set(mine) - {'grid', 'out_dir'}) == [] and sorted(set(mine) - set(nb)) == []
+    differ = {k: (nb[k]['default'], mine[k]) for k in mine if ast.literal_eval(nb[k]['default']) != mine[k]}
+    assert differ == {}, differ
+    for k in set(nb) & set(TRAIN_OPTIONS) - {'gpus'}: assert TRAIN_OPTIONS[k].help == nb[k]['help'], k
+
+
 def test_train_options_cover_the_notebook_parameters():
     "Every nbs/train.ipynb parameter is an `evl-nb train` option with the help of evl_nb.config.TRAIN_OPTIONS."
     from evl_nb.config import TRAIN_OPTIONS

@@ -1,7 +1,8 @@
-"""The job notebooks and the command line are front ends of one job layer (`evl_nb.jobs`, chapter 09c_jobs).
+"""The job notebooks and the command line are front ends of one job layer (`evl_nb.jobs`, chapter 09c_jobs, and the
+job functions of the sweep and compare chapters built on it).
 
 Checked on the source with `ast`: a job notebook's code cells define nothing and do not branch (a typed parameter
-cell, then calls); what they call comes from `evl_nb.jobs`; and a notebook and its `evl-nb` subcommand call the same
+cell, then calls); what they call comes from the job layer; and a notebook and its `evl-nb` subcommand call the same
 job function.
 
 Run: `.venv/bin/python -m pytest tests/test_jobs.py -q`.
@@ -13,13 +14,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
-JOB_NOTEBOOKS = ['train.ipynb', 'evaluate.ipynb', 'explore.ipynb', 'prepare.ipynb']
+JOB_NOTEBOOKS = ['train.ipynb', 'evaluate.ipynb', 'explore.ipynb', 'prepare.ipynb', 'sweep.ipynb', 'compare.ipynb']
 # notebook -> (the cli.py function of its subcommand or None, the job function both call)
 FRONT_ENDS = {'train.ipynb': ('train_command', 'train_job'), 'evaluate.ipynb': ('evaluate_command', 'evaluate_job'),
-              'prepare.ipynb': ('check_command', 'check_job'), 'explore.ipynb': (None, 'explore_job')}
+              'prepare.ipynb': ('check_command', 'check_job'), 'explore.ipynb': (None, 'explore_job'),
+              'sweep.ipynb': ('sweep_command', 'sweep_job'), 'compare.ipynb': (None, 'compare_job')}
 LOGIC = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.If, ast.IfExp, ast.For, ast.While,
          ast.Try, ast.With, ast.comprehension, ast.Match)
-ALLOWED_MODULES = {'typing', 'pathlib', 'evl_nb.jobs'}
+JOB_MODULES = {'evl_nb.jobs', 'evl_nb.sweep', 'evl_nb.compare'}     # the job layer: jobs, and the jobs built on it
+ALLOWED_MODULES = {'typing', 'pathlib'} | JOB_MODULES
 
 
 def code_cells(nb: str) -> list[tuple[bool, ast.Module]]:
@@ -40,16 +43,17 @@ def called_names(tree: ast.AST) -> set[str]:
 
 
 def notebook_jobs(nb: str) -> set[str]:
-    "The `evl_nb.jobs` functions a job notebook calls."
+    "The job-layer functions a job notebook calls."
     cells = [t for _, t in code_cells(nb)]
     names = {k: v for t in cells for k, v in imported(t).items()}
-    return {f for t in cells for f in called_names(t) if names.get(f) == 'evl_nb.jobs'}
+    return {f for t in cells for f in called_names(t) if names.get(f) in JOB_MODULES}
 
 
 def cli_calls() -> dict[str, set[str]]:
-    "{function of evl_nb/cli.py: the evl_nb.jobs functions it calls}."
+    "{function of evl_nb/cli.py: the job-layer functions it calls}."
     tree = ast.parse((ROOT / 'evl_nb' / 'cli.py').read_text())
-    jobs = {k for k, v in imported(tree).items() if v in ('.jobs', 'evl_nb.jobs', 'jobs')}
+    layer = {m.split('.')[1] for m in JOB_MODULES}
+    jobs = {k for k, v in imported(tree).items() if (v or '').lstrip('.').removeprefix('evl_nb.') in layer}
     return {f.name: called_names(f) & jobs for f in tree.body if isinstance(f, ast.FunctionDef)}
 
 
