@@ -1,4 +1,4 @@
-"""The job notebooks and the command line are front ends of one job layer (`evl_nb.jobs`, chapter 09c_jobs, and the
+"""The job notebooks and the command line are front ends of one job layer (`evl_nb.jobs`, chapter 19_jobs, and the
 job functions of the sweep and compare chapters built on it).
 
 Checked on the source with `ast`: a job notebook's code cells define nothing and do not branch (a typed parameter
