@@ -24,6 +24,8 @@ process with --main-threads threads). `--augment-only` measures just these.
     nice python benchmarks/data_throughput.py [--repeats 12] [--videos DIR] [--short-side 320] [--keyint 16]
                                               [--legacy]   # also the sequential / full-decode readers
                                               [--json OUT] [--augment-only] [--main-threads 2]
+                                              [--markdown docs/benchmarks.md]  # the augmentation split's section
+    python benchmarks/data_throughput.py --from-json OUT --markdown docs/benchmarks.md  # render OUT again
 """
 import argparse, json, os, platform, sys, tempfile, time
 from pathlib import Path
@@ -39,9 +41,12 @@ torch.set_num_threads(1)
 
 from evl_nb.augment import batch_clips
 from evl_nb.core import find_fixture
-from evl_nb.data import build_dataset, collate_clips, dense_indices, VideoClipDataset
+from evl_nb.transforms import dense_indices
+from evl_nb.data import build_dataset, collate_clips, VideoClipDataset
 from evl_nb.store import build_store, read_jpegs, decode_frames
 from evl_nb.video import check_video, read_frames_decord, read_frames_pyav, reencode_video, VIDEO_EXTS
+sys.path.insert(0, str(Path(__file__).resolve().parent))        # bench_markdown, beside this script
+from bench_markdown import load, provenance, replace_section, stamp, table
 
 RA = 'rand-m7-n4-mstd0.5-inc1'
 K400 = dict(videos=240_000, seconds=10, fps=30, height=320, width=568)    # 16:9 sources resized to short side 320
@@ -64,8 +69,8 @@ def cpu_name():
 
 def transforms():
     "evl_nb.data's training transforms: crop only, and RandAugment + crop (one draw per clip)."
-    crop = VideoClipDataset([], ['x'], train=True, rand_augment=None, input_size=224)
-    full = VideoClipDataset([], ['x'], train=True, rand_augment=RA, input_size=224)
+    crop = VideoClipDataset.from_settings([], ['x'], train=True, rand_augment=None, input_size=224)
+    full = VideoClipDataset.from_settings([], ['x'], train=True, rand_augment=RA, input_size=224)
     return {'': None, '+crop': crop, '+RA+crop': full}
 
 
@@ -108,16 +113,24 @@ def main():
     ap.add_argument('--json', default=None, help='write the augmentation-split rates (and the machine) here')
     ap.add_argument('--augment-only', action='store_true', help='measure only the augmentation split')
     ap.add_argument('--main-threads', type=int, default=2, help="main process threads in the DataLoader runs")
+    ap.add_argument('--markdown', default=None, help="replace the augmentation split's section of this file")
+    ap.add_argument('--section', default='augment-split', help='the section --markdown replaces')
+    ap.add_argument('--from-json', default=None, help='measure nothing: render this earlier --json output')
     a = ap.parse_args()
+    if a.from_json:
+        if not a.markdown: ap.error('--from-json needs --markdown FILE')
+        replace_section(a.markdown, a.section, augment_split_markdown(load(a.from_json))); return
     vdir = Path(a.videos) if a.videos else find_fixture('videos', required=True)
     paths = sorted(p for p in vdir.iterdir() if p.suffix.lower() in VIDEO_EXTS)
     tmp = tempfile.TemporaryDirectory(); tdir = Path(tmp.name)
-    if a.augment_only or a.json:
+    if a.augment_only or a.json or a.markdown:
         sdir = tdir / 'astore'
         build_store(paths, sdir, short_side=a.short_side, num_workers=1, progress=False)
         res = augment_split_rates(sdir, paths, tdir, a.repeats, a.loader_clips, a.main_threads)
-        res['machine'] = f'{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}'
+        machine = f'{cpu_name()}, {os.cpu_count()} cores visible, torch {torch.__version__}'
+        res.update(provenance('data_throughput', machine))
         if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
+        if a.markdown: replace_section(a.markdown, a.section, augment_split_markdown(res))
         if a.augment_only: tmp.cleanup(); return
     # conversions, one core each (timed): short-GOP re-encode and the store
     reenc, t_re = {}, {}
@@ -274,6 +287,30 @@ def augment_split_rates(store_dir, paths, tdir, repeats, loader_clips, main_thre
           f"({res['dataloader_2_workers_device'] / res['dataloader_2_workers_pil']:.2f}x)")
     res['main_threads'] = main_threads
     return res
+
+
+SPLIT_ROWS = [('store_worker_pil', 'worker, store + PIL RandAugment + crop, per core'),
+              ('store_worker_device', "worker share with `augment_on='device'` (store + draws), per core"),
+              ('device_augment_cpu', 'device share on CPU tensors, batch 32, one thread'),
+              ('device_augment_cuda', 'device share on CUDA, batch 32'),
+              ('dataloader_2_workers_pil', "DataLoader, 2 workers, `augment_on='worker'`"),
+              ('dataloader_2_workers_device', 'DataLoader, 2 workers, device share in the main process')]
+
+
+def augment_split_markdown(res) -> str:
+    "The augmentation split as a markdown section: the stamp and one row per rate (ratios against the PIL path)."
+    ratio = {'store_worker_device': 'store_worker_pil', 'dataloader_2_workers_device': 'dataloader_2_workers_pil'}
+    rows = []
+    for key, what in SPLIT_ROWS:
+        v = res.get(key)
+        cell = 'not measured' if v is None else f'{v:.1f}'
+        if v is not None and res.get(ratio.get(key)): cell += f' ({v / res[ratio[key]]:.2f}x)'
+        if key == 'dataloader_2_workers_device' and res.get('main_threads'): what += f" ({res['main_threads']} threads)"
+        rows.append((f'`{key}`: {what}', cell))
+    if res.get('store_worker_device') and res.get('device_augment_cpu'):
+        both = 1 / (1 / res['store_worker_device'] + 1 / res['device_augment_cpu'])
+        rows.insert(3, ('both shares on one core', f"{both:.1f} ({both / res['store_worker_pil']:.2f}x)"))
+    return stamp(res) + '\n\n' + table(('measurement', 'clips/s'), rows)
 
 
 def loader_aug_rate(ds, device_share, main_threads, batch=8):

@@ -20,6 +20,8 @@ Then the component ablations: each optimisation measured alone, and the TCA's ex
   python benchmarks/model_throughput.py --quick                      # evl-tiny on CPU, seconds
   python benchmarks/model_throughput.py --device cpu                 # evl-b16-8f, evl-l14-8f, evl-tiny
   python benchmarks/model_throughput.py --device cuda --precision bf16 --batch-size 32
+  ... --json OUT --markdown docs/benchmarks.md   # also replace the section model-<device>-<precision>
+  python benchmarks/model_throughput.py --from-json OUT --markdown docs/benchmarks.md   # render OUT again
 """
 from __future__ import annotations
 import argparse, contextlib, json, math, statistics, sys, time
@@ -36,8 +38,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evl_nb.model import TemporalCrossAttention, build_evl, get_config, official_formulation, tca_gather
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))        # bench_markdown, beside this script
+from bench_markdown import cpu_name, load, provenance, replace_section, stamp, table
+
 try:
-    from evl_nb.data import normalize_clip
+    from evl_nb.transforms import normalize_clip
 except ImportError:  # the data chapter is optional here: same CLIP normalisation, done where the tensor lives
     def normalize_clip(video, device=None):
         if device is not None: video = video.to(device, non_blocking=True)
@@ -370,7 +375,15 @@ def main(argv=None):
     ap.add_argument('--no-malloc-tune', action='store_true', help='CPU: leave glibc malloc at its defaults')
     ap.add_argument('--quick', action='store_true', help='evl-tiny only, few iterations: seconds')
     ap.add_argument('--json', default=None, help='also write the results here')
+    ap.add_argument('--markdown', default=None, help='replace a section of this file with the results')
+    ap.add_argument('--section', default=None, help='the section --markdown replaces (default model-<device>-<precision>)')
+    ap.add_argument('--from-json', default=None, help='measure nothing: render this earlier --json output')
     args = ap.parse_args(argv)
+    if args.from_json:
+        if not args.markdown: ap.error('--from-json needs --markdown FILE')
+        out = load(args.from_json)
+        replace_section(args.markdown, args.section or section_name(out), throughput_markdown(out))
+        return out
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         ap.error('--device cuda: no CUDA device is available')
@@ -401,7 +414,9 @@ def main(argv=None):
           f'memory: {"torch.cuda.max_memory_allocated over one step above the start, plus the weights and optimiser state of that path alone" if cuda else "peak extra bytes allocated during one step (torch profiler memory events)"}'
           f'; MFU: FLOPs of the official formulation (FlopCounterMode) / time / device bf16 peak\n')
     rows = run_models(args, device)
-    out = dict(device=device_name(device), torch=torch.__version__, args=vars(args), rows=rows)
+    machine = (device_name(device) if cuda else f'{cpu_name()}, {device_name(device)}') + f', torch {torch.__version__}'
+    out = dict(device=device_name(device), torch=torch.__version__, args=vars(args), rows=rows,
+               **provenance('model_throughput', machine, argv))
     if not args.no_ablations:
         print(f'\n## Each optimisation alone ({args.ablate_model}, batch {1 if not cuda else args.batch_size}; '
               f'ms per call, median of {args.repeats})\n')
@@ -421,7 +436,36 @@ def main(argv=None):
         out.update(ablations=abl, tca_memory=tcam)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str)); print(f'\nwrote {args.json}')
+    if args.markdown: replace_section(args.markdown, args.section or section_name(out), throughput_markdown(out))
     return out
+
+
+def section_name(out) -> str:
+    "The default section of a run: model-cpu-fp32, model-cuda-bf16, ..."
+    return f"model-{str(out['args']['device']).split(':')[0]}-{out['args']['precision']}"
+
+
+def throughput_markdown(out) -> str:
+    "A run as a markdown section: the stamp, the throughput rows, the ablations and the TCA memory if measured."
+    mfu = lambda v: 'n/a' if v is None else f'{100 * v:.1f}%'
+    rows = [(r['model'], r['mode'], r['batch'], f"{r['optimised_clips_s']:.3g}", f"{r['plain_clips_s']:.3g}",
+             f"{r['speedup']:.2f}x", fmt_mem(r['optimised_mem_bytes'], ''), fmt_mem(r['plain_mem_bytes'], ''),
+             mfu(r['optimised_mfu']), mfu(r['plain_mfu'])) for r in out['rows']]
+    if all(r['optimised_mfu'] is None for r in out['rows']): rows, cols = [r[:-2] for r in rows], COLS[:-2]
+    else: cols = COLS
+    parts = [stamp(out), table(cols, rows)]
+    if out.get('ablations'):
+        parts.append(table(('optimisation', 'optimised ms', 'plain ms', 'ratio'),
+                           [(w, f'{1e3 * a:.1f}', f'{1e3 * b:.1f}', f'{b / a:.2f}x' + (f' {n}' if n else ''))
+                            for w, a, b, n in out['ablations']]))
+    if out.get('tca_memory'):
+        parts.append(table(('TCA, one frame pair at B/16 size', 'offsets extra memory', 'gather extra memory',
+                            'memory ratio', 'offsets ms', 'gather ms'),
+                           [(k, fmt_mem(r['offsets']['bytes'], ''), fmt_mem(r['gather']['bytes'], ''),
+                             f"{r['gather']['bytes'] / max(r['offsets']['bytes'], 1):.0f}x",
+                             f"{1e3 * r['offsets']['sec']:.2f}", f"{1e3 * r['gather']['sec']:.2f}")
+                            for k, r in out['tca_memory'].items()]))
+    return '\n\n'.join(parts)
 
 
 if __name__ == '__main__':

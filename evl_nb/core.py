@@ -17,7 +17,7 @@ except ImportError: fcntl = None     # not on Windows: the lock file alone then 
 __all__ = ['LOCK_FILE', 'shared_dir', 'in_ci', 'find_fixture', 'seed_everything', 'as_dtype', 'get_logger', 'dist_info',
            'all_gather_objects', 'init_distributed', 'all_reduce_sum', 'atomic_save', 'add_context',
            'check_output_path', 'RunLockedError', 'holder_alive', 'describe_holder', 'RunLock', 'read_lock',
-           'hold_run_lock', 'release_run_lock', 'is_run_folder', 'default_synthetic_root']
+           'hold_run_lock', 'release_run_lock', 'is_run_folder']
 
 # %% ../nbs/00_core.ipynb #07c2a288
 _PKG_ROOT = Path(__file__).resolve().parents[1] if '__file__' in globals() else Path.cwd().resolve().parent
@@ -31,10 +31,12 @@ def shared_dir() -> Path:
         if (cand / 'fixtures').is_dir(): return cand
     return _PKG_ROOT.parent / 'shared'
 
+# %% ../nbs/00_core.ipynb #0455151b
 def in_ci() -> bool:
     "True when running under CI (`CI=true`)."
     return os.environ.get('CI', '').lower() in ('true', '1', 'yes')
 
+# %% ../nbs/00_core.ipynb #ec8739ac
 def find_fixture(*parts, required: bool | None = None) -> Path | None:
     "Path of a shared fixture, or None when absent (an error when `required`, which defaults to `in_ci()`)."
     p = shared_dir().joinpath('fixtures', *parts)
@@ -71,12 +73,16 @@ def get_logger(name: str = 'evl_nb') -> logging.Logger:
         root.addHandler(h); root.setLevel(logging.INFO); root.propagate = False
     return log
 
+_log = get_logger('evl_nb.core')
+
+
 # %% ../nbs/00_core.ipynb #fd7e1d3c
 def dist_info() -> tuple[int, int]:
     "(rank, world_size); (0, 1) outside torchrun."
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+# %% ../nbs/00_core.ipynb #a7f12e92
 def all_gather_objects(obj) -> list:
     "Every rank's `obj` in rank order (just `[obj]` when not distributed)."
     rank, world = dist_info()
@@ -145,6 +151,7 @@ LOCK_FILE = '.evl-nb.lock'
 class RunLockedError(RuntimeError):
     "Another live process holds the run folder."
 
+# %% ../nbs/00_core.ipynb #0bfe633e
 def _proc_start(pid) -> str | None:
     "The kernel's start time of process `pid` (the holder, not a later one with its pid); None without /proc."
     try: return Path(f'/proc/{int(pid)}/stat').read_text().rsplit(')', 1)[1].split()[19]
@@ -159,6 +166,7 @@ def holder_alive(h: dict) -> bool:
     now = _proc_start(h['pid'])
     return now is None or h.get('proc_start') in (None, now)
 
+# %% ../nbs/00_core.ipynb #adff3a00
 def describe_holder(h: dict) -> str:
     "One phrase naming a lock record's holder."
     job = f", SLURM job {h['slurm_job']}" if h.get('slurm_job') else ''
@@ -199,7 +207,7 @@ class RunLock:
             raise RunLockedError(f'{self.folder} is in use by {describe_holder(h)} ({why}); wait for it, '
                                  f'or give this run another output folder')
         if h:
-            get_logger('evl_nb.core').warning(f'{self.path}: took over the lock of {describe_holder(h)}')
+            _log.warning(f'{self.path}: took over the lock of {describe_holder(h)}')
         os.ftruncate(fd, 0); os.pwrite(fd, json.dumps(self._record()).encode(), 0); os.fsync(fd)
         self.fd = fd; self._stop.clear()
         threading.Thread(target=self._beat, name='evl-nb-lock-heartbeat', daemon=True).start()
@@ -220,6 +228,7 @@ class RunLock:
     def __enter__(self): return self.acquire()
     def __exit__(self, *exc): self.release()
 
+# %% ../nbs/00_core.ipynb #e7286ab6
 def read_lock(folder) -> dict | None:
     "The holder's record in `folder/.evl-nb.lock`, or None when the folder is free (no or an empty file)."
     try: text = (Path(folder) / LOCK_FILE).read_text()
@@ -237,6 +246,7 @@ def hold_run_lock(folder, purpose: str = 'train') -> RunLock:
     _HELD[key][1] += 1
     return _HELD[key][0]
 
+# %% ../nbs/00_core.ipynb #75fb2910
 def release_run_lock(folder, everything: bool = False):
     "Drop one hold of `folder` (`everything`: all of them); the lock is released with the last one."
     key = str(Path(folder).resolve())
@@ -244,12 +254,7 @@ def release_run_lock(folder, everything: bool = False):
     _HELD[key][1] = 0 if everything else _HELD[key][1] - 1
     if _HELD[key][1] <= 0: _HELD.pop(key)[0].release()
 
+# %% ../nbs/00_core.ipynb #bb491940
 def is_run_folder(folder) -> bool:
     "Whether `folder` belongs to a training run (a lock file or a checkpoints folder)."
     return (Path(folder) / LOCK_FILE).exists() or (Path(folder) / 'checkpoints').is_dir()
-
-# %% ../nbs/00_core.ipynb #a9eb0a1c
-def default_synthetic_root() -> Path:
-    "Where the default synthetic dataset lives: `$EVL_NB_DATA/synthetic`, else `~/.cache/evl_nb/synthetic`."
-    base = os.environ.get('EVL_NB_DATA')
-    return Path(base).expanduser() / 'synthetic' if base else Path.home() / '.cache' / 'evl_nb' / 'synthetic'

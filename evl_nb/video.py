@@ -37,11 +37,22 @@ class VideoError(RuntimeError):
         self.path = str(path)
         super().__init__(f'{self.kind}: {self.path}' + (f' ({msg})' if msg else ''))
 
+# %% ../nbs/01_video.ipynb #c47b1388
 class MissingVideoError(VideoError, FileNotFoundError): kind = 'missing'
+
+# %% ../nbs/01_video.ipynb #1f4792dc
 class EmptyVideoError(VideoError): kind = 'empty'
+
+# %% ../nbs/01_video.ipynb #fe25d559
 class TruncatedVideoError(VideoError): kind = 'truncated'
+
+# %% ../nbs/01_video.ipynb #f18b593d
 class UnreadableVideoError(VideoError): kind = 'unreadable'
+
+# %% ../nbs/01_video.ipynb #65bca393
 class NoVideoStreamError(VideoError): kind = 'no_video_stream'
+
+# %% ../nbs/01_video.ipynb #28bd06a7
 class TooShortVideoError(VideoError): kind = 'too_short'
 
 # %% ../nbs/01_video.ipynb #13f1e1e2
@@ -286,6 +297,7 @@ def write_manifest(infos: Sequence[VideoInfo], manifest) -> Path:
         for i in infos: w.writerow(asdict(i))
     return manifest
 
+# %% ../nbs/01_video.ipynb #cee28666
 def load_manifest(manifest) -> dict[str, VideoInfo]:
     "Read a manifest written by `scan_videos`: {absolute path: VideoInfo}."
     out, conv = {}, {f.name: f.type for f in dataclasses.fields(VideoInfo)}

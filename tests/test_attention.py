@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from evl_nb.attention import (AttentionMaps, AttentionViewer, KINDS, export_animation, extract_attention, figure_pixels,
-                              measures_table, object_attention_share, object_patches, peak_on_object, prepare_masks,
-                              synthetic_attention_measures, temporal_peak_hits,
-                              moving_square_clip, prepare_clip, randomize_decoder_, snapshot_grid)
+from evl_nb.attention import (AttentionMaps, KINDS, extract_attention, measures_table, object_attention_share,
+                              object_patches, peak_on_object, prepare_masks, synthetic_attention_measures,
+                              temporal_peak_hits, moving_square_clip, prepare_clip, randomize_decoder_)
+from evl_nb.viewer import AttentionViewer, export_animation, figure_pixels, snapshot_grid
 from evl_nb.model import build_evl, tca_gather
 
 REPO = Path(__file__).resolve().parents[1]

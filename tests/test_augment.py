@@ -9,8 +9,8 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from evl_nb.augment import (ClipAug, GEOMETRIC_OPS, apply_clip_aug, batch_clips, point_lut, tensor_op)
-from evl_nb.data import (RAND_INCREASING_OPS, ClipRandAugment, FlipPolicy, VideoClipDataset, build_dataset,
-                         collate_clips, rand_augment_op, resize_short)
+from evl_nb.transforms import RAND_INCREASING_OPS, ClipRandAugment, FlipPolicy, rand_augment_op, resize_short
+from evl_nb.data import VideoClipDataset, build_dataset, collate_clips
 from evl_nb.video import read_frames_pyav
 from conftest import fixture_path
 
@@ -79,7 +79,7 @@ def _frozen_pil_draws(ra, flip, H, W, label):
 
 def test_10000_clips_draw_the_same_parameters_as_the_pil_path():
     flip = FlipPolicy('swap', {0: 1, 1: 0}, {2})
-    ds = VideoClipDataset([], ['left', 'right', 'other', 'x'], train=True, rand_augment=RA, flip=flip,
+    ds = VideoClipDataset.from_settings([], ['left', 'right', 'other', 'x'], train=True, rand_augment=RA, flip=flip,
                           input_size=32, augment_on='device')
     sizes = [(240, 320), (320, 568), (256, 256), (480, 272), (100, 1000)]
     for seed in range(10_000):
@@ -134,11 +134,11 @@ def test_device_augment_on_another_frame_size_in_one_batch(frames):
 
 def test_augment_on_is_checked():
     with pytest.raises(ValueError, match='augment_on'):
-        VideoClipDataset([], ['a'], augment_on='gpu')
+        VideoClipDataset.from_settings([], ['a'], augment_on='gpu')
 
 
 def test_torchvision_style_randaugment_stays_in_the_worker():
     "The mmaction2/legacy conventions' torchvision-style ops are not the device's: those datasets augment in the worker."
-    ds = VideoClipDataset([], ['a'], rand_augment=RA, convention='mmaction2', augment_on='device')
+    ds = VideoClipDataset.from_settings([], ['a'], rand_augment=RA, convention='mmaction2', augment_on='device')
     assert ds.augment_on == 'worker'
-    assert VideoClipDataset([], ['a'], rand_augment=RA, augment_on='device').augment_on == 'device'
+    assert VideoClipDataset.from_settings([], ['a'], rand_augment=RA, augment_on='device').augment_on == 'device'

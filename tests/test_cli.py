@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import fixture_path
-from evl_nb import cli
+from evl_nb import cli, jobs
+from evl_nb.slurm import SLURM_OPTIONS, SubmititTask
 from evl_nb.video import is_risky_format, scan_videos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,15 +87,29 @@ def pm_inspect(nb):
 
 
 def test_evaluate_options_are_the_notebook_parameters():
-    missing, extra, differ = _compare('evaluate.ipynb', cli.add_evaluate_parser, {o.name: o for o in cli.EVALUATE_OPTIONS},
+    missing, extra, differ = _compare('evaluate.ipynb', cli.add_evaluate_parser, {o.name: o for o in jobs.EVALUATE_OPTIONS},
                                       {'progress'})
     assert (missing, extra, differ) == ([], [], {})
 
 
+def test_sweep_options_are_the_notebook_parameters():
+    """nbs/sweep.ipynb's parameters are `evl-nb sweep`'s options and arguments, with equal defaults (the grid
+    aside: a dict there, repeated --grid flags here); a training option keeps TRAIN_OPTIONS's help."""
+    from evl_nb.config import TRAIN_OPTIONS
+    nb = pm_inspect('sweep.ipynb')
+    p = cli.add_sweep_parser(argparse.ArgumentParser().add_subparsers())
+    mine = vars(p.parse_args(['OUT', '--grid', 'lr=1']))
+    mine = {k: v for k, v in mine.items() if k not in ('progress', 'grid', 'out_dir')}
+    assert sorted(set(nb) - set(mine) - {'grid', 'out_dir'}) == [] and sorted(set(mine) - set(nb)) == []
+    differ = {k: (nb[k]['default'], mine[k]) for k in mine if ast.literal_eval(nb[k]['default']) != mine[k]}
+    assert differ == {}, differ
+    for k in set(nb) & set(TRAIN_OPTIONS) - {'gpus'}: assert TRAIN_OPTIONS[k].help == nb[k]['help'], k
+
+
 def test_train_options_cover_the_notebook_parameters():
-    "Every nbs/train.ipynb parameter is an `evl-nb train` option with the help of evl_nb.train.TRAIN_OPTIONS."
-    from evl_nb.train import TRAIN_OPTIONS
-    cli_only = {'print_sbatch', 'summary_json', 'progress'} | ({o.name for o in cli.SLURM_OPTIONS} - set(pm_inspect('train.ipynb')))
+    "Every nbs/train.ipynb parameter is an `evl-nb train` option with the help of evl_nb.config.TRAIN_OPTIONS."
+    from evl_nb.config import TRAIN_OPTIONS
+    cli_only = {'print_sbatch', 'summary_json', 'progress'} | ({o.name for o in SLURM_OPTIONS} - set(pm_inspect('train.ipynb')))
     missing, extra, differ = _compare('train.ipynb', cli.add_train_parser, TRAIN_OPTIONS, cli_only)
     assert missing == []
     assert set(extra) <= set(TRAIN_OPTIONS)               # the rest of TRAIN_OPTIONS (device, weight_decay, ...)
@@ -102,8 +117,8 @@ def test_train_options_cover_the_notebook_parameters():
 
 
 def test_train_options_are_exactly_the_notebook_parameters():
-    from evl_nb.train import TRAIN_OPTIONS
-    cli_only = {'print_sbatch', 'summary_json', 'progress'} | ({o.name for o in cli.SLURM_OPTIONS} - set(pm_inspect('train.ipynb')))
+    from evl_nb.config import TRAIN_OPTIONS
+    cli_only = {'print_sbatch', 'summary_json', 'progress'} | ({o.name for o in SLURM_OPTIONS} - set(pm_inspect('train.ipynb')))
     assert _compare('train.ipynb', cli.add_train_parser, TRAIN_OPTIONS, cli_only) == ([], [], {})
 
 
@@ -151,7 +166,7 @@ def test_submitit_local_job_is_preempted_requeued_and_resumes(syn, tmp_path):
                   num_workers=0, output_dir=str(out), progress=False, device='cpu')
     ex = submitit.LocalExecutor(folder=out / 'slurm')
     ex.update_parameters(timeout_min=10)
-    job = cli.submit_train(params, executor=ex)
+    job = jobs.submit_train(params, executor=ex)
     first = out / 'checkpoints' / 'step_0000002.pt'
     t = time.time()
     while not first.exists():
@@ -289,7 +304,7 @@ def test_slurm_submission_through_sbatch(tmp_path):
         assert h in head, (h, head)
     import pickle
     job = pickle.loads(next((out / 'slurm').rglob('*_submitted.pkl')).read_bytes())
-    assert isinstance(job.function, cli.TrainJob) and job.function.params['max_steps'] == 5
+    assert isinstance(job.function, SubmititTask) and job.function.params['max_steps'] == 5
 
 
 def test_train_notebook_submits_with_slurm_partition(syn, tmp_path, monkeypatch):

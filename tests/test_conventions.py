@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageOps
 
 from conftest import fixture_path
-from evl_nb.data import (CLIP_MEAN, CLIP_STD, ClipRandAugment, RAND_INCREASING_OPS, build_dataset, dense_indices,
-                         normalize_clip, rand_augment_op, resolve_convention)
+from evl_nb.transforms import (CLIP_MEAN, CLIP_STD, ClipRandAugment, RAND_INCREASING_OPS, dense_indices,
+                               normalize_clip, rand_augment_op, resolve_convention)
+from evl_nb.data import build_dataset
 from evl_nb.video import check_video, read_frames_pyav
 
 FIXTURES = ['bikes.mp4', 'carphone_pristine.mp4', 'balle-jbart.mp4', 'mmaction2_demo_armwrestling_k400.mp4',
@@ -132,7 +133,7 @@ class _Pick:
 @pytest.mark.parametrize('T,r', [(8, 16), (16, 8), (32, 4), (8, 8), (16, 16)])
 def test_train_start_range_and_padding_equal_official(tmp_path, monkeypatch, T, r):
     "Totals 1..400: the dataset's train indices (default convention) at the lowest and the highest start, and padding."
-    import evl_nb.data as D
+    import evl_nb.transforms as D
     (tmp_path / 'x.mp4').touch(); (tmp_path / 'l.txt').write_text(f'{tmp_path / "x.mp4"} 0\n')
     ds = build_dataset('list', 'train', ann_file=tmp_path / 'l.txt', num_frames=T, frame_interval=r)
     assert ds.convention == 'official' and ds.out_of_bound == 'repeat_last'
@@ -240,7 +241,7 @@ def test_geometric_ops_fill_interpolation_centre(real_clip):
 def test_train_crop_resize_equals_official(real_clip):
     "The train crop: the same box, resized without antialias, equals the official (normalise, crop, F.interpolate)."
     from torchvision.transforms import RandomResizedCrop
-    from evl_nb.data import ClipResizedCrop
+    from evl_nb.transforms import ClipResizedCrop
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     for seed in range(5):
         torch.manual_seed(seed); ours = ClipResizedCrop(S, antialias=resolve_convention()['antialias'])(real_clip)

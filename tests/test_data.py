@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from evl_nb.data import (AnnotationError, read_k400_csv, read_ssv2_json, read_list_file, read_class_list, k400_name,
-                         dense_indices, uniform_indices, parse_views, ClipRandAugment, FlipPolicy, lr_flip_pairs,
-                         VideoClipDataset, three_crop, center_crop, resize_short, normalize_clip, build_dataset,
-                         build_loader, CLIP_MEAN, CLIP_STD)
+from evl_nb.annotations import (AnnotationError, read_k400_csv, read_ssv2_json, read_list_file,
+                                read_class_list, k400_name, lr_flip_pairs)
+from evl_nb.transforms import (dense_indices, uniform_indices, parse_views, ClipRandAugment, FlipPolicy,
+                               three_crop, center_crop, resize_short, normalize_clip, CLIP_MEAN, CLIP_STD)
+from evl_nb.data import VideoClipDataset, build_dataset, build_loader
 from evl_nb.synthetic import make_synthetic_dataset, render_clip, write_video
 from test_video import make_broken_files
 
@@ -225,7 +226,7 @@ def test_list_file_and_class_lists(tmp_path):
 
 # ---------------------------------------------------------------- transforms
 def test_train_transform_same_parameters_for_every_frame():
-    ds = VideoClipDataset([], ['a', 'b'], train=True, num_frames=6, input_size=32,
+    ds = VideoClipDataset.from_settings([], ['a', 'b'], train=True, num_frames=6, input_size=32,
                           rand_augment='rand-m7-n4-mstd0.5-inc1', flip=FlipPolicy('plain', p=0.5))
     for seed in range(25):
         torch.manual_seed(seed)
@@ -368,7 +369,7 @@ SSV2_CUT = {'Holding something': '0', 'Tearing something into two pieces': '32',
 
 def test_ssv2_labels_cut_keeps_official_ids(tmp_path):
     "A labels JSON cut from the official one keeps its indices: they are the 174-way checkpoints' class ids."
-    from evl_nb.data import class_ids, pad_classes
+    from evl_nb.annotations import class_ids, pad_classes
     (tmp_path / 'something-something-v2-labels.json').write_text(json.dumps(SSV2_CUT, indent=4))
     tmpl = {'0': 'Holding [something]', '32': 'Tearing [something] into two pieces', '93': 'Pushing [something] from left to right',
             '94': 'Pushing [something] from right to left'}      # 135 has no sample: fine
@@ -409,7 +410,7 @@ def test_class_list_errors_name_the_file(tmp_path):
     (tmp_path / 'l.txt').write_text('x.mp4 1\n'); (tmp_path / 'x.mp4').touch()
     with pytest.raises(AnnotationError, match=r'l\.txt:1: label 1 has no name'):
         read_list_file(tmp_path / 'l.txt', classes=['a', None, 'c'])
-    with pytest.raises(ValueError, match='has no name'): VideoClipDataset([('x.mp4', 1)], ['a', None])
+    with pytest.raises(ValueError, match='has no name'): VideoClipDataset.from_settings([('x.mp4', 1)], ['a', None])
 
 
 # ---------------------------------------------------------------- warn once per file (issue 9, point 5)

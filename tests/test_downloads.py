@@ -13,7 +13,7 @@ import torch
 
 pm = pytest.importorskip('papermill')
 from evl_nb.synthetic import make_synthetic_dataset
-from evl_nb.train import read_metrics
+from evl_nb.checkpoints import read_metrics
 from miniatures import LAYOUTS, SPLITS, expected_files, make_layout
 
 pytestmark = pytest.mark.slow          # papermill training jobs on every download layout: not in `make test-fast`

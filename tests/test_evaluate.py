@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evl_nb.data import parse_views
+from evl_nb.transforms import parse_views
 from evl_nb.evaluate import classification_metrics, evaluate, label_mapping, load_class_list, save_results
 from evl_nb.model import build_evl, load_checkpoint
-from evl_nb.train import TensorClips, random_clips
+from evl_nb.data import TensorClips, random_clips
 
 
 def test_metrics_by_hand():

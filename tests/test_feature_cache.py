@@ -1,7 +1,8 @@
 "cache_features=K: cached block features give the clip's logits; the trainer trains and evaluates on them."
 import torch
 
-from evl_nb.data import TensorClips, normalize_clip, random_clips
+from evl_nb.transforms import normalize_clip
+from evl_nb.data import TensorClips, random_clips
 from evl_nb.features import (DecoderHead, cache_features, collate_features, evaluate_features, feature_bytes_per_view,
                              unpack_features)
 from evl_nb.evaluate import evaluate
@@ -91,20 +92,78 @@ def test_a_decoder_ablation_reuses_the_cache(tmp_path, monkeypatch):
     train(TrainConfig(output_dir=str(tmp_path / 'd'), **dict(kw, seed=4)), train_set, val_set)
     assert len(calls) == 4                                              # another seed draws other views: recomputed
     train(TrainConfig(output_dir=str(tmp_path / 'e'), **dict(kw, seed=4)), _clips(8), val_set)
-    assert len(calls) == 6                                              # other dataset objects: recomputed
+    assert len(calls) == 4                                     # other dataset objects, the same clips: reused
+    other = TensorClips(*random_clips(8, num_classes=4, T=8, size=128, seed=2), crop=112)
+    train(TrainConfig(output_dir=str(tmp_path / 'f'), **dict(kw, seed=4)), other, val_set)
+    assert len(calls) == 6                                              # other clips: recomputed
     tr.release_feature_caches()
 
 
 def test_in_memory_datasets_are_read_front_to_back(tmp_path, monkeypatch):
     "in_memory reads every clip once: sequential PyAV decoding, no decord seek check."
-    import evl_nb.data as data
+    import evl_nb.train as trainer
     from evl_nb.synthetic import make_synthetic_dataset
     from evl_nb.train import build_datasets
     root = tmp_path / 'syn'
     make_synthetic_dataset(root, num_classes=2, train_per_class=1, val_per_class=1, num_frames=(8, 8), ssv2=False)
-    seen, real = [], data.build_dataset
-    monkeypatch.setattr(data, 'build_dataset', lambda *a, **k: seen.append(k.get('decode')) or real(*a, **k))
+    seen, real = [], trainer.build_dataset          # as the trainer calls it (imported from evl_nb.data)
+    monkeypatch.setattr(trainer, 'build_dataset', lambda *a, **k: seen.append(k.get('decode')) or real(*a, **k))
     cfg = TrainConfig(dataset='synthetic', data_root=str(root), num_classes=2, in_memory=True, num_workers=0,
                       output_dir=str(tmp_path / 'run'), progress=False).resolve()
     tr, va = build_datasets(cfg)
     assert seen == ['pyav', 'pyav'] and len(tr) == 2 and len(va) == 2
+
+
+def _tower_clips(monkeypatch):
+    "A list that grows by the clip count of every tower pass (`EVL.backbone_features`)."
+    from evl_nb.model import EVL
+    seen, real = [], EVL.backbone_features
+    monkeypatch.setattr(EVL, 'backbone_features', lambda self, x: seen.append(x.shape[0]) or real(self, x))
+    return seen
+
+
+def test_a_decoder_sweep_runs_the_tower_once(tmp_path, monkeypatch):
+    "Four runs that differ in lr and the decoder: the tower sees each cached view once over the whole sweep."
+    from evl_nb.features import release_kept_features
+    from evl_nb.synthetic import make_synthetic_dataset
+    from evl_nb.sweep import run_sweep
+    make_synthetic_dataset(tmp_path / 'syn', num_classes=3, train_per_class=2, val_per_class=2, num_frames=(8, 8),
+                           ssv2=False, progress=False)
+    seen = _tower_clips(monkeypatch)
+    release_kept_features()
+    params = dict(data_root=str(tmp_path / 'syn'), num_classes=3, batch_size=3, max_steps=2, num_workers=0,
+                  progress=False, ckpt_every=0, cache_features=3, eval_views='2x1', threads=1)
+    rec = run_sweep(tmp_path / 'sw', {'lr': [3e-3, 1e-3], 'model.decoder_mlp_factor': [4.0, 2.0]}, params,
+                    echo=lambda *a: None)
+    assert rec['counts'] == {'done': 4}
+    assert sum(seen) == 6 * 3 + 6 * 2                 # 6 train clips x 3 views, 6 val clips x 2 views: once
+    entries = [p for p in (tmp_path / 'sw' / 'feature_cache').iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / 'meta.json').is_file()
+    release_kept_features()
+
+
+def test_the_disk_cache_is_not_reused_for_another_seed_or_other_data(tmp_path, monkeypatch):
+    "Through $EVL_NB_FEATURE_CACHE, as a new process would: the same run reads it; another seed or data does not."
+    from evl_nb.features import FEATURE_CACHE_ENV, release_kept_features
+    monkeypatch.setenv(FEATURE_CACHE_ENV, str(tmp_path / 'fc'))
+    seen = _tower_clips(monkeypatch)
+    train_set, val_set = _clips(6), _clips(6, train=False)
+    kw = dict(model='evl-tiny', num_classes=4, batch_size=3, max_steps=2, lr=1e-3, progress=False, ckpt_every=0,
+              resume=False, cache_features=2, seed=3)
+    def run(name, tr=train_set, **over):
+        release_kept_features()                                  # nothing kept in memory: the disk or the tower
+        n = sum(seen)
+        s = train(TrainConfig(output_dir=str(tmp_path / name), **dict(kw, **over)), tr, val_set)
+        return sum(seen) - n, s
+    built, a = run('a')
+    assert built == 6 * 2 + 6
+    again, b = run('b', lr=5e-3)
+    assert again == 0                                            # read from disk
+    c = train(TrainConfig(output_dir=str(tmp_path / 'c'), **kw), train_set, val_set)
+    assert c['val']['top1'] == a['val']['top1']                  # the disk cache gives the same run
+    assert run('d', seed=4)[0] == built                          # another augmentation seed: other views
+    other = TensorClips(*random_clips(6, num_classes=4, T=8, size=128, seed=2), crop=112)
+    assert run('e', tr=other)[0] == built                        # other clips
+    monkeypatch.setenv(FEATURE_CACHE_ENV, str(tmp_path / 'fc'))
+    assert len([p for p in (tmp_path / 'fc').iterdir() if p.is_dir()]) == 3
+    release_kept_features()

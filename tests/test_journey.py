@@ -9,7 +9,9 @@ import torch
 
 pm = pytest.importorskip('papermill')
 from evl_nb.synthetic import make_synthetic_dataset
-from evl_nb.train import TrainConfig, latest_checkpoint, run
+from evl_nb.config import TrainConfig
+from evl_nb.checkpoints import latest_checkpoint
+from evl_nb.train import run
 
 pytestmark = pytest.mark.slow          # trains, then runs the job notebooks on the checkpoint: not in `make test-fast`
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from evl_nb.data import build_dataset, resolve_layout
+from evl_nb.annotations import resolve_layout
+from evl_nb.data import build_dataset
 from evl_nb.train import TrainConfig, build_datasets
 from miniatures import LAYOUTS, SPLITS, expected_files as _expected, k400_rows as _k400_rows, make_layout as _make
 

@@ -8,7 +8,7 @@ import torch
 
 pm = pytest.importorskip('papermill')
 from evl_nb.synthetic import make_synthetic_dataset
-from evl_nb.train import read_metrics
+from evl_nb.checkpoints import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NB, EVAL_NB = ROOT / 'nbs' / 'train.ipynb', ROOT / 'nbs' / 'evaluate.ipynb'
@@ -65,8 +65,8 @@ def test_train_notebook_tiny_run(syn, tiny_run):
     assert json.loads((out / 'results.json').read_text())['num_samples'] == 8
     s = json.loads((out / 'summary.json').read_text())
     assert s['steps'] == 3 and s['world_size'] == 1
-    for call in ('plot_metrics(', 'plot_confusion('):             # the curves (loss, lr, validation), the matrix
-        assert _png_outputs(syn / 'train_out.ipynb', call) == 1, f'no picture from {call}) in the executed notebook'
+    # train_report: the curves (loss, lr, validation) and the confusion matrix, as pictures in the notebook
+    assert _png_outputs(syn / 'train_out.ipynb', 'train_report(') == 2, 'not both pictures in the executed notebook'
     for name in ('training_curves.png', 'confusion_matrix.png'): _assert_png(out / name)
 
 
@@ -116,8 +116,8 @@ def test_evaluate_notebook_official_checkpoint(syn):
         assert m['num_samples'] == 8 and m['num_skipped'] == 0 and m['eval_views'] == views
         assert m['classes'] == classes[::-1]
         for k in ('top1', 'top5', 'mean_class_accuracy', 'per_class', 'worst_confusions', 'confusion_matrix'): assert k in m
-        for call in ('plot_confusion(', 'plot_per_class('):
-            assert _png_outputs(syn / f'eval_{views}.ipynb', call) == 1, f'no picture from {call}) ({views})'
+        # evaluation_figures: the confusion matrix and the per-class accuracy
+        assert _png_outputs(syn / f'eval_{views}.ipynb', 'evaluation_figures(') == 2, f'not both pictures ({views})'
         for f in pngs: _assert_png(f)
 
 
@@ -157,9 +157,9 @@ def test_train_notebook_malformed_csv_line_is_an_annotation_error(syn):
 
 
 def test_train_options_are_the_notebook_parameters():
-    "One source: every parameter of nbs/train.ipynb has the help (inline comment) and type of evl_nb.train.TRAIN_OPTIONS."
-    from evl_nb.train import TRAIN_OPTIONS
-    from evl_nb.cli import SLURM_OPTIONS                  # the cluster submission's options (slurm_partition, ...)
+    "One source: every parameter of nbs/train.ipynb has the help (inline comment) and type of evl_nb.config.TRAIN_OPTIONS."
+    from evl_nb.config import TRAIN_OPTIONS
+    from evl_nb.slurm import SLURM_OPTIONS                  # the cluster submission's options (slurm_partition, ...)
     TRAIN_OPTIONS = {**TRAIN_OPTIONS, **{o.name: o for o in SLURM_OPTIONS}}
     params = pm.inspect_notebook(str(TRAIN_NB))
     assert set(params) - set(TRAIN_OPTIONS) == set(), 'notebook parameters without an option'

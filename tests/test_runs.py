@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from evl_nb.train import cosine_factor, read_metrics
+from evl_nb.checkpoints import read_metrics
+from evl_nb.train import cosine_factor
 
 pytestmark = pytest.mark.slow          # real evl-nb training processes, up to 2,000 steps: not in `make test-fast`
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import fixture_path
-from evl_nb.data import dense_indices, uniform_indices
+from evl_nb.transforms import dense_indices, uniform_indices
 from evl_nb.store import (ClipStore, build_store, fit_short_side, read_index, verify_clip_file, StoreError,
                           MANIFEST_COLUMNS, STORE_REASONS, pack_frames, read_jpegs)
 from evl_nb.video import check_video, read_frames_pyav, VIDEO_EXTS, TruncatedVideoError
@@ -199,7 +199,7 @@ def test_train_notebook_trains_tiny_preset_from_a_store(tmp_path):
     "papermill nbs/train.ipynb -p dataset k400 -p data_root <K400 layout> -p store <dir>: trains and evaluates from the store."
     pm = pytest.importorskip('papermill')
     from evl_nb.synthetic import make_synthetic_dataset
-    from evl_nb.train import read_metrics
+    from evl_nb.checkpoints import read_metrics
     root = tmp_path / 'k400'
     make_synthetic_dataset(root, num_classes=4, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False)
     store = build_store(root, tmp_path / 'store', num_workers=2, progress=False)

@@ -4,7 +4,8 @@ import csv, json, time
 import numpy as np
 import pytest
 
-from evl_nb.data import read_k400_csv, read_ssv2_json, build_dataset, lr_flip_pairs
+from evl_nb.annotations import read_k400_csv, read_ssv2_json, lr_flip_pairs
+from evl_nb.data import build_dataset
 from evl_nb.synthetic import (make_synthetic_dataset, render_clip, render_clip_tracked, object_masks, load_object_tracks,
                               object_track_for, SYNTHETIC_CLASSES, SYNTHETIC_FLIP_PAIRS)
 from evl_nb.video import check_video, read_frames_pyav

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from evl_nb.train import (NonFiniteLossError, StepSampler, TensorClips, TrainConfig, cosine_factor, latest_checkpoint,
-                          list_checkpoints, random_clips, read_metrics, recipe, train)
+from evl_nb.data import TensorClips, random_clips
+from evl_nb.config import TrainConfig, recipe
+from evl_nb.checkpoints import latest_checkpoint, list_checkpoints, read_metrics
+from evl_nb.train import NonFiniteLossError, StepSampler, cosine_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +244,7 @@ def test_relative_annotation_path_working_directory_then_data_root(tmp_path, mon
 
 
 def test_malformed_annotation_line_is_raised_as_itself(tmp_path):
-    from evl_nb.data import AnnotationError
+    from evl_nb.annotations import AnnotationError
     from evl_nb.train import build_datasets
     root = _k400_root(tmp_path)
     csv_file = root / 'annotations' / 'k400_train.csv'
@@ -335,7 +337,7 @@ def test_k400_with_an_explicit_sparse_class_list(tmp_path):
 
 def test_cli_help_describes_every_option():
     "`python -m evl_nb.train --help` (one process: the slow part) lists every option with its help."
-    from evl_nb.train import TRAIN_OPTIONS
+    from evl_nb.config import TRAIN_OPTIONS
     r = subprocess.run([sys.executable, '-m', 'evl_nb.train', '--help'], capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ, COLUMNS='200'))
     assert r.returncode == 0 and 'default: None' not in r.stdout

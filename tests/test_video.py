@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import fixture_path
-from evl_nb.data import dense_indices, uniform_indices, build_dataset
+from evl_nb.transforms import dense_indices, uniform_indices
+from evl_nb.data import build_dataset
 from evl_nb.synthetic import render_clip, write_video, make_synthetic_dataset
 from evl_nb.video import (check_video, count_frames, read_clip, read_frames_pyav, read_frames_decord, open_video,
                           scan_videos, load_manifest, reencode_video, EmptyVideoError, UnreadableVideoError,
