@@ -12,7 +12,7 @@ import torch
 from evl_nb.checkpoints import read_metrics
 from evl_nb.train import cosine_factor
 
-pytestmark = pytest.mark.slow          # real evl-nb training processes, up to 2,000 steps: not in `make test-fast`
+pytestmark = pytest.mark.slow          # real evl-nb training processes, up to 300 steps: not in `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / 'evl-nb'
