@@ -1,7 +1,7 @@
 """Shared pytest helpers. Fixtures come from ../shared (or $EVL_NB_SHARED); missing ones skip locally, fail under CI.
-The tiers are markers (pytest.ini): a `cuda` test skips where torch sees no CUDA GPU; `demo` tests run last
-(`DemoRun`). Tests never change the checkout: a session that leaves `git status` other than it found it says so,
-and fails under CI."""
+The tiers are markers (pytest.ini): a `cuda` test skips where torch sees no CUDA GPU; the demo starts with the
+session and its test runs last (`DemoRun`). Tests never change the checkout: a session that leaves `git status`
+other than it found it says so, and fails under CI."""
 from __future__ import annotations
 import os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -78,12 +78,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 class DemoRun:
-    """`python -m evl_nb.demo` (`make demo`) into a temporary folder, started at once in its own process; `wait`
-    collects it. Started when the session begins it would run beside the other tests (they keep about one of 2 cores
-    busy) and hide most of its minutes; it is not, because its figures were not the same there: 88.0 % top-1 (control
-    27.5 %) twice beside the suite against 94.5 % (25.0 %) alone. Training on fixed clips is the same under load;
-    the synthetic set is not (regenerated, a few of its 1,700 clips differ). Until the demo is the same beside the
-    suite, its test starts it in its turn, last, on a quieter machine."""
+    """`python -m evl_nb.demo` (`make demo`) into a temporary folder, in its own process; `wait` collects it. When the
+    session holds a `demo` test the run starts as soon as the tests are collected, and runs beside the others (they
+    keep about one of the 2 cores busy), so most of its minutes are hidden. Its figures do not depend on the load:
+    the synthetic set is the same file for file (`write_video`), and training on it uses fixed thread counts."""
     def __init__(self, *argv):
         self.dir = Path(tempfile.mkdtemp(prefix='evl-nb-demo-'))
         self.out, self.log, self.t0 = self.dir / 'demo', open(self.dir / 'demo.log', 'w+'), time.time()
@@ -103,12 +101,19 @@ class DemoRun:
 
 
 def pytest_collection_modifyitems(config, items):
-    "`demo` tests last (see `DemoRun`)."
+    "`demo` tests last: they wait for the run that started with the session (`DemoRun`)."
     items.sort(key=lambda item: item.get_closest_marker('demo') is not None)        # stable: the rest keep their order
+
+
+def pytest_collection_finish(session):
+    "Start the demo run now when a selected test needs it (deselected tests are gone from `session.items`)."
+    if session.config.option.collectonly: return
+    if any(item.get_closest_marker('demo') is not None for item in session.items):
+        session.config.stash[_DEMO] = DemoRun()
 
 
 @pytest.fixture(scope='session')
 def demo_run(pytestconfig) -> DemoRun:
-    "The session's demo run, started by the first test that asks for it."
+    "The session's demo run (started with the session, or by the first test that asks for it)."
     if _DEMO not in pytestconfig.stash: pytestconfig.stash[_DEMO] = DemoRun()
     return pytestconfig.stash[_DEMO]
