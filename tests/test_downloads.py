@@ -1,10 +1,10 @@
-"""Datasets as they are downloaded (issue 25, the acceptance journeys). Every training run here goes through the
-papermill job `nbs/train.ipynb` given only `dataset` and `data_root` (plus tiny-model settings): one run per layout
-(the seven K400 / SSv2 layouts and a clip store made from one of them), the early failure when a split has no video,
-and the 30%-missing runs of K400 and SSv2. Also: the evaluation's val set found from `data_root` in every layout,
-`nbs/evaluate.ipynb -p convention mmaction2 -p output_dir D` against the function-level result, `evl-nb prepare check`
-and `nbs/prepare.ipynb` on a miniature with a missing, a duplicated and a broken file, and the unreadable counts of
-a 2-process run merged once per file."""
+"""Datasets as they are downloaded (issue 25, the acceptance journeys). Every training run here is the job of
+`nbs/train.ipynb` given only `dataset` and `data_root` (plus tiny-model settings): one run per layout (the nine
+K400 / SSv2 layouts and a clip store made from one of them; the store through papermill, the others through the
+job function), the early failure when a split has no video, and the 30%-missing runs of K400 and SSv2. Also: the
+evaluation's val set found from `data_root` in every layout, `nbs/evaluate.ipynb -p convention mmaction2 -p
+output_dir D` against the function-level result, `evl-nb prepare check` and `nbs/prepare.ipynb` on a miniature with
+a missing, a duplicated and a broken file, and the unreadable counts of a 2-process run merged once per file."""
 import json, os, shutil, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NB, EVAL_NB, PREPARE_NB = (ROOT / 'nbs' / f'{n}.ipynb' for n in ('train', 'evaluate', 'prepare'))
 SCRIPT = Path(sys.executable).parent / 'evl-nb'
 ENV = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
-TRAIN_CELL = 4    # code cells: parameters, injected parameters, checks, data, TRAIN: errors must come before it
 # a 2-step run of a 1-layer EVL-tiny decoder: what every layout's job trains
 TINY = dict(model='evl-tiny', num_classes=3, max_steps=2, batch_size=2, num_workers=0, eval_views='1x1', threads=1,
             model_overrides=dict(decoder_num_layers=1))
@@ -43,11 +42,6 @@ def _text(nb_file) -> str:
 def _pngs(nb_file) -> int:
     nb = json.loads(Path(nb_file).read_text())
     return sum('image/png' in o.get('data', {}) for c in nb['cells'] for o in c.get('outputs', []))
-
-
-def _code_cell_index(nb_path, cell_index):
-    nb = json.loads(Path(nb_path).read_text())
-    return sum(1 for c in nb['cells'][:cell_index + 1] if c['cell_type'] == 'code') - 1
 
 
 def _is_png(path) -> bool: return Path(path).is_file() and Path(path).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -77,18 +71,38 @@ def _store_layout(syn, tmp_path):
     return dataset, root, dict(store=str(tmp_path / 'store'))
 
 
+# the layout whose run goes through papermill (K400 and SSv2 layouts go through it in the 30%-missing runs below,
+# a K400 store in tests/test_store.py); the others call the job function the notebook calls (`train_job`,
+# tests/test_jobs.py) in this process: the same parameters and checks, without a kernel's start-up
+NOTEBOOK_RUNS = ('ssv2-20bn-root+store',)
+
+
+def _train_here(**params) -> str:
+    "`train_job(**params)` in this process: the evl_nb log lines it wrote (the notebook shows them on stderr)."
+    import logging
+    from evl_nb.jobs import train_job
+    lines, threads = [], torch.get_num_threads()
+    h = logging.Handler(); h.emit = lambda rec: lines.append(rec.getMessage())
+    logging.getLogger('evl_nb').addHandler(h)
+    try: train_job(echo=lambda *a: None, **params)
+    finally: logging.getLogger('evl_nb').removeHandler(h); torch.set_num_threads(threads)
+    return '\n'.join(lines)
+
+
 @pytest.mark.parametrize('key', list(LAYOUTS) + ['ssv2-20bn-root+store'])
 def test_training_job_on_every_layout(syn, tmp_path, key):
-    "papermill nbs/train.ipynb -p dataset D -p data_root R (tiny model): every video found, 2 steps trained, evaluated."
+    """`papermill nbs/train.ipynb -p dataset D -p data_root R` (tiny model), or its job function for the layouts
+    outside `NOTEBOOK_RUNS`: every video found, 2 steps trained, evaluated."""
     if key.endswith('+store'): dataset, root, extra = _store_layout(syn, tmp_path)
     else: (dataset, root), extra = make_layout(syn, tmp_path, key), {}
     out, nb = tmp_path / 'run', tmp_path / 'train.ipynb'
-    _run(TRAIN_NB, nb, dataset=dataset, data_root=str(root), output_dir=str(out), **extra, **TINY)
+    params = dict(dataset=dataset, data_root=str(root), output_dir=str(out), **extra, **TINY)
+    if key in NOTEBOOK_RUNS: _run(TRAIN_NB, nb, **params); text = _text(nb)
+    else: text = _train_here(**params)
     assert [r['step'] for r in read_metrics(out / 'metrics.csv') if r['kind'] == 'train'] == [1, 2]
     s = json.loads((out / 'summary.json').read_text())
     assert s['videos'] == dict(train=dict(annotated=6, found=6, missing=0, unreadable=0),
                                val=dict(annotated=3, found=3, missing=0, unreadable=0, scored=3)), s['videos']
-    text = _text(nb)
     name = LAYOUTS[key.split('+')[0]][2]
     for split in SPLITS:
         assert f"{dataset}/{split}: layout '{name}'" in text, text[-3000:]             # the one line naming the choice
@@ -117,7 +131,7 @@ def test_job_without_a_val_video_fails_early_naming_the_folders(syn, tmp_path):
     msg = e.value.evalue
     assert e.value.ename == 'FileNotFoundError' and msg.count('folders searched') == 1, msg
     assert f'folders searched: {root / "val"}' in msg and 'none of the 3 videos annotated in' in msg, msg
-    assert _code_cell_index(nb, e.value.cell_index) < TRAIN_CELL, f'failed late, in cell {e.value.cell_index}'
+    assert 'train_job(' in e.value.source, f'failed outside the job call: {e.value.source[:200]}'
     assert not (out / 'checkpoints').exists() and not (out / 'metrics.csv').exists()
 
 

@@ -59,11 +59,15 @@ def test_trainer_checkpoints_open_weights_only(trained):
 
 @pytest.mark.parametrize('which', ['best', 'last'])
 def test_evaluate_notebook_on_trainer_checkpoint(trained, which):
-    "The notebook rebuilds the model (and the run's random tower) from the file: it scores exactly what the trainer scored."
+    """The notebook (`best`) or the job function it calls (`last`, in this process) rebuilds the model (and the run's
+    random tower) from the file: it scores exactly what the trainer scored."""
+    from evl_nb.jobs import evaluate_job
     path = _checkpoints(trained)[which]
     res = trained / f'eval_{which}.json'
-    _run(EVAL_NB, trained / f'eval_{which}.ipynb', checkpoint=str(path), data_root=str(trained / 'syn'), eval_views='1x1',
-         num_workers=0, output_json=str(res))
+    params = dict(checkpoint=str(path), data_root=str(trained / 'syn'), eval_views='1x1', num_workers=0,
+                  output_json=str(res))
+    if which == 'best': _run(EVAL_NB, trained / f'eval_{which}.ipynb', **params)
+    else: evaluate_job(**params, progress=False, echo=lambda *a: None)
     m = json.loads(res.read_text())
     assert m['num_samples'] == 8 and m['num_skipped'] == 0 and m['checkpoint'] == str(path)
     ck = torch.load(path, weights_only=True)

@@ -150,23 +150,30 @@ def test_resume_with_a_changed_lr(syn, tmp_path):
     assert s['changes'] == [dict(step=4, param='lr', old=old_lr, new=0.1)] and s['config']['lr'] == 0.1
 
 
-@pytest.mark.parametrize('argv, name', [
-    (['--num-frames', '0'], 'num_frames=0'), (['--num-classes', '0'], 'num_classes=0'),
-    (['--eval-batch-size', '0'], 'eval_batch_size=0'), (['--max-steps', '-1'], 'max_steps=-1')])
-def test_bad_counts_are_named_before_any_data_is_read(tmp_path, argv, name):
+@pytest.mark.parametrize('argv, name, process', [
+    (['--num-frames', '0'], 'num_frames=0', True), (['--num-classes', '0'], 'num_classes=0', False),
+    (['--eval-batch-size', '0'], 'eval_batch_size=0', False), (['--max-steps', '-1'], 'max_steps=-1', False)])
+def test_bad_counts_are_named_before_any_data_is_read(tmp_path, capsys, argv, name, process):
+    "Exit status 2 and one line naming the parameter; nothing written. One case as a real process, the rest in this one."
+    from evl_nb.cli import main
     data = tmp_path / 'data'                                     # synthetic data would be generated here
-    r = _run(['train', '--dataset', 'synthetic', '--data-root', str(data), '--output-dir', str(tmp_path / 'run'), *argv])
-    assert r.returncode == 2 and name in r.stderr, r.stderr[-2000:]
-    assert len(r.stderr.strip().splitlines()) == 1 and not data.exists() and not (tmp_path / 'run').exists()
+    argv = ['train', '--dataset', 'synthetic', '--data-root', str(data), '--output-dir', str(tmp_path / 'run'), *argv]
+    if process: r = _run(argv); rc, err = r.returncode, r.stderr
+    else: rc = main(argv); err = capsys.readouterr().err
+    assert rc == 2 and name in err, err[-2000:]
+    assert len(err.strip().splitlines()) == 1 and not data.exists() and not (tmp_path / 'run').exists()
 
 
-def test_output_paths_under_a_file_are_refused_early(tmp_path):
+def test_output_paths_under_a_file_are_refused_early(tmp_path, capsys):
+    "`evl-nb train` (a real process) and `evl-nb evaluate` (its `main`, in this process): exit 2, one line, no data."
+    from evl_nb.cli import main
     f = tmp_path / 'notes.txt'; f.write_text('x')
     r = _run(['train', '--data-root', str(tmp_path / 'data'), '--output-dir', str(f)])
     assert r.returncode == 2 and 'output_dir=' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / 'data').exists()
-    r = _run(['evaluate', '--data-root', str(tmp_path / 'data'), '--output-json', str(f / 'x.json')])
-    assert r.returncode == 2 and 'output_json=' in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    rc = main(['evaluate', '--data-root', str(tmp_path / 'data'), '--output-json', str(f / 'x.json')])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'output_json=' in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / 'data').exists()
 
 
