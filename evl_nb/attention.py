@@ -80,9 +80,10 @@ def moving_square_clip(num_frames: int = 8, size: int = 112, square: int | None 
     return np.clip(np.stack(out), 0, 255).astype(np.uint8)
 
 # %% ../nbs/16_attention.ipynb #59a7cce8
-def read_video_clip(path, num_frames: int) -> np.ndarray:
-    "`num_frames` evenly spaced frames of a video file as uint8 `(T, H, W, 3)`, decoded with `evl_nb.video`."
-    info = check_video(path)
+def read_video_clip(path, num_frames: int, info=None) -> np.ndarray:
+    """`num_frames` evenly spaced frames of a video file as uint8 `(T, H, W, 3)`, decoded with `evl_nb.video`
+    (`info`: the file's `check_video`, when it was checked already)."""
+    info = info or check_video(path)
     if info.error: raise ValueError(f'video {str(path)!r} is not usable ({info.error}): {info.message}')
     return read_clip(path, even_indices(info.frames, num_frames), info=info)
 

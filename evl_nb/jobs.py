@@ -333,11 +333,12 @@ def explorer_clip(video, num_frames: int) -> tuple:
     if video is None:
         frames, desc, track = render_clip_tracked(0, num_frames=num_frames, height=128, width=160, rng=0)
         return frames, object_masks(track), 0, f'synthetic: {SYNTHETIC_CLASSES[0][0]} ({desc})'
-    frames = read_video_clip(video, num_frames)
+    info = check_video(video)
+    frames = read_video_clip(video, num_frames, info)
     # a clip of a synthetic dataset: its object track is the truth
     try:
         track = object_track_for(video)
-        idx = even_indices(check_video(video).frames, num_frames)
+        idx = even_indices(info.frames, num_frames)
         return frames, object_masks(track, idx), track['label'], str(video)
     except (FileNotFoundError, KeyError):
         _log.info(f'{video}: no object track (not a synthetic dataset clip): no measures')
@@ -451,8 +452,10 @@ def expand_videos(srcs) -> list[str]:
 
 # %% ../nbs/19_jobs.ipynb #7830cd6a
 def predict_videos(model, videos, classes=None, views: str = '3x1', top: int = 5, num_workers: int = 0,
-                   precision: str = 'fp32', progress: bool = True) -> dict:
-    "Top-`top` classes of each video (views averaged): {'predictions': [...], 'skipped': [...]}."
+                   precision: str = 'fp32', progress: bool = True, infos: dict | None = None) -> dict:
+    """Top-`top` classes of each video (views averaged): {'predictions': [...], 'skipped': [...]}.
+    `infos`: a dict that receives each file's `check_video` (by resolved path), for a caller that reads the
+    files again."""
     cfg, videos = model.config, expand_videos(videos)
     names = list(classes) if classes else [f'class {i}' for i in range(cfg.num_classes)]
     missing = [v for v in videos if not Path(v).is_file()]
@@ -466,6 +469,7 @@ def predict_videos(model, videos, classes=None, views: str = '3x1', top: int = 5
                                         input_size=model.backbone.tower.image_size[0], name='predict')
     out = predict(model, ds, batch_size=1, num_workers=num_workers, precision=precision,
                   progress=progress and len(videos) > 1)
+    if infos is not None: infos.update(ds.source.infos)
     preds = []
     for i, p in zip(out['index'].tolist(), out['probs']):
         pr, ix = p.topk(min(top, len(p)))
@@ -489,13 +493,15 @@ def format_predictions(result: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/19_jobs.ipynb #78e750e5
-def write_attention(model, videos, path, classes=None, kind: str = 'query') -> list[Path]:
+def write_attention(model, videos, path, classes=None, kind: str = 'query', infos: dict | None = None
+                    ) -> list[Path]:
     """An attention animation (`.gif` or `.mp4`) of each video in `videos`; several videos get
-    `<stem>_<video>`."""
+    `<stem>_<video>`. `infos`: the files' `check_video` by resolved path (`predict_videos` fills it)."""
     path, out = Path(path), []
     for v in videos:
         p = path if len(videos) == 1 else path.with_name(f'{path.stem}_{Path(v).stem}{path.suffix}')
-        maps = extract_attention(model, read_video_clip(v, model.config.num_frames), class_names=classes)
+        clip = read_video_clip(v, model.config.num_frames, (infos or {}).get(str(Path(v).resolve())))
+        maps = extract_attention(model, clip, class_names=classes)
         out.append(export_animation(maps, p, kind=kind))
     return out
 
@@ -508,11 +514,12 @@ def predict_job(videos, checkpoint, preset: str | None = None, pretrained=None, 
     for name, p in (('--json', json_path), ('--attention', attention)):
         if p: check_output_path(p, name, is_file=True)
     model, names = load_predictor(checkpoint, preset, pretrained, class_list, device, precision)
-    r = predict_videos(model, videos, names, views, top, workers, precision, progress)
+    infos = {}                  # each file is checked once, for the predictions and the animations
+    r = predict_videos(model, videos, names, views, top, workers, precision, progress, infos)
     r['checkpoint'] = str(checkpoint)
     if attention and r['predictions']:
         shown = [p['video'] for p in r['predictions']]
-        r['attention'] = [str(p) for p in write_attention(model, shown, attention, names)]
+        r['attention'] = [str(p) for p in write_attention(model, shown, attention, names, infos=infos)]
     echo(format_predictions(r))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
