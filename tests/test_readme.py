@@ -127,10 +127,14 @@ def test_awaited_commands_are_still_awaited():
     assert landed == [], f'{landed} exist now: map their README commands in COVERAGE and drop them from AWAITING'
 
 
-def test_test_markers_are_in_place():
-    "The test section keeps the two timing markers the full and fast suites' times go into."
-    text = README.read_text()
-    assert 'make test-fast' in text and '<!-- fast-time -->' in text and '<!-- full-time -->' in text
+def test_test_times_are_stated_within_their_caps():
+    """The test section states the measured times of the two tiers, each before its marker: `make test-fast` at most
+    5 minutes, the pytest part of `make test` at most 12 (a slower measurement written in fails here)."""
+    text = ' '.join(README.read_text().split())
+    fast = re.search(r'`make test-fast` took (\d+) s <!-- fast-time -->', text)
+    full = re.search(r'pytest part of `make test` (\d+) s <!-- full-time -->', text)
+    assert fast and full, 'the test section lost its measured times'
+    assert int(fast[1]) <= 300 and int(full[1]) <= 720, (fast[1], full[1])
 
 
 # ---------------------------------------------------------------- the cheap runs
