@@ -45,6 +45,16 @@ def checked_clips() -> CheckedClips:
     return CheckedClips()
 
 
+@pytest.fixture(scope='session')
+def tiny_syn(tmp_path_factory) -> Path:
+    "A synthetic set of 3 classes, 3 training and 2 validation clips each, 8 frames: what the real runs train on."
+    from evl_nb.synthetic import make_synthetic_dataset
+    root = tmp_path_factory.mktemp('tiny_syn') / 'syn'
+    make_synthetic_dataset(root, num_classes=3, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False,
+                           progress=False)
+    return root
+
+
 def pytest_runtest_setup(item):
     "`@pytest.mark.cuda` tests need a GPU: without one they skip (benchmarks/gpu_check.sh runs them on one)."
     if item.get_closest_marker('cuda') is not None and not torch.cuda.is_available():

@@ -22,27 +22,18 @@ REF_STEPS = 300                        # the length of the `reference` run
 
 
 @pytest.fixture(scope='module')
-def syn(tmp_path_factory):
-    from evl_nb.synthetic import make_synthetic_dataset
-    root = tmp_path_factory.mktemp('runs') / 'syn'
-    make_synthetic_dataset(root, num_classes=3, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False,
-                           progress=False)
-    return root
-
-
-@pytest.fixture(scope='module')
-def reference(syn, tmp_path_factory):
+def reference(tiny_syn, tmp_path_factory):
     "The weights of one undisturbed 300-step run of `_args` (seed 5, 2 threads): what every interrupted run must end with."
     out = tmp_path_factory.mktemp('reference') / 'run'
-    r = _run(_args(syn, out, '--max-steps', REF_STEPS, '--ckpt-every', 100))
+    r = _run(_args(tiny_syn, out, '--max-steps', REF_STEPS, '--ckpt-every', 100))
     assert r.returncode == 0, r.stderr[-2000:]
     return _weights(out, REF_STEPS)
 
 
-def _args(syn, out, *extra, threads=2):
-    return ['train', '--dataset', 'synthetic', '--data-root', str(syn), '--num-classes', '3', '--model', 'evl-tiny',
-            '--batch-size', '2', '--num-workers', '0', '--seed', '5', '--threads', str(threads), '--no-progress',
-            '--output-dir', str(out), *map(str, extra)]
+def _args(tiny_syn, out, *extra, threads=2):
+    return ['train', '--dataset', 'synthetic', '--data-root', str(tiny_syn), '--num-classes', '3',
+            '--model', 'evl-tiny', '--batch-size', '2', '--num-workers', '0', '--seed', '5', '--threads', str(threads),
+            '--no-progress', '--output-dir', str(out), *map(str, extra)]
 
 
 def _run(argv, timeout=900, **kw):
@@ -79,26 +70,26 @@ class _Payload:
     def __reduce__(self): return (os.system, (f'touch {self.marker}',))
 
 
-def test_crafted_checkpoint_never_runs(syn, tmp_path):
+def test_crafted_checkpoint_never_runs(tiny_syn, tmp_path):
     out, marker = tmp_path / 'run', tmp_path / 'PWNED'
     (out / 'checkpoints').mkdir(parents=True)
     evil = out / 'checkpoints' / 'step_0000003.pt'
     torch.save(dict(model={}, optimizer={}, scheduler={}, step=3, x=_Payload(marker)), evil)
-    r = _run(_args(syn, out, '--max-steps', 6))
+    r = _run(_args(tiny_syn, out, '--max-steps', 6))
     assert r.returncode == 2, r.stderr[-2000:]
     assert not marker.exists()
     assert 'step_0000003.pt' in r.stderr and 'refuses' in r.stderr and 'Traceback' not in r.stderr
     assert evil.exists()                                   # foreign, not corrupt: left where it is, for the user to see
 
 
-def test_two_runs_on_one_folder(syn, reference, tmp_path):
+def test_two_runs_on_one_folder(tiny_syn, reference, tmp_path):
     "The second run exits within seconds naming the holder; the first run's files are an undisturbed run's."
     shared = tmp_path / 'shared'
-    first = _start(_args(syn, shared, '--max-steps', REF_STEPS, '--ckpt-every', 100))
+    first = _start(_args(tiny_syn, shared, '--max-steps', REF_STEPS, '--ckpt-every', 100))
     _wait_for(lambda: (shared / '.evl-nb.lock').exists() and (shared / '.evl-nb.lock').read_text().strip(), 120,
               'the first run to take the lock')
     t0 = time.time()
-    second = _run(_args(syn, shared, '--max-steps', REF_STEPS, '--ckpt-every', 100, '--seed', 1), timeout=120)
+    second = _run(_args(tiny_syn, shared, '--max-steps', REF_STEPS, '--ckpt-every', 100, '--seed', 1), timeout=120)
     took = time.time() - t0
     assert second.returncode != 0 and f'pid {first.pid}' in second.stderr, second.stderr[-2000:]
     assert took < 30, f'the second run took {took:.0f}s to refuse'
@@ -109,14 +100,14 @@ def test_two_runs_on_one_folder(syn, reference, tmp_path):
     assert (shared / '.evl-nb.lock').read_text() == ''                          # released at the end
 
 
-def test_truncated_newest_checkpoint_resumes_from_the_previous_one(syn, tmp_path):
+def test_truncated_newest_checkpoint_resumes_from_the_previous_one(tiny_syn, tmp_path):
     full, part = tmp_path / 'full', tmp_path / 'part'
-    assert _run(_args(syn, full, '--max-steps', 12, '--ckpt-every', 4)).returncode == 0
-    r = _run(_args(syn, part, '--max-steps', 12, '--ckpt-every', 4, '--stop-at-step', 8))
+    assert _run(_args(tiny_syn, full, '--max-steps', 12, '--ckpt-every', 4)).returncode == 0
+    r = _run(_args(tiny_syn, part, '--max-steps', 12, '--ckpt-every', 4, '--stop-at-step', 8))
     assert r.returncode == 0, r.stderr[-2000:]
     newest = part / 'checkpoints' / 'step_0000008.pt'
     newest.write_bytes(newest.read_bytes()[:5000])                               # a write cut short
-    r = _run(_args(syn, part, '--max-steps', 12, '--ckpt-every', 4))
+    r = _run(_args(tiny_syn, part, '--max-steps', 12, '--ckpt-every', 4))
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'step_0000008.pt' in r.stderr and 'corrupt' in r.stderr
     assert (part / 'checkpoints' / 'step_0000008.pt.corrupt').exists()
@@ -125,23 +116,23 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(syn, tmp_path
     _assert_same_weights(_weights(full, 12), _weights(part, 12))
 
 
-def test_no_usable_checkpoint_is_one_error(syn, tmp_path):
+def test_no_usable_checkpoint_is_one_error(tiny_syn, tmp_path):
     out = tmp_path / 'run'
     (out / 'checkpoints').mkdir(parents=True)
     (out / 'checkpoints' / 'step_0000004.pt').write_bytes(b'not a checkpoint')
-    r = _run(_args(syn, out, '--max-steps', 8))
+    r = _run(_args(tiny_syn, out, '--max-steps', 8))
     assert r.returncode == 2 and 'none of the 1 step checkpoints loads' in r.stderr, r.stderr[-2000:]
     assert not (out / 'metrics.csv').exists()                                    # it did not start over
 
 
-def test_resume_with_a_changed_lr(syn, tmp_path):
+def test_resume_with_a_changed_lr(tiny_syn, tmp_path):
     out = tmp_path / 'run'
-    assert _run(_args(syn, out, '--max-steps', 8, '--ckpt-every', 4, '--stop-at-step', 4)).returncode == 0
+    assert _run(_args(tiny_syn, out, '--max-steps', 8, '--ckpt-every', 4, '--stop-at-step', 4)).returncode == 0
     old = json.loads((out / 'summary.json').read_text())['config']
     old_lr, warmup = old['lr'], old['warmup_steps']
-    r = _run(_args(syn, out, '--max-steps', 8, '--ckpt-every', 4, '--lr', 0.1))
+    r = _run(_args(tiny_syn, out, '--max-steps', 8, '--ckpt-every', 4, '--lr', 0.1))
     assert r.returncode == 2 and 'lr: ' in r.stderr and '--allow-changes' in r.stderr, r.stderr[-2000:]
-    r = _run(_args(syn, out, '--max-steps', 8, '--ckpt-every', 4, '--lr', 0.1, '--allow-changes'))
+    r = _run(_args(tiny_syn, out, '--max-steps', 8, '--ckpt-every', 4, '--lr', 0.1, '--allow-changes'))
     assert r.returncode == 0, r.stderr[-2000:]
     rows = {x['step']: x['lr'] for x in _train_rows(out)}
     for step in range(1, 5): assert rows[step] == pytest.approx(old_lr * cosine_factor(step - 1, 8, warmup), rel=1e-5)
@@ -154,7 +145,7 @@ def test_resume_with_a_changed_lr(syn, tmp_path):
     (['--num-frames', '0'], 'num_frames=0', True), (['--num-classes', '0'], 'num_classes=0', False),
     (['--eval-batch-size', '0'], 'eval_batch_size=0', False), (['--max-steps', '-1'], 'max_steps=-1', False)])
 def test_bad_counts_are_named_before_any_data_is_read(tmp_path, capsys, argv, name, process):
-    "Exit status 2 and one line naming the parameter; nothing written. One case as a real process, the rest in this one."
+    "Exit status 2 and one line naming the parameter, nothing written; one case as a real process, the rest here."
     from evl_nb.cli import main
     data = tmp_path / 'data'                                     # synthetic data would be generated here
     argv = ['train', '--dataset', 'synthetic', '--data-root', str(data), '--output-dir', str(tmp_path / 'run'), *argv]
@@ -187,18 +178,18 @@ def test_papermill_string_for_a_number_names_the_parameter(tmp_path):
     assert not (tmp_path / 'run').exists()                       # refused before the data cell
 
 
-def test_evaluation_respects_a_running_training(syn, tmp_path):
+def test_evaluation_respects_a_running_training(tiny_syn, tmp_path):
     out = tmp_path / 'run'
-    first = _start(_args(syn, out, '--max-steps', 400))
+    first = _start(_args(tiny_syn, out, '--max-steps', 400))
     _wait_for(lambda: (out / '.evl-nb.lock').exists() and (out / '.evl-nb.lock').read_text().strip(), 120, 'the lock')
-    r = _run(['evaluate', '--data-root', str(syn), '--output-json', str(out / 'results.json'), '--no-progress'])
+    r = _run(['evaluate', '--data-root', str(tiny_syn), '--output-json', str(out / 'results.json'), '--no-progress'])
     first.send_signal(signal.SIGTERM); first.wait(timeout=300)
     assert r.returncode == 2 and f'pid {first.pid}' in r.stderr, r.stderr[-2000:]
 
 
-def test_sigterm_saves_the_step_and_resumes_bit_exactly(syn, reference, tmp_path):
+def test_sigterm_saves_the_step_and_resumes_bit_exactly(tiny_syn, reference, tmp_path):
     part = tmp_path / 'part'
-    p = _start(_args(syn, part, '--max-steps', REF_STEPS, '--ckpt-every', 1000))
+    p = _start(_args(tiny_syn, part, '--max-steps', REF_STEPS, '--ckpt-every', 1000))
     _wait_for(lambda: (part / 'metrics.csv').exists() and len(_train_rows(part)) >= 20, 600, '20 steps')
     p.send_signal(signal.SIGTERM)
     rc, err = p.wait(timeout=120), p.stderr.read()
@@ -207,32 +198,32 @@ def test_sigterm_saves_the_step_and_resumes_bit_exactly(syn, reference, tmp_path
     assert len(lines) == 1 and 'stopped at step' in lines[0], err[-2000:]
     step = int(lines[0].split('stopped at step ')[1].split()[0])
     assert 20 <= step < REF_STEPS and (part / 'checkpoints' / f'step_{step:07d}.pt').exists()
-    r = _run(_args(syn, part, '--max-steps', REF_STEPS, '--ckpt-every', 1000))
+    r = _run(_args(tiny_syn, part, '--max-steps', REF_STEPS, '--ckpt-every', 1000))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((part / 'summary.json').read_text())['start_step'] == step
     _assert_same_weights(_weights(part, REF_STEPS), reference)
 
 
-def test_the_same_command_twice_at_2_threads_gives_the_same_weights(syn, reference, tmp_path):
+def test_the_same_command_twice_at_2_threads_gives_the_same_weights(tiny_syn, reference, tmp_path):
     "The reference's command at 2 threads, run again beside a CPU-bound process: bit-identical weights."
     busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])
-    try: r = _run(_args(syn, tmp_path / 'a', '--max-steps', REF_STEPS))
+    try: r = _run(_args(tiny_syn, tmp_path / 'a', '--max-steps', REF_STEPS))
     finally: busy.kill(); busy.wait()
     assert r.returncode == 0, r.stderr[-2000:]
     _assert_same_weights(_weights(tmp_path / 'a', REF_STEPS), reference)
 
 
-def test_stopped_and_resumed_equals_the_uninterrupted_steps(syn, reference, tmp_path):
+def test_stopped_and_resumed_equals_the_uninterrupted_steps(tiny_syn, reference, tmp_path):
     "Stopped at step 75 of 300 (past the warmup, mid-epoch) and resumed: the reference's weights."
     part = tmp_path / 'part'
-    assert _run(_args(syn, part, '--max-steps', REF_STEPS, '--stop-at-step', 75)).returncode == 0
-    r = _run(_args(syn, part, '--max-steps', REF_STEPS))
+    assert _run(_args(tiny_syn, part, '--max-steps', REF_STEPS, '--stop-at-step', 75)).returncode == 0
+    r = _run(_args(tiny_syn, part, '--max-steps', REF_STEPS))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((part / 'summary.json').read_text())['start_step'] == 75
     _assert_same_weights(_weights(part, REF_STEPS), reference)
 
 
-def test_sigkill_at_random_moments_with_device_augmentation_resumes_bit_exactly(syn, tmp_path):
+def test_sigkill_at_random_moments_with_device_augmentation_resumes_bit_exactly(tiny_syn, tmp_path):
     """augment_on='device' with the official RandAugment and 2 loader workers (they draw every parameter) on the
     synthetic set's real video files: SIGKILL twice at random steps, resume each time; the weights equal an
     uninterrupted run's."""
@@ -243,13 +234,13 @@ def test_sigkill_at_random_moments_with_device_augmentation_resumes_bit_exactly(
     rng = random.Random(int(time.time()))
     kills = sorted(rng.sample(range(6, 50), 2))
     for at in kills:
-        p = _start(_args(syn, part, *aug))
+        p = _start(_args(tiny_syn, part, *aug))
         try: _wait_for(lambda: (part / 'metrics.csv').exists() and len(_train_rows(part)) >= at, 600, f'step {at}')
         finally:
             p.send_signal(signal.SIGKILL); p.wait(60)
         assert p.returncode == -signal.SIGKILL, f'finished before the kill at step {at}'
-    r = _run(_args(syn, part, *aug))
+    r = _run(_args(tiny_syn, part, *aug))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((part / 'summary.json').read_text())['start_step'] > 0, kills
-    assert _run(_args(syn, full, *aug)).returncode == 0
+    assert _run(_args(tiny_syn, full, *aug)).returncode == 0
     _assert_same_weights(_weights(full, 60), _weights(part, 60))

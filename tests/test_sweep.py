@@ -16,18 +16,9 @@ RUNS = ['lr=0.003+decoder_num_layers=2', 'lr=0.003+decoder_num_layers=1', 'lr=0.
         'lr=0.001+decoder_num_layers=1']
 
 
-@pytest.fixture(scope='module')
-def syn(tmp_path_factory):
-    from evl_nb.synthetic import make_synthetic_dataset
-    d = tmp_path_factory.mktemp('sweep') / 'syn'
-    make_synthetic_dataset(d, num_classes=3, train_per_class=3, val_per_class=2, num_frames=(8, 8), ssv2=False,
-                           progress=False)
-    return d
-
-
-def _argv(out, syn, steps=300):
+def _argv(out, tiny_syn, steps=300):
     return [str(SCRIPT), 'sweep', str(out), '--grid', 'lr=3e-3,1e-3', '--grid', 'model.decoder_num_layers=2,1',
-            '--data-root', str(syn), '--num-classes', '3', '--batch-size', '3', '--max-steps', str(steps),
+            '--data-root', str(tiny_syn), '--num-classes', '3', '--batch-size', '3', '--max-steps', str(steps),
             '--ckpt-every', '5', '--num-workers', '0', '--no-progress', '--threads', '1']
 
 
@@ -36,10 +27,10 @@ def _mtimes(folder: Path) -> dict:
 
 
 @pytest.fixture(scope='module')
-def killed_sweep(syn, tmp_path_factory):
+def killed_sweep(tiny_syn, tmp_path_factory):
     "The sweep SIGKILLed once its third run has a checkpoint, then run again to the end."
     out = tmp_path_factory.mktemp('killed') / 'sw'
-    proc = subprocess.Popen(_argv(out, syn), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_argv(out, tiny_syn), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     third = out / RUNS[2] / 'checkpoints'
     t = time.time()
     while not (third.is_dir() and any(third.glob('step_*.pt'))):
@@ -50,7 +41,7 @@ def killed_sweep(syn, tmp_path_factory):
     before = {r: _mtimes(out / r) for r in RUNS[:2]}
     assert not (out / RUNS[2] / 'summary.json').exists(), 'the third run finished before the kill'
     mid = read_sweep(out)
-    r = subprocess.run(_argv(out, syn), env=ENV, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(_argv(out, tiny_syn), env=ENV, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, before, mid, r.stdout
 
@@ -91,13 +82,13 @@ def test_compare_notebook_on_the_sweep(killed_sweep, tmp_path):
     assert (cmp / 'compare.md').read_text().startswith('| run | lr | model.decoder_num_layers | top1 (%)')
 
 
-def test_sweep_as_a_slurm_array_through_submitit(syn, tmp_path):
+def test_sweep_as_a_slurm_array_through_submitit(tiny_syn, tmp_path):
     "The runs go out as one job array (submitit's local executor standing in for SLURM) and each records itself."
     submitit = pytest.importorskip('submitit')
     out = tmp_path / 'sw'
     ex = submitit.LocalExecutor(folder=out / 'slurm')
     ex.update_parameters(timeout_min=20)
-    params = dict(data_root=str(syn), num_classes=3, batch_size=3, max_steps=4, num_workers=0, progress=False,
+    params = dict(data_root=str(tiny_syn), num_classes=3, batch_size=3, max_steps=4, num_workers=0, progress=False,
                   device='cpu', threads=1)
     rec = run_sweep(out, {'model.decoder_num_layers': [2, 1]}, params, executor=ex)
     assert rec['launcher'] == 'slurm' and [r['state'] for r in rec['runs']] == ['submitted'] * 2
@@ -122,9 +113,9 @@ def test_bad_grid_is_named(grid, message, tmp_path, capsys):
     assert not (tmp_path / 'sw' / 'sweep.json').exists()
 
 
-def test_a_failed_run_is_recorded_and_the_others_run(syn, tmp_path):
+def test_a_failed_run_is_recorded_and_the_others_run(tiny_syn, tmp_path):
     "A run whose folder holds a complete run with other parameters fails; the sweep records it and goes on."
-    params = dict(data_root=str(syn), num_classes=3, batch_size=3, max_steps=2, num_workers=0, progress=False,
+    params = dict(data_root=str(tiny_syn), num_classes=3, batch_size=3, max_steps=2, num_workers=0, progress=False,
                   threads=1, ckpt_every=0)
     out = tmp_path / 'sw'
     run_sweep(out, {'seed': [1, 2]}, params, echo=lambda *a: None)
@@ -134,11 +125,11 @@ def test_a_failed_run_is_recorded_and_the_others_run(syn, tmp_path):
     assert [r['state'] for r in rec['runs']] == ['failed', 'failed', 'done']
 
 
-def test_sweep_notebook_runs_the_sweep_job(syn, tmp_path):
+def test_sweep_notebook_runs_the_sweep_job(tiny_syn, tmp_path):
     "papermill nbs/sweep.ipynb -p grid {...}: the same job as `evl-nb sweep`; a rerun skips both finished runs."
     pm = pytest.importorskip('papermill')
     out = tmp_path / 'sw'
-    params = dict(out_dir=str(out), grid={'model.decoder_num_layers': [2, 1]}, data_root=str(syn), num_classes=3,
+    params = dict(out_dir=str(out), grid={'model.decoder_num_layers': [2, 1]}, data_root=str(tiny_syn), num_classes=3,
                   batch_size=3, max_steps=2, num_workers=0, ckpt_every=0, threads=1)
     for i in range(2):
         pm.execute_notebook(str(ROOT / 'nbs' / 'sweep.ipynb'), str(tmp_path / f'out{i}.ipynb'), cwd=str(ROOT),
