@@ -222,6 +222,24 @@ def test_train_then_predict_real_clips(syn, tmp_path):
     assert all(p.read_bytes()[:6] == b'GIF89a' for p in tmp_path.glob('att_*.gif'))
 
 
+def test_predict_checks_each_video_once(syn, tmp_path, monkeypatch):
+    """`evl-nb predict --attention`: each video's check (a sequential decode and decord's probes, most of the time on
+    a short clip) runs once, shared by the predictions and the animation."""
+    from evl_nb import attention, data
+    from evl_nb.video import check_video
+    out = tmp_path / 'run'
+    assert _main(['train', '--data-root', str(syn / 'syn'), '--num-classes', '3', '--batch-size', '2', '--max-steps', '1',
+                  '--num-workers', '0', '--output-dir', str(out)])[0] == 0
+    seen = []
+    def counted(path, *a, **kw): seen.append(str(path)); return check_video(path, *a, **kw)
+    monkeypatch.setattr(data, 'check_video', counted); monkeypatch.setattr(attention, 'check_video', counted)
+    clips = [str(p) for p in sorted((syn / 'syn' / 'videos' / 'val').rglob('*.mp4'))[:2]]
+    rc, _ = _main(['predict', *clips, '--checkpoint', str(out / 'checkpoints' / 'best.pt'), '--views', '1x1',
+                   '--attention', str(tmp_path / 'att.gif')])
+    assert rc == 0 and len(list(tmp_path.glob('att_*.gif'))) == 2
+    assert sorted(seen) == sorted(clips), seen
+
+
 def test_predict_preset_mismatch_is_a_clear_error(syn, tmp_path):
     out = tmp_path / 'run'
     _main(['train', '--data-root', str(syn / 'syn'), '--num-classes', '3', '--batch-size', '2', '--max-steps', '1',
