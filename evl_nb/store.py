@@ -21,7 +21,7 @@ from .core import get_logger, find_fixture
 from .annotations import annotation_videos
 from .video import (VIDEO_EXTS, VideoError, VideoInfo, MissingVideoError, EmptyVideoError,
                           TruncatedVideoError, UnreadableVideoError, TooShortVideoError, open_video,
-                          load_manifest)
+                          load_manifest, rgb24_frame)
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'STORE_REASONS', 'MANIFEST_COLUMNS', 'store_frame_size', 'fit_short_side', 'pack_frames', 'StoreError',
@@ -259,7 +259,7 @@ def _decode_to_jpeg(c, src, short_side, quality, spool, chunk: int = 32):
         buf.clear()
     try:
         for fr in c.decode(s):
-            x = torch.from_numpy(fr.to_ndarray(format='rgb24')).permute(2, 0, 1)
+            x = torch.from_numpy(rgb24_frame(fr)).permute(2, 0, 1)
             if size is None: src_size = tuple(x.shape[1:]); size = store_frame_size(*src_size, short_side)
             buf.append(x if tuple(x.shape[1:]) == src_size else fit_short_side(x, None, src_size)); n += 1
             if len(buf) == chunk: flush()

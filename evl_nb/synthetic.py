@@ -172,7 +172,8 @@ def write_video(path, frames: np.ndarray, fps: int = 12, keyint: int = 8, crf: i
         s = c.add_stream(codec, rate=fps); s.width, s.height, s.pix_fmt = W, H, 'yuv420p'; s.options = opts
         s.codec_context.thread_count = 1    # one thread: the frames alone decide the bytes
         for i in range(T):
-            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format='rgb24'); f.pts = i
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format='rgb24')
+            f = f.reformat(format='yuv420p', threads=1); f.pts = i        # one thread: see `rgb24_frame`
             for p in s.encode(f): c.mux(p)
         for p in s.encode(): c.mux(p)
     finally: c.close()

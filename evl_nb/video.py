@@ -18,9 +18,9 @@ from .core import get_logger, find_fixture
 # %% auto #0
 __all__ = ['VIDEO_EXTS', 'RISKY_CODECS', 'RISKY_EXTS', 'MANIFEST_FIELDS', 'VideoError', 'MissingVideoError', 'EmptyVideoError',
            'TruncatedVideoError', 'UnreadableVideoError', 'NoVideoStreamError', 'TooShortVideoError', 'open_video',
-           'count_frames', 'read_frames_pyav', 'VideoInfo', 'decord_reader', 'is_risky_format', 'check_video',
-           'read_frames_decord', 'error_class', 'read_clip', 'scan_videos', 'write_manifest', 'load_manifest',
-           'reencode_video', 'reencode_videos']
+           'rgb24_frame', 'count_frames', 'read_frames_pyav', 'VideoInfo', 'decord_reader', 'is_risky_format',
+           'check_video', 'read_frames_decord', 'error_class', 'read_clip', 'scan_videos', 'write_manifest',
+           'load_manifest', 'reencode_video', 'reencode_videos']
 
 # %% ../nbs/01_video.ipynb #1ff19fdf
 _log = get_logger('evl_nb.video')
@@ -83,6 +83,12 @@ def open_video(path) -> av.container.InputContainer:
     return c
 
 # %% ../nbs/01_video.ipynb #8248af49
+def rgb24_frame(fr) -> np.ndarray:
+    """A decoded frame as uint8 RGB `(H, W, 3)`, converted on one thread: swscale's slice threads (PyAV's
+    default) leave a converter that a forked worker (a pool, a DataLoader) waits on forever when it frees
+    it."""
+    return fr.to_ndarray(format='rgb24', threads=1)
+
 def _decode_frames(path, want: set | None = None, threads: int = 1, keep_last: bool = False):
     "Decode sequentially; return (count, {index: rgb array}) for the indices in `want` (all when None)."
     c = open_video(path)
@@ -93,7 +99,7 @@ def _decode_frames(path, want: set | None = None, threads: int = 1, keep_last: b
         stop = None if (want is None or keep_last) else (max(want) if want else -1)
         try:
             for fr in c.decode(s):
-                if want is None or n in want: out[n] = fr.to_ndarray(format='rgb24')
+                if want is None or n in want: out[n] = rgb24_frame(fr)
                 elif keep_last: last = fr
                 n += 1
                 if stop is not None and n > stop: break
@@ -101,7 +107,7 @@ def _decode_frames(path, want: set | None = None, threads: int = 1, keep_last: b
             if n == 0: raise UnreadableVideoError(path, f'no frame decodes: {err}') from None
             raise TruncatedVideoError(path, f'decode error after {n} frames: {err}') from None
         if keep_last and n and (n - 1) not in out and last is not None:
-            out[n - 1] = last.to_ndarray(format='rgb24')
+            out[n - 1] = rgb24_frame(last)
         return n, out
     finally: c.close()
 
@@ -344,7 +350,8 @@ def reencode_video(src, dst, short_side: int | None = 320, keyint: int = 16, crf
             n = 0
             try:
                 for fr in cin.decode(sin):
-                    out = fr.reformat(width=w, height=h, format='yuv420p', interpolation='BILINEAR')
+                    out = fr.reformat(width=w, height=h, format='yuv420p', interpolation='BILINEAR',
+                                      threads=1)
                     out.pts = n; out.time_base = Fraction(1, 1) / rate; n += 1
                     for p in so.encode(out): cout.mux(p)
             except (av.error.FFmpegError, OSError) as err:
